@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny offline models and datasets, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_root) -> Path:
+    out = tiny_root / "tokenizer"
+    tiny.build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_root, tiny_tokenizer) -> Path:
+    """A 3-layer model briefly pretrained on real prose: a peaked, non-trivial teacher."""
+    out = tiny.build_model(tiny_root / "teacher", tiny_tokenizer, hidden=96, layers=3, seed=1)
+    tiny.pretrain(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_root, tiny_tokenizer) -> Path:
+    """An untrained 4-layer model sharing the teacher's tokenizer."""
+    return tiny.build_model(tiny_root / "student", tiny_tokenizer, hidden=64, layers=4, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tiny_root) -> dict[str, Path]:
+    return {
+        "train": tiny.write_jsonl(tiny_root / "train.jsonl", tiny.text_records(48, offset=0)),
+        "valid": tiny.write_jsonl(tiny_root / "valid.jsonl", tiny.text_records(8, offset=100)),
+    }

@@ -1,0 +1,196 @@
+"""One distillation run, end to end: pre-flight → data → teacher caches → student → training → outputs.
+
+This is the function both `distillery-server distill` and the worker call. Models and datasets arrive as
+local paths (the caller resolves ids); the run writes into `out_dir`:
+
+    adapters.safetensors, adapter_config.json   the adapter (the best one by val KL), as mlx-lm reads it
+    student/                                    the pruned student, when keep_layers was given
+    summary.json, metrics.jsonl                 SPEC §5
+    checkpoints/                                step-N/ (resumable) and best/
+    fused/                                      the student with the adapter merged, when output.fuse
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import cache as cache_mod
+from . import data as data_mod
+from . import models, preflight
+from . import student as student_mod
+from .batches import CachedTeacher, OnlineTeacher, Split
+from .errors import UserError
+from .spec import DistillSpec, TeacherCacheSpec
+from .train import Hooks, train
+
+CACHE_BATCH_SIZE = 8
+
+
+@dataclass
+class Inputs:
+    """A distill spec with every reference resolved to a local path."""
+
+    student: Path
+    teachers: list[Path]
+    train: Path
+    valid: Path | float
+    student_adapter: Path | None = None
+
+
+def ensure_cache(teacher_dir: Path, dataset: data_mod.Dataset, examples: list[data_mod.Example], tokenizer,
+                 *, top_k: int, max_seq_len: int, store: cache_mod.CacheStore, hooks: Hooks,
+                 teacher_model=None) -> cache_mod.TeacherCache:
+    """The teacher cache for (teacher, dataset, k, length, template): reused when it exists, built otherwise."""
+    template = getattr(tokenizer, "chat_template", None) if data_mod.needs_chat_template(dataset.format) else None
+    key = cache_mod.cache_key(teacher=models.model_fingerprint(teacher_dir),
+                              tokenizer=models.tokenizer_fingerprint(teacher_dir),
+                              dataset=f"{dataset.sha256}:{dataset.format}", top_k=top_k,
+                              max_seq_len=max_seq_len, template=template)
+    found = store.get(key)
+    if found is not None:
+        hooks.event("teacher_cache", f"teacher cache hit {key[:12]} for {dataset.path.name}", key=key, hit=True,
+                    **_cache_stats(found))
+        return found
+    hooks.event("teacher_cache", f"building teacher cache {key[:12]} for {dataset.path.name} "
+                f"({sum(len(e.tokens) for e in examples)} tokens, k={top_k})", key=key, hit=False)
+    model = teacher_model or models.load_model(teacher_dir)[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    built = cache_mod.build(
+        model, examples, store.path(key), key=key, top_k=top_k, batch_size=CACHE_BATCH_SIZE, pad_id=pad_id,
+        meta={"teacher": str(teacher_dir), "dataset": str(dataset.path), "dataset_sha256": dataset.sha256,
+              "format": dataset.format, "max_seq_len": max_seq_len},
+        on_progress=lambda done, total: hooks.event("cache_progress", f"{done}/{total} tokens", done=done, total=total),
+        should_stop=hooks.should_stop)
+    hooks.event("teacher_cache", f"teacher cache {key[:12]} built", key=key, hit=False, **_cache_stats(built))
+    return built
+
+
+def _cache_stats(c: cache_mod.TeacherCache) -> dict:
+    return {k: c.meta.get(k) for k in ("tokens", "bytes_per_token", "reconstruction_kl", "build_tokens_per_second")}
+
+
+def build_teacher_cache(spec: TeacherCacheSpec, teacher_dir: Path, dataset_path: Path, store: cache_mod.CacheStore,
+                        hooks: Hooks | None = None) -> cache_mod.TeacherCache:
+    """The `teacher_cache` job kind on its own."""
+    hooks = hooks or Hooks()
+    ds = data_mod.load_jsonl(dataset_path)
+    tokenizer = models.load_tokenizer(teacher_dir)
+    preflight.check_chat_template(ds.format, tokenizer, f"teacher {teacher_dir.name}", dataset_path)
+    examples = data_mod.tokenize(ds, tokenizer, spec.max_seq_len)
+    return ensure_cache(teacher_dir, ds, examples, tokenizer, top_k=spec.top_k, max_seq_len=spec.max_seq_len,
+                        store=store, hooks=hooks)
+
+
+def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_mod.CacheStore,
+                hooks: Hooks | None = None, on_progress: Callable[[dict], None] | None = None) -> dict:
+    hooks = hooks or Hooks()
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(spec, out_dir)
+    tr = spec.training
+
+    # -- pre-flight: no weights loaded yet
+    tokenizer = preflight.check_models(inputs.student, inputs.teachers)
+    train_ds = data_mod.load_jsonl(inputs.train)
+    valid_ds = data_mod.load_jsonl(inputs.valid) if isinstance(inputs.valid, Path) else None
+    for ds in filter(None, (train_ds, valid_ds)):
+        preflight.check_chat_template(ds.format, tokenizer, f"student {inputs.student.name}", ds.path)
+        if ds.format not in data_mod.TRAINABLE_FORMATS:
+            raise UserError(f"data: {ds.path.name} is '{ds.format}' data; distillation trains on "
+                            f"{', '.join(data_mod.TRAINABLE_FORMATS)}")
+    memory = preflight.check_memory(spec, inputs.student, inputs.teachers)
+    hooks.event("preflight", "pre-flight checks passed", memory_estimate_bytes=memory["total"],
+                memory_available_bytes=memory["available"])
+
+    # -- data
+    train_all = data_mod.tokenize(train_ds, tokenizer, tr.max_seq_len)
+    valid_all = data_mod.tokenize(valid_ds, tokenizer, tr.max_seq_len) if valid_ds else None
+    if valid_all is None:
+        train_ex, valid_ex = data_mod.holdout(train_all, float(inputs.valid), tr.seed)
+    else:
+        train_ex, valid_ex = train_all, valid_all
+    hooks.event("data", f"{len(train_ex)} training and {len(valid_ex)} validation sequences",
+                train_tokens=sum(len(e.tokens) for e in train_ex), valid_tokens=sum(len(e.tokens) for e in valid_ex))
+
+    # -- teachers: caches (offline) or models in the loop (online)
+    train_split, valid_split = Split(train_ex), Split(valid_ex)
+    for teacher_dir in inputs.teachers:
+        if spec.teacher_mode == "online":
+            teacher = OnlineTeacher(models.load_model(teacher_dir)[0])
+            train_split.teachers.append(teacher)
+            valid_split.teachers.append(teacher)
+            continue
+        kw = dict(top_k=spec.loss.top_k, max_seq_len=tr.max_seq_len, store=store, hooks=hooks)
+        train_cache = ensure_cache(teacher_dir, train_ds, train_all, tokenizer, **kw)
+        valid_cache = ensure_cache(teacher_dir, valid_ds, valid_all, tokenizer, **kw) if valid_ds else train_cache
+        train_split.teachers.append(CachedTeacher(train_cache, _rows(train_all, train_ex, train_cache)))
+        valid_split.teachers.append(CachedTeacher(valid_cache, _rows(valid_all or train_all, valid_ex, valid_cache)))
+        gc.collect()
+        mx.clear_cache()
+
+    # -- student and training
+    student = student_mod.build_student(spec.student, spec.adapter, inputs.student, out_dir,
+                                        adapter_path=inputs.student_adapter,
+                                        adapter_fields_set=spec.adapter.model_fields_set)
+    hooks.event("student", f"student ready: {len(student.model.layers)} layers, "
+                f"{student.adapter_config['fine_tune_type']} adapter", path=str(student.path))
+    mx.reset_peak_memory()
+    weights = [t.weight for t in spec.teachers]
+    state = train(student, train_split, valid_split, spec, weights, out_dir, hooks, on_progress=on_progress)
+
+    # -- outputs: the best adapter by val KL, the summary, an optional fused model
+    best = out_dir / "checkpoints" / "best"
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        shutil.copy(best / name, out_dir / name)
+    final = state.best_eval or state.last_eval
+    summary = {
+        "initial": state.initial,
+        "final": final,
+        "last": state.last_eval,
+        "best": {"step": state.best_step, "val_kl": state.best_val_kl},
+        "train": {"steps": state.step, "tokens": state.tokens,
+                  "tokens_per_second": state.tokens / state.wall_seconds if state.wall_seconds else None,
+                  "peak_memory_bytes": mx.get_peak_memory(), "wall_seconds": time.perf_counter() - t_start,
+                  "stopped_early": state.stopped_early},
+        "teacher_mode": spec.teacher_mode,
+        "student": str(student.path),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if spec.output.fuse:
+        student.model.load_weights(str(out_dir / "adapters.safetensors"), strict=False)
+        student_mod.fuse(student, out_dir / "fused")
+    hooks.event("done", f"val KL {summary['initial']['val_kl']:.4f} -> {final['val_kl']:.4f}", summary=summary)
+    return summary
+
+
+def _rows(all_examples: list[data_mod.Example], chosen: list[data_mod.Example], c: cache_mod.TeacherCache) -> np.ndarray:
+    """Cache example index of each chosen example (the cache holds `all_examples`, in order)."""
+    if len(c) != len(all_examples):
+        raise RuntimeError(f"teacher cache {c.path.name} holds {len(c)} sequences, the data has {len(all_examples)}")
+    where = {id(e): i for i, e in enumerate(all_examples)}
+    rows = np.array([where[id(e)] for e in chosen], dtype=np.int64)
+    for e, r in zip(chosen[:4], rows[:4]):  # the cache was tokenized by the same tokenizer: same tokens
+        start, end = c.offsets[r], c.offsets[r + 1]
+        if not np.array_equal(np.asarray(c.tokens[start:end]), e.tokens):
+            raise RuntimeError(f"teacher cache {c.path.name} does not match the tokenized data")
+    return rows
+
+
+def _check_out_dir(spec: DistillSpec, out_dir: Path) -> None:
+    """An output folder belongs to one spec: resuming is allowed, reusing it for another spec is not."""
+    marker = out_dir / "spec.json"
+    current = spec.model_dump(mode="json")
+    if marker.exists():
+        if json.loads(marker.read_text()) != current:
+            raise UserError(f"{out_dir} holds a run of a different spec; choose another output folder")
+    else:
+        marker.write_text(json.dumps(current, indent=2))

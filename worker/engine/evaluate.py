@@ -1,0 +1,83 @@
+"""Validation metrics of a student against its teacher(s), over masked target positions.
+
+- val_kl: forward KL(teacher ‖ student) at T = 1. Against a cached teacher it is computed on the cache's
+  k + 1 buckets (top-k tokens + the tail), a lower bound on the full-vocabulary KL; against an online
+  teacher it is the full KL. `kl_method` says which.
+- val_js: Jensen-Shannon divergence (β = 0.5), same support as val_kl.
+- val_top1_agreement: student argmax == teacher argmax; val_top5_agreement: teacher argmax within the
+  student's top 5.
+- student_entropy (full), teacher_entropy (full online; top-k + uniform tail offline), val_ce and val_ppl
+  (the student's cross-entropy on the data's own next tokens, and its exponential).
+Teacher-relative numbers are averaged over teachers with the run's teacher weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from . import data as data_mod
+from . import losses
+from .batches import Split
+
+
+def _teacher_view(teacher, logits: mx.array):
+    """(log_p, log_q, teacher argmax, teacher entropy per position) on the support the teacher allows."""
+    if isinstance(teacher, losses.DenseTeacher):
+        log_p = losses.log_softmax_t(teacher.logits)
+        log_q = losses.log_softmax_t(logits)
+        entropy = -(mx.exp(log_p) * log_p).sum(axis=-1)
+        return log_p, log_q, mx.argmax(teacher.logits, axis=-1), entropy
+    log_p = losses.teacher_buckets(teacher.topk_logprobs, teacher.tail_logmass, 1.0, teacher.vocab_size)
+    log_q = losses.student_buckets(logits, teacher.topk_ids, 1.0)
+    p = mx.exp(log_p)
+    n_tail = max(teacher.vocab_size - teacher.topk_ids.shape[-1], 1)
+    spread = mx.concatenate([mx.zeros_like(log_p[..., :-1]), mx.full(log_p[..., -1:].shape, math.log(n_tail))], -1)
+    entropy = -(p * (log_p - spread)).sum(axis=-1)   # the tail's mass spread evenly over its n_tail tokens
+    return log_p, log_q, teacher.topk_ids[..., 0].astype(mx.int32), entropy
+
+
+def evaluate(model, split: Split, weights: losses.FixedWeights, batch_size: int, pad_id: int,
+             max_batches: int | None = None) -> dict:
+    w = np.array(weights.weights).reshape(-1)
+    sums = dict.fromkeys(("kl", "js", "top1", "top5", "s_ent", "t_ent", "ce"), 0.0)
+    count = 0
+    batches = data_mod.eval_batches(split.lengths, batch_size)[: max_batches or None]
+    dense = False
+    for idx in batches:
+        tokens, mask, teachers = split.batch(idx, pad_id)
+        logits = model(tokens[:, :-1]).astype(mx.float32)
+        m = mask.astype(mx.float32)
+        log_q_full = losses.log_softmax_t(logits)
+        top5 = mx.argpartition(-logits, kth=4, axis=-1)[..., :5]
+        step = {
+            "ce": losses.masked_cross_entropy_sum(logits, tokens[:, 1:], mask),
+            "s_ent": (-(mx.exp(log_q_full) * log_q_full).sum(axis=-1) * m).sum(),
+        }
+        for wi, teacher in zip(w, teachers):
+            dense = dense or isinstance(teacher, losses.DenseTeacher)
+            log_p, log_q, t_top1, t_ent = _teacher_view(teacher, logits)
+            per = {
+                "kl": losses.divergence("forward_kl", log_p, log_q),
+                "js": losses.divergence("jsd", log_p, log_q, beta=0.5),
+                "top1": (mx.argmax(logits, axis=-1) == t_top1).astype(mx.float32),
+                "top5": (top5 == t_top1[..., None]).any(axis=-1).astype(mx.float32),
+                "t_ent": t_ent,
+            }
+            for name, value in per.items():
+                step[name] = step.get(name, 0.0) + float(wi) * (value * m).sum()
+        mx.eval(step)
+        for name, value in step.items():
+            sums[name] += float(value.item()) if isinstance(value, mx.array) else float(value)
+        count += int(m.sum().item())
+    n = max(count, 1)
+    mean = {k: v / n for k, v in sums.items()}
+    k = split.teachers[0].cache.top_k if split.teachers and not dense else None
+    return {
+        "val_kl": mean["kl"], "val_js": mean["js"], "val_ce": mean["ce"], "val_ppl": math.exp(min(mean["ce"], 50.0)),
+        "val_top1_agreement": mean["top1"], "val_top5_agreement": mean["top5"],
+        "student_entropy": mean["s_ent"], "teacher_entropy": mean["t_ent"], "val_tokens": count,
+        "kl_method": "full" if dense else f"top{k}+tail",
+    }
