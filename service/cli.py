@@ -5,6 +5,7 @@ Commands import their heavy modules lazily, so `distillery-server --help` and th
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import click
 @click.group()
 def main() -> None:
     """Distillery server: API, worker, and local engine commands."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice: MLX needs none
 
 
 @main.command("import-gguf")
@@ -51,6 +53,19 @@ def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+@main.command("demo")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--steps", type=int, default=60, show_default=True)
+def demo_cmd(work: Path, steps: int) -> None:
+    """SmolLM2-135M teaches a half-depth student on Shakespeare; distillation vs plain SFT, before and after."""
+    from worker.engine import blas
+
+    print(blas.enable())
+    from worker.demo import run_demo
+
+    run_demo(work, steps=steps)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def test_skew_kl_limits():
     log_p, log_q = mxa(np_log_softmax(teacher)), mxa(np_log_softmax(student))
     close(divergence("skew_kl", log_p, log_q, skew=0.0), np.array(divergence("forward_kl", log_p, log_q)))
     # Skewing towards p can only shrink the divergence (convexity of KL in its second argument).
-    assert np.all(np.array(divergence("skew_kl", log_p, log_q, skew=0.5)) <= np.array(divergence("forward_kl", log_p, log_q)))
+    skewed = np.array(divergence("skew_kl", log_p, log_q, skew=0.5))
+    assert np.all(skewed <= np.array(divergence("forward_kl", log_p, log_q)))
 
 
 def test_reverse_kl_with_teacher_zeros_is_large_but_finite():
@@ -473,15 +474,16 @@ def test_per_instance_weights():
     student, (t1, t2), mask, targets = loss_inputs()
     T = 1.5
     weights = np.array([[1.0, 0.0, 2.0], [1.0, 1.0, 6.0]])  # [n_teachers, B]
-    loss, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), [DenseTeacher(mxa(t1)), DenseTeacher(mxa(t2))],
-                           weights, cfg(kind="reverse_kl", temperature=T))
-    per_teacher = [T**2 * np_divergence("reverse_kl", np_log_softmax(t, T), np_log_softmax(student, T)) for t in (t1, t2)]
+    teachers = [DenseTeacher(mxa(t1)), DenseTeacher(mxa(t2))]
+    loss, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), teachers, weights,
+                           cfg(kind="reverse_kl", temperature=T))
+    per_teacher = [T**2 * np_divergence("reverse_kl", np_log_softmax(t, T), np_log_softmax(student, T))
+                   for t in (t1, t2)]
     w = weights / weights.sum(axis=0)
     expected = sum(w[i][:, None] * per_teacher[i] for i in range(2))
     close(loss, np_masked_mean(expected, mask))
 
     # Identical columns are the same as fixed weights.
-    teachers = [DenseTeacher(mxa(t1)), DenseTeacher(mxa(t2))]
     fixed, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), teachers, FixedWeights([1, 3]), cfg())
     columns, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), teachers,
                               FixedWeights(np.array([[1, 1, 1], [3, 3, 3]])), cfg())

@@ -138,6 +138,7 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
         mx.clear_cache()
 
     # -- student and training
+    mx.random.seed(tr.seed)  # the adapter's initialisation
     student = student_mod.build_student(spec.student, spec.adapter, inputs.student, out_dir,
                                         adapter_path=inputs.student_adapter,
                                         adapter_fields_set=spec.adapter.model_fields_set)

@@ -2,8 +2,8 @@
 
 Each step: take `grad_accum` micro-batches (length-bucketed, order fixed by seed and epoch), compute the
 distillation loss against the teachers, average the gradients, clip, and apply AdamW with the stage's
-learning rate. Everything needed to continue identically — adapter weights, optimizer moments, the random
-key, the data position, the best score — goes into each checkpoint.
+learning rate. Everything needed to continue identically — adapter weights, optimizer moments, the data
+position, the best score — goes into each checkpoint; the random key is reseeded from (seed, step) each step.
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ class Checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
         student_mod.save_adapter(model, acfg, tmp)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        np.save(tmp / "rng.npy", np.array(mx.random.state[0]))
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -117,7 +116,6 @@ class Checkpoints:
         model.load_weights(str(path / "adapters.safetensors"), strict=False)
         if with_optimizer:  # not at a stage boundary, where the next stage starts a fresh optimizer anyway
             optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-        mx.random.state[0] = mx.array(np.load(path / "rng.npy"))
         return TrainState(**json.loads((path / "state.json").read_text()))
 
 
@@ -171,7 +169,6 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    mx.random.seed(tr.seed)
     stage = schedule.stage_at(all_stages, 0)
     optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
     state = TrainState()
@@ -197,6 +194,7 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
             stage = new_stage
             optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
             hooks.event("stage", f"stage {stage.name} starts at step {state.step}", stage=stage.name)
+        mx.random.seed(tr.seed * 1_000_003 + state.step)  # dropout's randomness: a function of (seed, step)
         lr = schedule.learning_rate(stage, state.step, tr.lr_schedule, tr.min_lr_ratio)
         set_learning_rate(optimizer, lr)
 

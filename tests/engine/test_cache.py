@@ -1,0 +1,103 @@
+"""Teacher cache: top-k extraction, content-addressed reuse, memory-mapped rows, reconstruction error."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from worker.engine import cache as cache_mod
+from worker.engine import data as data_mod
+from worker.engine import distill, models
+from worker.engine.train import Hooks
+
+
+def test_teacher_topk_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(2, 5, 50)).astype(np.float32)
+    ids, lps, tail = cache_mod.teacher_topk(mx.array(logits), 8)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ref_ids = np.argsort(-logp, axis=-1)[..., :8]
+    np.testing.assert_array_equal(np.array(ids), ref_ids)
+    np.testing.assert_allclose(np.array(lps), np.take_along_axis(logp, ref_ids, -1), atol=1e-5)
+    ref_tail = np.log(1 - np.exp(np.take_along_axis(logp, ref_ids, -1)).sum(-1))
+    np.testing.assert_allclose(np.array(tail), ref_tail, rtol=1e-3)  # 1 - sum(p) in float32
+
+
+def test_reconstruction_kl_is_zero_for_uniform_tail_and_positive_otherwise():
+    vocab, k = 20, 4
+    top = np.array([3.0, 2.0, 1.0, 0.5], dtype=np.float32)
+    flat = np.concatenate([top, np.zeros(vocab - k, dtype=np.float32)])  # tail exactly uniform
+    ids, lps, tail = cache_mod.teacher_topk(mx.array(flat[None, None]), k)
+    mask = mx.ones((1, 1))
+    assert cache_mod.reconstruction_kl(mx.array(flat[None, None]), ids, lps, tail, mask) == pytest.approx(0, abs=1e-3)
+    skewed = flat.copy()
+    skewed[k:] = np.linspace(-3, 0.4, vocab - k)
+    ids, lps, tail = cache_mod.teacher_topk(mx.array(skewed[None, None]), k)
+    assert cache_mod.reconstruction_kl(mx.array(skewed[None, None]), ids, lps, tail, mask) > 0.01
+
+
+def test_cache_key_changes_with_every_input():
+    base = dict(teacher="t", tokenizer="tok", dataset="d", top_k=64, max_seq_len=512, template=None)
+    key = cache_mod.cache_key(**base)
+    assert cache_mod.cache_key(**base) == key
+    for field, other in [("teacher", "t2"), ("tokenizer", "x"), ("dataset", "d2"), ("top_k", 16),
+                         ("max_seq_len", 256), ("template", "{{ x }}")]:
+        assert cache_mod.cache_key(**{**base, field: other}) != key, field
+
+
+def test_build_store_and_reuse(tiny_teacher, tiny_text, tmp_path):
+    tok = models.load_tokenizer(tiny_teacher)
+    ds = data_mod.load_jsonl(tiny_text["valid"])
+    examples = data_mod.tokenize(ds, tok, 64)
+    store = cache_mod.CacheStore(tmp_path / "caches")
+    events = []
+    hooks = Hooks(on_event=lambda kind, msg, data: events.append((kind, data)))
+    built = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=16, max_seq_len=64, store=store, hooks=hooks)
+    assert [d["hit"] for k, d in events if k == "teacher_cache"] == [False, False]
+    # rows equal a direct teacher forward on one example
+    model = models.load_model(tiny_teacher)[0]
+    e = examples[3]
+    ids, lps, tail = cache_mod.teacher_topk(model(mx.array(e.tokens[None])), 16)
+    s, n = built.offsets[3], len(e.tokens)
+    np.testing.assert_array_equal(np.asarray(built.topk_ids[s:s + n]), np.array(ids[0]))
+    np.testing.assert_allclose(np.asarray(built.topk_logprobs[s:s + n], dtype=np.float32), np.array(lps[0]), atol=2e-2)
+    np.testing.assert_allclose(np.asarray(built.tail_logmass[s:s + n]), np.array(tail[0]), atol=1e-3)
+    assert isinstance(built.topk_ids, np.memmap)
+    meta = built.meta
+    assert meta["bytes_per_token"] == 16 * 2 + 16 * 2 + 4
+    assert meta["reconstruction_kl"] >= 0 and math.isfinite(meta["reconstruction_kl"])
+    assert [list(x.tokens) for x in built.examples()] == [list(x.tokens) for x in examples]
+
+    events.clear()
+    again = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=16, max_seq_len=64, store=store, hooks=hooks)
+    assert again.path == built.path
+    assert [d["hit"] for k, d in events if k == "teacher_cache"] == [True]
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_rows_pad_to_length(tiny_teacher, tiny_text, tmp_path):
+    tok = models.load_tokenizer(tiny_teacher)
+    ds = data_mod.load_jsonl(tiny_text["valid"])
+    examples = data_mod.tokenize(ds, tok, 32)
+    store = cache_mod.CacheStore(tmp_path)
+    c = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=32, store=store, hooks=Hooks())
+    ids, lps, tail = c.rows(np.array([0, 1]), 40)
+    assert ids.shape == (2, 40, 4) and lps.shape == (2, 40, 4) and tail.shape == (2, 40)
+    n0 = len(examples[0].tokens)
+    assert (ids[0, n0:] == 0).all() and (lps[0, :n0] <= 0).all()
+
+
+def test_cancelled_build_leaves_nothing(tiny_teacher, tiny_text, tmp_path):
+    from worker.engine.errors import Cancelled
+
+    tok = models.load_tokenizer(tiny_teacher)
+    ds = data_mod.load_jsonl(tiny_text["valid"])
+    examples = data_mod.tokenize(ds, tok, 64)
+    store = cache_mod.CacheStore(tmp_path / "c")
+    with pytest.raises(Cancelled):
+        distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store,
+                             hooks=Hooks(should_stop=lambda: True))
+    assert list(store.root.iterdir()) == []

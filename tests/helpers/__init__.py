@@ -1,0 +1,1 @@
+"""Shared helpers for tests and benchmarks (real-model fixtures and the like)."""
