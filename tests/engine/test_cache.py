@@ -101,3 +101,27 @@ def test_cancelled_build_leaves_nothing(tiny_teacher, tiny_text, tmp_path):
         distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store,
                              hooks=Hooks(should_stop=lambda: True))
     assert list(store.root.iterdir()) == []
+
+
+def test_subset_cache_and_whole_cache_preferred(tiny_teacher, tiny_text, tmp_path):
+    tok = models.load_tokenizer(tiny_teacher)
+    ds = data_mod.load_jsonl(tiny_text["train"])
+    examples = data_mod.tokenize(ds, tok, 64)
+    store = cache_mod.CacheStore(tmp_path)
+    subset = np.array([1, 4, 9])
+    part = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(),
+                                subset=subset)
+    assert len(part) == 3 and list(part.sources) == [1, 4, 9]
+    assert list(part.positions(np.array([4, 9]))) == [1, 2]
+    with pytest.raises(RuntimeError, match="lacks"):
+        part.positions(np.array([2]))
+    s, e = part.offsets[1], part.offsets[2]
+    assert list(part.tokens[s:e]) == list(examples[4].tokens)
+    # once the whole dataset is cached, a subset request is served by it
+    whole = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks())
+    assert len(whole) == len(examples) and whole.path != part.path
+    again = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(),
+                                 subset=np.array([2, 3]))
+    assert again.path == whole.path
+    np.testing.assert_array_equal(np.asarray(whole.topk_ids[whole.offsets[4]:whole.offsets[5]]),
+                                  np.asarray(part.topk_ids[s:e]))

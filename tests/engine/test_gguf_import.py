@@ -489,12 +489,12 @@ def test_cli_import_gguf(tmp_path, llama_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_answers_paris(tmp_path_factory):
+def test_smollm2_answers_paris():
     from mlx_lm import generate, load
 
     from tests.helpers.smollm2 import smollm2_gguf, smollm2_mlx
 
-    folder = smollm2_mlx(tmp_path_factory.mktemp("smollm2"))
+    folder = smollm2_mlx()
     cfg = json.loads((folder / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["vocab_size"]) == ("llama", 30, 49152)
 

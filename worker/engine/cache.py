@@ -6,6 +6,7 @@ Layout of a cache folder (all arrays little-endian `.npy`, opened with mmap):
     tokens.npy         int32  [N]      every example's tokens, concatenated
     target_mask.npy    bool   [N]      True where the token is a training target
     offsets.npy        int64  [E + 1]  example e is tokens[offsets[e]:offsets[e+1]]
+    sources.npy        int64  [E]      index of example e among the dataset's tokenized sequences
     topk_ids.npy       uint16 | int32 [N, k]   teacher's top-k next-token ids at each position, best first
     topk_logprobs.npy  float16 [N, k]  their log-probs (T = 1)
     tail_logmass.npy   float32 [N]     log of the probability mass outside the top-k
@@ -34,13 +35,19 @@ import numpy as np
 from . import data as data_mod
 
 FORMAT_VERSION = 1
-ARRAYS = ("tokens", "target_mask", "offsets", "topk_ids", "topk_logprobs", "tail_logmass")
+ARRAYS = ("tokens", "target_mask", "offsets", "sources", "topk_ids", "topk_logprobs", "tail_logmass")
 
 
-def cache_key(*, teacher: str, tokenizer: str, dataset: str, top_k: int, max_seq_len: int, template: str | None) -> str:
-    """Content address: the same teacher weights, tokenizer, data, k, length and chat template give the same key."""
+def cache_key(*, teacher: str, tokenizer: str, dataset: str, top_k: int, max_seq_len: int, template: str | None,
+              subset: np.ndarray | None = None) -> str:
+    """Content address: the same teacher weights, tokenizer, data, k, length and chat template give the same key.
+
+    `subset` (sorted sequence indices) names a cache of part of the dataset; None is the whole dataset.
+    """
     parts = {"v": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "dataset": dataset,
              "top_k": top_k, "max_seq_len": max_seq_len, "template": template or ""}
+    if subset is not None:
+        parts["subset"] = hashlib.sha256(np.asarray(subset, dtype=np.int64).tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -51,6 +58,7 @@ class TeacherCache:
     tokens: np.ndarray
     target_mask: np.ndarray
     offsets: np.ndarray
+    sources: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     tail_logmass: np.ndarray
@@ -71,6 +79,13 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def positions(self, sources: np.ndarray) -> np.ndarray:
+        """Cache example index of each dataset sequence index in `sources` (all must be cached)."""
+        pos = np.searchsorted(self.sources, sources)
+        if np.any(pos >= len(self.sources)) or np.any(self.sources[np.minimum(pos, len(self.sources) - 1)] != sources):
+            raise RuntimeError(f"teacher cache {self.path.name} lacks some of the requested sequences")
+        return pos
 
     def examples(self) -> list[data_mod.Example]:
         o = self.offsets
@@ -130,6 +145,7 @@ def build(
     batch_size: int,
     pad_id: int,
     meta: dict,
+    sources: np.ndarray | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     sample_batches: int = 4,
@@ -148,6 +164,7 @@ def build(
         np.save(tmp / "tokens.npy", tokens)
         np.save(tmp / "target_mask.npy", mask)
         np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "sources.npy", np.arange(len(examples)) if sources is None else np.asarray(sources, np.int64))
         arrays = None
         recon, t0, done = [], time.perf_counter(), 0
         for b, idx in enumerate(data_mod.eval_batches(lengths, batch_size)):

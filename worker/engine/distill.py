@@ -48,26 +48,37 @@ class Inputs:
 
 def ensure_cache(teacher_dir: Path, dataset: data_mod.Dataset, examples: list[data_mod.Example], tokenizer,
                  *, top_k: int, max_seq_len: int, store: cache_mod.CacheStore, hooks: Hooks,
-                 teacher_model=None) -> cache_mod.TeacherCache:
-    """The teacher cache for (teacher, dataset, k, length, template): reused when it exists, built otherwise."""
+                 subset: np.ndarray | None = None) -> cache_mod.TeacherCache:
+    """The teacher cache for (teacher, dataset, k, length, template[, subset]): reused if it exists, else built.
+
+    `examples` is the whole tokenized dataset; `subset` (sorted indices into it) limits the build to the
+    sequences a run will use. A cache of the whole dataset serves any subset, so it is looked up first.
+    """
     template = getattr(tokenizer, "chat_template", None) if data_mod.needs_chat_template(dataset.format) else None
-    key = cache_mod.cache_key(teacher=models.model_fingerprint(teacher_dir),
-                              tokenizer=models.tokenizer_fingerprint(teacher_dir),
-                              dataset=f"{dataset.sha256}:{dataset.format}", top_k=top_k,
-                              max_seq_len=max_seq_len, template=template)
-    found = store.get(key)
-    if found is not None:
-        hooks.event("teacher_cache", f"teacher cache hit {key[:12]} for {dataset.path.name}", key=key, hit=True,
-                    **_cache_stats(found))
-        return found
+    parts = dict(teacher=models.model_fingerprint(teacher_dir), tokenizer=models.tokenizer_fingerprint(teacher_dir),
+                 dataset=f"{dataset.sha256}:{dataset.format}", top_k=top_k, max_seq_len=max_seq_len, template=template)
+    whole = cache_mod.cache_key(**parts)
+    if subset is not None and len(subset) == len(examples):
+        subset = None
+    key = whole if subset is None else cache_mod.cache_key(**parts, subset=subset)
+    for candidate in dict.fromkeys((whole, key)):
+        found = store.get(candidate)
+        if found is not None:
+            hooks.event("teacher_cache", f"teacher cache hit {candidate[:12]} for {dataset.path.name}", key=candidate,
+                        hit=True, **_cache_stats(found))
+            return found
+    chosen = np.arange(len(examples)) if subset is None else subset
+    todo = [examples[i] for i in chosen]
     hooks.event("teacher_cache", f"building teacher cache {key[:12]} for {dataset.path.name} "
-                f"({sum(len(e.tokens) for e in examples)} tokens, k={top_k})", key=key, hit=False)
-    model = teacher_model or models.load_model(teacher_dir)[0]
+                f"({len(todo)} of {len(examples)} sequences, {sum(len(e.tokens) for e in todo)} tokens, k={top_k})",
+                key=key, hit=False)
+    model = models.load_model(teacher_dir)[0]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     built = cache_mod.build(
-        model, examples, store.path(key), key=key, top_k=top_k, batch_size=CACHE_BATCH_SIZE, pad_id=pad_id,
+        model, todo, store.path(key), key=key, top_k=top_k, batch_size=CACHE_BATCH_SIZE, pad_id=pad_id,
+        sources=chosen,
         meta={"teacher": str(teacher_dir), "dataset": str(dataset.path), "dataset_sha256": dataset.sha256,
-              "format": dataset.format, "max_seq_len": max_seq_len},
+              "format": dataset.format, "max_seq_len": max_seq_len, "dataset_sequences": len(examples)},
         on_progress=lambda done, total: hooks.event("cache_progress", f"{done}/{total} tokens", done=done, total=total),
         should_stop=hooks.should_stop)
     hooks.event("teacher_cache", f"teacher cache {key[:12]} built", key=key, hit=False, **_cache_stats(built))
@@ -111,13 +122,21 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     hooks.event("preflight", "pre-flight checks passed", memory_estimate_bytes=memory["total"],
                 memory_available_bytes=memory["available"])
 
-    # -- data
+    # -- data: index arrays into the tokenized datasets; a short run uses (and caches) only what it needs
     train_all = data_mod.tokenize(train_ds, tokenizer, tr.max_seq_len)
-    valid_all = data_mod.tokenize(valid_ds, tokenizer, tr.max_seq_len) if valid_ds else None
-    if valid_all is None:
-        train_ex, valid_ex = data_mod.holdout(train_all, float(inputs.valid), tr.seed)
+    valid_all = data_mod.tokenize(valid_ds, tokenizer, tr.max_seq_len) if valid_ds else train_all
+    if valid_ds:
+        train_idx, valid_idx = np.arange(len(train_all)), np.arange(len(valid_all))
     else:
-        train_ex, valid_ex = train_all, valid_all
+        train_idx, valid_idx = _holdout(train_all, float(inputs.valid))
+    budget = tr.steps * tr.batch_size * tr.grad_accum
+    if budget < len(train_idx):
+        # seed-independent, so runs that differ only in seed (or alpha, loss...) share one teacher cache
+        train_idx = np.sort(np.random.default_rng(0).permutation(train_idx)[:budget])
+        hooks.event("data", f"the step budget covers {budget} of {len(train_all)} training sequences: "
+                    "training (and its teacher cache) uses a fixed random subset of that size")
+    train_ex = [train_all[i] for i in train_idx]
+    valid_ex = [valid_all[i] for i in valid_idx]
     hooks.event("data", f"{len(train_ex)} training and {len(valid_ex)} validation sequences",
                 train_tokens=sum(len(e.tokens) for e in train_ex), valid_tokens=sum(len(e.tokens) for e in valid_ex))
 
@@ -130,10 +149,15 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
             valid_split.teachers.append(teacher)
             continue
         kw = dict(top_k=spec.loss.top_k, max_seq_len=tr.max_seq_len, store=store, hooks=hooks)
-        train_cache = ensure_cache(teacher_dir, train_ds, train_all, tokenizer, **kw)
-        valid_cache = ensure_cache(teacher_dir, valid_ds, valid_all, tokenizer, **kw) if valid_ds else train_cache
-        train_split.teachers.append(CachedTeacher(train_cache, _rows(train_all, train_ex, train_cache)))
-        valid_split.teachers.append(CachedTeacher(valid_cache, _rows(valid_all or train_all, valid_ex, valid_cache)))
+        if valid_ds:
+            train_cache = ensure_cache(teacher_dir, train_ds, train_all, tokenizer, subset=train_idx, **kw)
+            valid_cache = ensure_cache(teacher_dir, valid_ds, valid_all, tokenizer, **kw)
+        else:
+            both = np.union1d(train_idx, valid_idx)
+            train_cache = valid_cache = ensure_cache(teacher_dir, train_ds, train_all, tokenizer, subset=both, **kw)
+        train_split.teachers.append(CachedTeacher(train_cache, train_cache.positions(train_idx)))
+        valid_split.teachers.append(CachedTeacher(valid_cache, valid_cache.positions(valid_idx)))
+        _check_tokens(train_cache, train_idx, train_all)
         gc.collect()
         mx.clear_cache()
 
@@ -173,17 +197,19 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     return summary
 
 
-def _rows(all_examples: list[data_mod.Example], chosen: list[data_mod.Example], c: cache_mod.TeacherCache) -> np.ndarray:
-    """Cache example index of each chosen example (the cache holds `all_examples`, in order)."""
-    if len(c) != len(all_examples):
-        raise RuntimeError(f"teacher cache {c.path.name} holds {len(c)} sequences, the data has {len(all_examples)}")
-    where = {id(e): i for i, e in enumerate(all_examples)}
-    rows = np.array([where[id(e)] for e in chosen], dtype=np.int64)
-    for e, r in zip(chosen[:4], rows[:4]):  # the cache was tokenized by the same tokenizer: same tokens
-        start, end = c.offsets[r], c.offsets[r + 1]
-        if not np.array_equal(np.asarray(c.tokens[start:end]), e.tokens):
+def _holdout(examples: list[data_mod.Example], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Validation held out of the training data, by record; fixed (seed 0) so runs of any seed compare."""
+    train, valid = data_mod.holdout(examples, fraction, seed=0)
+    where = {id(e): i for i, e in enumerate(examples)}
+    return np.array([where[id(e)] for e in train]), np.array([where[id(e)] for e in valid])
+
+
+def _check_tokens(c: cache_mod.TeacherCache, idx: np.ndarray, examples: list[data_mod.Example]) -> None:
+    """The cache was made from the same data by the same tokenizer: spot-check that its tokens agree."""
+    for i, pos in zip(idx[:4], c.positions(idx[:4])):
+        start, end = c.offsets[pos], c.offsets[pos + 1]
+        if not np.array_equal(np.asarray(c.tokens[start:end]), examples[i].tokens):
             raise RuntimeError(f"teacher cache {c.path.name} does not match the tokenized data")
-    return rows
 
 
 def _check_out_dir(spec: DistillSpec, out_dir: Path) -> None:

@@ -133,6 +133,7 @@ class TrainingSpec(_Spec):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept (the best is always kept).")
     early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without val KL improvement.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val KL decrease that counts as improvement.")
     param_groups: list[ParamGroup] = Field(default_factory=list)
     stages: list[StageSpec] = Field(default_factory=list)
 

@@ -231,7 +231,7 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
 
         if state.step % tr.eval_every == 0 or state.step == tr.steps:
             state.last_eval = run_eval(state.step)
-            _track_best(state, model, acfg, ckpts, tr.early_stopping_patience, hooks)
+            _track_best(state, model, acfg, ckpts, tr.early_stopping_patience, tr.early_stopping_min_delta, hooks)
         if state.step % tr.checkpoint_every == 0 or state.step == tr.steps or state.stopped_early:
             path = ckpts.save(model, optimizer, acfg, state)
             if hooks.on_checkpoint:
@@ -246,9 +246,10 @@ def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) 
     return make_optimizer(mults, weight_decay)
 
 
-def _track_best(state: TrainState, model, acfg: dict, ckpts: Checkpoints, patience: int | None, hooks: Hooks) -> None:
+def _track_best(state: TrainState, model, acfg: dict, ckpts: Checkpoints, patience: int | None, min_delta: float,
+                hooks: Hooks) -> None:
     val_kl = state.last_eval["val_kl"]
-    if val_kl < state.best_val_kl:
+    if val_kl < state.best_val_kl - min_delta:
         state.best_val_kl, state.best_step, state.evals_since_best = val_kl, state.step, 0
         state.best_eval = state.last_eval
         ckpts.save_best(model, acfg, state)
