@@ -44,7 +44,7 @@ def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress
     """Run one distill spec (YAML: `kind: distill` + `spec`, or the spec alone) locally, without API or queue."""
     from worker.engine import blas
 
-    blas.enable()
+    click.echo(f"[blas] {blas.enable()}", err=True)
     from worker.engine.errors import UserError
     from worker.engine.local import run_local
 

@@ -1,0 +1,1 @@
+"""Alembic environment and versions; `distillery-server migrate` runs them (PostgreSQL and SQLite)."""

@@ -1,0 +1,205 @@
+"""A job's life in the database, shared by the API and the workers (no HTTP, no MLX here).
+
+    queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
+                         │  ▲ lease expired (worker died): back to queued, resumed from its checkpoint
+                         ▼  │
+                  cancel_requested ──▶ cancelled
+
+The row is written before any message is sent; a worker runs a job only after `claim` wins the row with a
+lease (compare-and-set in one UPDATE), renews the lease by heartbeat, and loses the job if it stops renewing.
+`sweep` turns expired leases back into queued jobs and re-sends jobs whose message never reached a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Job, JobDependency, JobEvent, utcnow
+
+QUEUED, RUNNING, CANCEL_REQUESTED = "queued", "running", "cancel_requested"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (RUNNING, CANCEL_REQUESTED)
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str, data: dict | None = None) -> JobEvent:
+    event = JobEvent(job_id=job_id, kind=kind, message=message, data=data or {})
+    session.add(event)
+    return event
+
+
+def teacher_cache_key(teacher_model_id: str, dataset_id: str, top_k: int, max_seq_len: int) -> str:
+    raw = json.dumps([teacher_model_id, dataset_id, top_k, max_seq_len])
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def get_or_create_cache_job(session: Session, project_id: str, teacher: str, dataset: str, top_k: int,
+                            max_seq_len: int) -> tuple[Job, bool]:
+    """The project's teacher_cache job for these inputs: an existing live or finished one, or a new one."""
+    key = teacher_cache_key(teacher, dataset, top_k, max_seq_len)
+    existing = session.scalars(
+        select(Job).where(Job.project_id == project_id, Job.kind == "teacher_cache", Job.cache_key == key,
+                          Job.status.in_((QUEUED, RUNNING, SUCCEEDED))).order_by(Job.id.desc())
+    ).first()
+    if existing:
+        return existing, False
+    spec = {"teacher": teacher, "data": dataset, "top_k": top_k, "max_seq_len": max_seq_len}
+    job = Job(project_id=project_id, kind="teacher_cache", spec=spec, cache_key=key)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "created", "teacher_cache job created")
+    return job, True
+
+
+def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_id: str | None = None,
+               total_steps: int | None = None) -> tuple[Job, list[Job]]:
+    """Insert a job (and, for an offline distill, its teacher_cache jobs). Returns (job, new cache jobs)."""
+    job = Job(project_id=project_id, kind=kind, spec=spec, parent_id=parent_id, total_steps=total_steps)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "created", f"{kind} job created")
+    new_caches = []
+    if kind == "distill" and spec.get("teacher_mode", "offline") == "offline":
+        training, loss = spec.get("training", {}), spec.get("loss", {})
+        datasets = [spec["data"]["train"]] + ([spec["data"]["valid"]] if isinstance(spec["data"].get("valid"), str) else [])
+        for teacher in spec["teachers"]:
+            for ds in datasets:
+                cache_job, created = get_or_create_cache_job(session, project_id, teacher["model"], ds,
+                                                             loss.get("top_k", 64), training.get("max_seq_len", 512))
+                session.add(JobDependency(job_id=job.id, depends_on_id=cache_job.id))
+                if created:
+                    new_caches.append(cache_job)
+        session.flush()
+    return job, new_caches
+
+
+def dependencies(session: Session, job_id: str) -> list[Job]:
+    return list(session.scalars(select(Job).join(JobDependency, JobDependency.depends_on_id == Job.id)
+                                .where(JobDependency.job_id == job_id)))
+
+
+def readiness(session: Session, job: Job) -> str:
+    """'ready', 'waiting' (a dependency still runs) or 'blocked' (a dependency failed or was cancelled)."""
+    deps = dependencies(session, job.id)
+    if any(d.status in (FAILED, CANCELLED) for d in deps):
+        return "blocked"
+    return "ready" if all(d.status == SUCCEEDED for d in deps) else "waiting"
+
+
+def fail_blocked(session: Session, job: Job) -> None:
+    bad = next(d for d in dependencies(session, job.id) if d.status in (FAILED, CANCELLED))
+    reason = f"{bad.kind} job {bad.id} {bad.status}" + (f": {bad.error_message}" if bad.error_message else "")
+    code = bad.error_code if bad.status == FAILED and bad.error_code else "internal_error"
+    finish(session, job.id, None, FAILED, error_code=code, error_message=f"dependency failed — {reason}")
+
+
+def mark_enqueued(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
+    """Take the job if it is queued (or its lease expired): one atomic UPDATE, so only one worker wins."""
+    now = utcnow()
+    won = session.execute(
+        update(Job)
+        .where(Job.id == job_id, or_(Job.status == QUEUED, and_(Job.status.in_(ACTIVE), Job.lease_expires_at < now)))
+        .values(status=RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not won:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    if job.cancel_requested:
+        finish(session, job_id, owner, CANCELLED, error_message="cancelled before it started")
+        return None
+    if job.started_at is None:
+        job.started_at = now
+    add_event(session, job_id, "started" if job.attempts == 1 else "resumed",
+              f"attempt {job.attempts} on {owner}", {"attempt": job.attempts, "worker": owner})
+    return job
+
+
+def heartbeat(session: Session, job_id: str, owner: str, lease_seconds: int) -> tuple[bool, bool]:
+    """Renew the lease. Returns (still ours, cancel requested)."""
+    now = utcnow()
+    renewed = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return bool(renewed), bool(cancel)
+
+
+def finish(session: Session, job_id: str, owner: str | None, status: str, *, error_code: str | None = None,
+           error_message: str | None = None, summary: dict | None = None) -> bool:
+    """Record the outcome (only by the lease owner, when one is given). Returns whether it was recorded."""
+    cond = [Job.id == job_id, Job.status.not_in(TERMINAL)]
+    if owner is not None:
+        cond.append(Job.lease_owner == owner)
+    values = dict(status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                  error_code=error_code, error_message=error_message)
+    if summary is not None:
+        values["summary"] = summary
+    done = session.execute(update(Job).where(*cond).values(**values).execution_options(synchronize_session=False))
+    if done.rowcount:
+        add_event(session, job_id, status, error_message or status,
+                  {"error": {"code": error_code, "message": error_message}} if error_code else {})
+    return bool(done.rowcount)
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """Queued: cancelled at once. Running: the worker sees the flag at its next step and stops."""
+    if job.status in TERMINAL:
+        return
+    job.cancel_requested = True
+    if job.status == QUEUED:
+        finish(session, job.id, None, CANCELLED, error_message="cancelled before it started")
+    else:
+        job.status = CANCEL_REQUESTED
+        add_event(session, job.id, "cancel_requested", "cancellation requested")
+
+
+def dependents_ready(session: Session, job_id: str) -> list[str]:
+    """Queued jobs that waited on `job_id` and can run now."""
+    waiting = session.scalars(select(Job).join(JobDependency, JobDependency.job_id == Job.id)
+                              .where(JobDependency.depends_on_id == job_id, Job.status == QUEUED))
+    ready = []
+    for job in waiting:
+        state = readiness(session, job)
+        if state == "ready":
+            ready.append(job.id)
+        elif state == "blocked":
+            fail_blocked(session, job)
+    return ready
+
+
+def sweep(session: Session, resend_after_seconds: int, now: datetime | None = None) -> list[str]:
+    """Jobs to (re)send: lost ones (lease expired) go back to queued; ready queued jobs never sent, or sent
+    long ago and still not taken (a message lost with the broker), are sent again. Duplicates are harmless."""
+    now = now or utcnow()
+    lost = session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)).all()
+    for job in lost:
+        if job.cancel_requested:
+            finish(session, job.id, None, CANCELLED, error_message="cancelled (its worker stopped)")
+            continue
+        job.status, job.lease_owner, job.lease_expires_at, job.enqueued_at = QUEUED, None, None, None
+        add_event(session, job.id, "requeued", f"lease of {job.id} expired (worker lost); queued again to resume")
+    session.flush()
+    stale = now - timedelta(seconds=resend_after_seconds)
+    queued = session.scalars(select(Job).where(Job.status == QUEUED,
+                                               or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))).all()
+    out = []
+    for job in queued:
+        state = readiness(session, job)
+        if state == "ready":
+            out.append(job.id)
+        elif state == "blocked":
+            fail_blocked(session, job)
+    return out

@@ -1,0 +1,67 @@
+"""The Celery app as both sides see it: the API sends `distillery.run_job`, the worker defines it.
+
+Configured for jobs that run for hours: a message is acknowledged only after the task returns (late acks),
+each worker process holds one message at a time (prefetch 1), a message whose worker died is requeued
+(reject on worker lost). The broker is only a doorbell: the database row says what a job is and whether it
+still needs running, so a duplicate or lost message is harmless (see service.jobs.lifecycle).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from service.settings import get_settings
+
+log = logging.getLogger(__name__)
+RUN_JOB = "distillery.run_job"
+QUEUE = "distillery"
+
+
+def make_celery(broker_url: str) -> Celery:
+    app = Celery("distillery", broker=broker_url)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=False,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Redis redelivers an unacknowledged message after this; jobs can run for hours, and the
+            # database lease (not the broker) is what detects a dead worker, so make it long.
+            "visibility_timeout": 12 * 3600,
+            "max_retries": 1,          # publishing: fail fast when the broker is down; the sweeper retries
+        },
+        broker_pool_limit=4,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+@lru_cache
+def celery_app() -> Celery:
+    return make_celery(get_settings().broker_url)
+
+
+def send(job_id: str) -> bool:
+    """Hand a job to the broker; False (logged) when the broker is unreachable — the sweeper sends it later."""
+    try:
+        celery_app().send_task(RUN_JOB, args=[job_id], retry=False)
+        return True
+    except Exception as e:  # kombu raises several connection error types
+        log.warning("could not enqueue %s (broker unreachable?): %s", job_id, e)
+        return False
+
+
+def broker_ok() -> bool:
+    try:
+        with celery_app().connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return True
+    except Exception:
+        return False

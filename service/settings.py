@@ -1,0 +1,37 @@
+"""All settings in one place, from `DISTILLERY_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _data_home() -> Path:
+    return Path.home() / ".local" / "share" / "distillery"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", env_file=".env", extra="ignore")
+
+    # The embedded default: SQLite and a broker kept in SQLite, no server needed.
+    database_url: str = f"sqlite:///{_data_home() / 'distillery.db'}"
+    broker_url: str = f"sqla+sqlite:///{_data_home() / 'broker.db'}"
+    artifact_root: Path = _data_home() / "artifacts"
+    cache_dir: Path = Path.home() / ".cache" / "distillery"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 2 << 30            # datasets and GGUF uploads
+    model_roots: list[Path] = []               # server folders models may be registered from ([] = anywhere readable)
+
+    lease_seconds: int = 60                    # a running job's lease; renewed every lease_seconds / 3
+    sweep_seconds: int = 15                    # how often workers look for lost or never-enqueued jobs
+    enqueue_grace_seconds: int = 30            # a queued job not taken after this is enqueued again
+    events_poll_seconds: float = 0.5           # SSE: how often the stream looks for new events
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
