@@ -16,5 +16,6 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/distillery-server demo
 
+# One OpenBLAS thread per process: the tests run an API, workers and pytest side by side on few cores.
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/pytest

@@ -18,6 +18,83 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice: MLX needs none
 
 
+@main.command("migrate")
+def migrate_cmd() -> None:
+    """Upgrade the database (DISTILLERY_DATABASE_URL) to the latest schema."""
+    from service.db.migrate import upgrade
+    from service.settings import get_settings
+
+    upgrade(get_settings().database_url)
+    click.echo("database at the latest schema")
+
+
+@main.command("api")
+@click.option("--host", default=None, help="Default: DISTILLERY_HOST (127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Default: DISTILLERY_PORT (8000).")
+def api_cmd(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API (run `migrate` first)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                proxy_headers=True, timeout_graceful_shutdown=5)
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys: one project per key; only the key's hash is stored."""
+
+
+@keys_group.command("create")
+@click.option("--project", "project_name", required=True, help="Project name (created if it does not exist).")
+def keys_create_cmd(project_name: str) -> None:
+    """Create an API key; the key is printed once, alone on the last line."""
+    from service.api.auth import create_api_key
+    from service.db.session import session_scope
+    from service.settings import get_settings
+
+    url = get_settings().database_url
+    _ensure_schema(url)
+    with session_scope(url) as session:
+        row, key = create_api_key(session, project_name)
+        project_id = row.project_id
+    click.echo(f"project {project_name} ({project_id}), key id {row.id}; store the key now, it is not shown again:")
+    click.echo(key)
+
+
+@keys_group.command("revoke")
+@click.argument("key_id_or_prefix")
+def keys_revoke_cmd(key_id_or_prefix: str) -> None:
+    """Revoke a key by its id (key_...) or its prefix (the part after `dst_`)."""
+    from service.api.auth import revoke_api_key
+    from service.db.session import session_scope
+
+    with session_scope() as session:
+        count = revoke_api_key(session, key_id_or_prefix)
+    if not count:
+        raise click.ClickException(f"no active key {key_id_or_prefix!r}")
+    click.echo(f"revoked {count} key(s)")
+
+
+def _ensure_schema(url: str) -> None:
+    """The embedded SQLite database is created on first use; a server database is `migrate`d explicitly."""
+    from sqlalchemy import inspect
+
+    from service.db.session import engine_for
+
+    if "projects" in inspect(engine_for(url)).get_table_names():
+        return
+    if url.startswith("sqlite"):
+        from service.db.migrate import upgrade
+
+        upgrade(url)
+        return
+    raise click.ClickException("the database has no schema yet: run `distillery-server migrate` first")
+
+
 @main.command("import-gguf")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
@@ -66,6 +143,35 @@ def demo_cmd(work: Path, steps: int) -> None:
     from worker.demo import run_demo
 
     run_demo(work, steps=steps)
+
+
+@main.command("worker")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Jobs run at once by this worker.")
+@click.option("--pool", type=click.Choice(["solo", "prefork"]), default=None,
+              help="solo (default with concurrency 1): jobs run in this process; prefork: in child processes.")
+@click.option("--loglevel", default="info", show_default=True)
+@click.option("--hostname", default=None, help="Celery node name (default: celery@<host>).")
+def worker_cmd(concurrency: int, pool: str | None, loglevel: str, hostname: str | None) -> None:
+    """Run a worker: takes jobs from the broker (DISTILLERY_BROKER_URL), records them in the database."""
+    if concurrency < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--concurrency")
+    if pool == "solo" and concurrency > 1:
+        raise click.BadParameter("the solo pool runs one job at a time; use --pool prefork", param_hint="--concurrency")
+    from worker.celery_app import start_worker  # enables OpenBLAS before anything imports MLX
+
+    start_worker(concurrency=concurrency, loglevel=loglevel, pool=pool, hostname=hostname)
+
+
+@main.command("dev")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--project", default="default", show_default=True, help="Project of a newly created API key.")
+@click.option("--new-key", is_flag=True, help="Print a new API key even when keys exist already.")
+def dev_cmd(host: str, port: int, project: str, new_key: bool) -> None:
+    """API + one worker on the embedded default (SQLite, a broker in SQLite): nothing else to run."""
+    from service.dev import run_dev
+
+    run_dev(host, port, project, new_key)
 
 
 if __name__ == "__main__":

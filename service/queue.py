@@ -30,12 +30,7 @@ def make_celery(broker_url: str) -> Celery:
         task_track_started=False,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            # Redis redelivers an unacknowledged message after this; jobs can run for hours, and the
-            # database lease (not the broker) is what detects a dead worker, so make it long.
-            "visibility_timeout": 12 * 3600,
-            "max_retries": 1,          # publishing: fail fast when the broker is down; the sweeper retries
-        },
+        broker_transport_options=transport_options(broker_url),
         broker_pool_limit=4,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -43,24 +38,43 @@ def make_celery(broker_url: str) -> Celery:
     return app
 
 
+def transport_options(broker_url: str) -> dict:
+    """Options for the broker's transport; each transport accepts only its own (SQLAlchemy's passes them all
+    to `create_engine`, so Redis's `visibility_timeout` would break it)."""
+    if broker_url.startswith(("sqla+", "sqlalchemy+")):
+        # the embedded broker: a SQLite file shared by the API and the worker processes
+        return {"connect_args": {"timeout": 30}} if "sqlite" in broker_url else {}
+    if broker_url.startswith(("redis", "rediss", "sentinel")):
+        return {
+            # Redis redelivers an unacknowledged message after this; jobs can run for hours, and the
+            # database lease (not the broker) is what detects a dead worker, so make it long.
+            "visibility_timeout": 12 * 3600,
+            "max_retries": 1,          # publishing: fail fast when the broker is down; the sweeper retries
+        }
+    return {"max_retries": 1}
+
+
 @lru_cache
 def celery_app() -> Celery:
     return make_celery(get_settings().broker_url)
 
 
-def send(job_id: str) -> bool:
-    """Hand a job to the broker; False (logged) when the broker is unreachable — the sweeper sends it later."""
+def send(job_id: str, app: Celery | None = None) -> bool:
+    """Hand a job to the broker; False (logged) when the broker is unreachable — the sweeper sends it later.
+
+    `app`: a Celery app of its own (the API builds one from its settings); default: the process-wide one.
+    """
     try:
-        celery_app().send_task(RUN_JOB, args=[job_id], retry=False)
+        (app or celery_app()).send_task(RUN_JOB, args=[job_id], retry=False)
         return True
     except Exception as e:  # kombu raises several connection error types
         log.warning("could not enqueue %s (broker unreachable?): %s", job_id, e)
         return False
 
 
-def broker_ok() -> bool:
+def broker_ok(app: Celery | None = None) -> bool:
     try:
-        with celery_app().connection_for_write() as conn:
+        with (app or celery_app()).connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         return True
     except Exception:

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
 
     lease_seconds: int = 60                    # a running job's lease; renewed every lease_seconds / 3
     sweep_seconds: int = 15                    # how often workers look for lost or never-enqueued jobs
-    enqueue_grace_seconds: int = 30            # a queued job not taken after this is enqueued again
+    enqueue_grace_seconds: int = 600           # a sent job still queued after this is sent again (a message
+                                               # lost with the broker); never-sent jobs are sent at once
     events_poll_seconds: float = 0.5           # SSE: how often the stream looks for new events
 
 

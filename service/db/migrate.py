@@ -12,7 +12,9 @@ import migrations
 
 def alembic_config(url: str | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # __path__, not __file__: an editable install made before migrations/ had an __init__.py maps it as a
+    # namespace package, which has no __file__
+    cfg.set_main_option("script_location", str(Path(next(iter(migrations.__path__)))))
     if url:
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg

@@ -154,6 +154,23 @@ def finish(session: Session, job_id: str, owner: str | None, status: str, *, err
     return bool(done.rowcount)
 
 
+def release(session: Session, job_id: str, owner: str, reason: str) -> bool:
+    """The owner gives a running job back unfinished (its worker is shutting down): queued again, to be resumed
+    from its checkpoint by whichever worker takes it next (the sweepers send it, `enqueued_at` is cleared).
+    A job whose cancellation was requested meanwhile is cancelled instead."""
+    ours = (Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+    if session.scalar(select(Job.cancel_requested).where(*ours)):
+        return finish(session, job_id, owner, CANCELLED, error_message="cancelled")
+    done = session.execute(
+        update(Job).where(*ours)
+        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if done:
+        add_event(session, job_id, "released", reason)
+    return bool(done)
+
+
 def request_cancel(session: Session, job: Job) -> None:
     """Queued: cancelled at once. Running: the worker sees the flag at its next step and stops."""
     if job.status in TERMINAL:
@@ -169,9 +186,14 @@ def request_cancel(session: Session, job: Job) -> None:
 def dependents_ready(session: Session, job_id: str) -> list[str]:
     """Queued jobs that waited on `job_id` and can run now."""
     waiting = session.scalars(select(Job).join(JobDependency, JobDependency.job_id == Job.id)
-                              .where(JobDependency.depends_on_id == job_id, Job.status == QUEUED))
+                              .where(JobDependency.depends_on_id == job_id, Job.status == QUEUED)).all()
+    return _ready_ids(session, waiting)
+
+
+def _ready_ids(session: Session, queued: list[Job]) -> list[str]:
+    """Ids of the queued jobs whose dependencies all succeeded; the ones a failed dependency blocks fail now."""
     ready = []
-    for job in waiting:
+    for job in queued:
         state = readiness(session, job)
         if state == "ready":
             ready.append(job.id)
@@ -184,22 +206,23 @@ def sweep(session: Session, resend_after_seconds: int, now: datetime | None = No
     """Jobs to (re)send: lost ones (lease expired) go back to queued; ready queued jobs never sent, or sent
     long ago and still not taken (a message lost with the broker), are sent again. Duplicates are harmless."""
     now = now or utcnow()
-    lost = session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)).all()
-    for job in lost:
-        if job.cancel_requested:
-            finish(session, job.id, None, CANCELLED, error_message="cancelled (its worker stopped)")
+    lost = session.scalars(select(Job.id).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)).all()
+    for job_id in lost:
+        # conditional, so a job another worker claimed since the SELECT (claim takes expired leases too) stays
+        # with it; on PostgreSQL concurrent sweepers serialise on the row and only one of them requeues it
+        still_lost = (Job.id == job_id, Job.status.in_(ACTIVE), Job.lease_expires_at < now)
+        if session.scalar(select(Job.cancel_requested).where(*still_lost)):
+            finish(session, job_id, None, CANCELLED, error_message="cancelled (its worker stopped)")
             continue
-        job.status, job.lease_owner, job.lease_expires_at, job.enqueued_at = QUEUED, None, None, None
-        add_event(session, job.id, "requeued", f"lease of {job.id} expired (worker lost); queued again to resume")
+        requeued = session.execute(
+            update(Job).where(*still_lost)
+            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None, updated_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if requeued:
+            add_event(session, job_id, "requeued", f"lease of {job_id} expired (worker lost); queued again to resume")
     session.flush()
     stale = now - timedelta(seconds=resend_after_seconds)
     queued = session.scalars(select(Job).where(Job.status == QUEUED,
                                                or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))).all()
-    out = []
-    for job in queued:
-        state = readiness(session, job)
-        if state == "ready":
-            out.append(job.id)
-        elif state == "blocked":
-            fail_blocked(session, job)
-    return out
+    return _ready_ids(session, queued)

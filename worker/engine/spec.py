@@ -169,6 +169,32 @@ class TeacherCacheSpec(_Spec):
     max_seq_len: int = Field(512, ge=8, le=131072)
 
 
+class BenchmarkCandidate(_Spec):
+    label: str = Field(min_length=1, max_length=100)
+    model: str = Field(description="Model id, or a local folder / GGUF path.")
+    adapter: str | None = Field(None, description="A distill job id (or adapter folder) whose adapter is applied.")
+
+
+class BenchmarkData(_Spec):
+    text: str | None = Field(None, description="Dataset for KL, top-1/top-5 agreement and perplexity vs the reference.")
+    mcq: str | None = Field(None, description="Multiple-choice dataset (`mcq` format): accuracy.")
+    preference: str | None = Field(None, description="Preference dataset: how often `chosen` outscores `rejected`.")
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> BenchmarkData:
+        if self.text is None and self.mcq is None and self.preference is None:
+            raise ValueError("name at least one of text, mcq, preference")
+        return self
+
+
+class BenchmarkSpec(_Spec):
+    """Candidates (e.g. a distilled student) measured against a reference model on held-out data."""
+
+    reference: str = Field(description="The reference (teacher) model id or path.")
+    candidates: list[BenchmarkCandidate] = Field(min_length=1, max_length=16)
+    data: BenchmarkData
+
+
 class JobFile(_Spec):
     """A job as written in YAML: `kind` + `spec`."""
 

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every resource: auth, problem responses, pagination, idempotency, schemas."""

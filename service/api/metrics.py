@@ -1,0 +1,89 @@
+"""Prometheus metrics of one app: requests by route template and status, latency, and jobs by status (counted
+from the database at scrape time, so every API replica reports the same truth)."""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter
+
+from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.problems import Problem
+from service.api.schemas import JOB_STATUSES
+from service.db.models import Job
+
+log = logging.getLogger(__name__)
+
+
+class JobsByStatus:
+    """A collector: `distillery_jobs{status}` from one GROUP BY per scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def describe(self):
+        return [GaugeMetricFamily("distillery_jobs", "Jobs by status", labels=["status"])]
+
+    def collect(self):
+        family = GaugeMetricFamily("distillery_jobs", "Jobs by status", labels=["status"])
+        try:
+            with self.sessions() as session:
+                counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        except Exception as e:   # a scrape must not fail because the database does; /readyz reports that
+            log.warning("jobs gauge unavailable: %s", e)
+            return
+        for status in JOB_STATUSES:
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+class AppMetrics:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.registry = CollectorRegistry()   # per app, so several apps (tests) never share counters
+        self.requests = Counter("distillery_http_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("distillery_http_request_duration_seconds", "HTTP request latency",
+                                 ["method", "route"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.registry.register(JobsByStatus(sessions))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_middleware(app: ASGIApp) -> ASGIApp:
+    """Count and time every routed request by its route template (`/v1/jobs/{job_id:str}`), not its path."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        status = 500
+        started = perf_counter()
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_and_note)
+        except (HTTPException, Problem) as e:   # raised by middleware further in (auth): answered outside
+            status = e.status_code if isinstance(e, HTTPException) else e.status
+            raise
+        finally:
+            metrics: AppMetrics = scope["litestar_app"].state.metrics
+            metrics.observe(scope["method"], scope.get("path_template") or "unmatched", status,
+                            perf_counter() - started)
+
+    return middleware

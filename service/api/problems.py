@@ -1,0 +1,148 @@
+"""RFC 9457 problem details: every 4xx/5xx leaves the API as `application/problem+json`.
+
+`Problem` is what services raise on purpose; the exception handlers below also turn Litestar's own errors
+(validation, bad JSON, unknown route, wrong method) into the same shape, so a client parses one format:
+
+    {"type": "urn:distillery:problem:validation-error", "title": "Validation failed", "status": 422,
+     "detail": "spec.training.steps: Input should be greater than 0",
+     "errors": [{"field": "spec.training.steps", "message": "Input should be greater than 0"}]}
+
+Each entry of `errors` names a `field` (dotted path into the request) or a dataset `line`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+# status -> (type slug, title) for problems raised without a more specific slug
+_DEFAULTS: dict[int, tuple[str, str]] = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Missing or invalid API key"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    409: ("conflict", "Conflict"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    416: ("range-not-satisfiable", "Range not satisfiable"),
+    422: ("validation-error", "Validation failed"),
+    500: ("internal-error", "Internal server error"),
+    503: ("service-unavailable", "Service unavailable"),
+}
+
+
+def problem_type(slug: str) -> str:
+    return f"urn:distillery:problem:{slug}"
+
+
+class Problem(Exception):
+    """An error response the service means to give; `errors` entries are {"field"|"line": ..., "message": ...}."""
+
+    def __init__(self, status: int, detail: str, *, errors: list[dict[str, Any]] | None = None,
+                 slug: str | None = None, title: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        default_slug, default_title = _DEFAULTS.get(status, ("error", "Error"))
+        self.status = status
+        self.detail = detail
+        self.errors = errors or []
+        self.slug = slug or default_slug
+        self.title = title or default_title
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"type": problem_type(self.slug), "title": self.title, "status": self.status,
+                "detail": self.detail, "errors": self.errors}
+
+    def to_response(self) -> Response:
+        return Response(self.body(), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers)
+
+
+def invalid(field: str, message: str) -> Problem:
+    """422 for one bad field."""
+    return Problem(422, f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+def not_found(what: str, id_: str) -> Problem:
+    return Problem(404, f"{what} {id_!r} not found")
+
+
+def from_field_errors(errors: list[dict[str, Any]], status: int = 422) -> Problem:
+    detail = "; ".join(f"{e['field']}: {e['message']}" if e.get("field") else e["message"] for e in errors)
+    return Problem(status, detail or "validation failed", errors=errors)
+
+
+def pydantic_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
+    """pydantic errors as [{"field": "spec.training.steps", "message": ...}]."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        field = ".".join(p for p in (prefix, loc) if p)
+        out.append({"field": field or "body", "message": err["msg"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- handlers
+
+
+def handle_problem(_: Request, exc: Problem) -> Response:
+    return exc.to_response()
+
+
+def handle_http_exception(request: Request, exc: HTTPException) -> Response:
+    """Litestar's own exceptions, reshaped. Field-level validation failures become 422 with named fields."""
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        errors = [_litestar_error(e) for e in exc.extra]
+        problem = from_field_errors(errors)
+    else:
+        status = exc.status_code
+        detail = exc.detail
+        if status == 404 and detail == "Not Found":
+            detail = f"no route for {request.method} {request.url.path}"
+        elif status == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        elif status == 400 and isinstance(exc.__cause__, SerializationException):
+            problem = Problem(400, f"the body is not valid JSON: {detail}",
+                              errors=[{"field": "body", "message": f"not valid JSON: {detail}"}])
+            return _with_headers(problem, exc).to_response()
+        problem = Problem(status, detail)
+    return _with_headers(problem, exc).to_response()
+
+
+def _with_headers(problem: Problem, exc: HTTPException) -> Problem:
+    problem.headers = {**(exc.headers or {}), **problem.headers}
+    if problem.status == 401:
+        problem.headers.setdefault("WWW-Authenticate", 'Bearer realm="distillery"')
+    return problem
+
+
+def handle_internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Problem(500, "an internal error occurred; it has been logged").to_response()
+
+
+def _litestar_error(e: Any) -> dict[str, Any]:
+    if not isinstance(e, dict):
+        return {"field": "body", "message": str(e)}
+    key = e.get("key")
+    source = e.get("source")
+    # Query/header/path parameters are named as they are sent; body fields by their dotted path.
+    field = key if key else ("body" if source in (None, "body") else str(source))
+    return {"field": field, "message": str(e.get("message", "invalid value"))}
+
+
+EXCEPTION_HANDLERS = {
+    Problem: handle_problem,
+    HTTPException: handle_http_exception,
+    Exception: handle_internal_error,
+}
+
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "Problem", "from_field_errors", "invalid",
+           "not_found", "pydantic_errors", "problem_type"]

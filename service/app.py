@@ -1,0 +1,74 @@
+"""The HTTP API (SPEC §3): `create_app(settings)` builds the Litestar app; `distillery-server api` serves it.
+
+Operations routes (/healthz, /readyz, /metrics, /schema) are open; everything under /v1 needs an API key and
+sees only the caller's project. Handlers are thin: the domain packages (datasets, models_registry, jobs,
+artifacts) hold the logic. This process never imports MLX: from the engine it uses only spec, data and errors.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from litestar import Litestar, Router
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from sqlalchemy.orm import sessionmaker
+
+from service.api.auth import ApiKeyMiddleware
+from service.api.deps import provide_caller, provide_session, provide_settings
+from service.api.metrics import AppMetrics, metrics_middleware
+from service.api.problems import EXCEPTION_HANDLERS
+from service.artifacts.controller import ArtifactController
+from service.datasets.controller import DatasetController
+from service.db.session import engine_for
+from service.jobs.controller import JobController
+from service.jobs.service import Enqueuer
+from service.models_registry.controller import ModelController
+from service.ops.controller import OpsController
+from service.queue import make_celery
+from service.settings import Settings, get_settings
+
+
+def _version() -> str:
+    try:
+        return version("distillery-server")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or get_settings()
+    sessions = sessionmaker(engine_for(settings.database_url), expire_on_commit=False)
+    celery = make_celery(settings.broker_url)   # this app's own, so its broker_url is the one in `settings`
+    state = State({"settings": settings, "sessions": sessions, "celery": celery, "enqueuer": Enqueuer(celery),
+                   "metrics": AppMetrics(sessions)})
+
+    v1 = Router(
+        path="/v1",
+        route_handlers=[DatasetController, ModelController, JobController, ArtifactController],
+        middleware=[DefineMiddleware(ApiKeyMiddleware)],
+        security=[{"bearer": []}],
+    )
+    return Litestar(
+        route_handlers=[OpsController, v1],
+        dependencies={
+            "session": Provide(provide_session),
+            "caller": Provide(provide_caller, sync_to_thread=False),
+            "settings": Provide(provide_settings, sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[metrics_middleware],
+        openapi_config=OpenAPIConfig(
+            title="Distillery",
+            version=_version(),
+            path="/schema",
+            description="Self-hosted knowledge distillation: datasets, models, jobs, artifacts.",
+            components=Components(security_schemes={
+                "bearer": SecurityScheme(type="http", scheme="bearer", description="dst_<prefix>_<secret>")}),
+        ),
+        state=state,
+        debug=False,
+    )

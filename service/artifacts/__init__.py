@@ -1,0 +1,1 @@
+"""Artifacts: files a job produced (adapter, student folder, summary, metrics), downloadable by id."""

@@ -1,0 +1,137 @@
+"""`/v1/jobs`: create, list, get, cancel; events (list and SSE stream), metrics, checkpoints, artifacts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import anyio.to_thread
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.deps import CallerDep, SessionDep
+from service.api.idempotency import IdempotencyKey, Replay, provide_idempotency
+from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from service.api.problems import invalid
+from service.api.schemas import (
+    ArtifactList,
+    CheckpointList,
+    EventPage,
+    JobCreate,
+    JobOut,
+    JobPage,
+    MetricList,
+    event_out,
+    to_json,
+)
+from service.jobs import service
+from service.jobs.lifecycle import TERMINAL
+
+KEEPALIVE_SECONDS = 15.0
+RECONNECT_MS = 2000
+MAX_EVENT_PAGE = 1000
+
+
+class JobController(Controller):
+    path = "/jobs"
+    tags = ["jobs"]
+    dependencies = {"idem": Provide(provide_idempotency)}
+
+    @post("/", sync_to_thread=True, summary="Create a job", request_max_body_size=1 << 20)
+    def create(self, data: JSONBody[JobCreate], session: SessionDep, caller: CallerDep, state: State,
+               idem: NamedDependency[IdempotencyKey | None]) -> Response[JobOut]:
+        result = service.create_job(session, state.enqueuer, caller.project_id, data, idem)
+        if isinstance(result, Replay):
+            return result.response()
+        status, body = result
+        return Response(body, status_code=status)
+
+    @get("/", sync_to_thread=True, summary="List jobs, newest first")
+    def list(self, session: SessionDep, caller: CallerDep, status: FromQuery[str | None] = None,
+             kind: FromQuery[str | None] = None,
+             limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+             after: str | None = Parameter(default=None, max_length=40)) -> JobPage:
+        return service.list_jobs(session, caller.project_id, status, kind, limit, after)
+
+    @get("/{job_id:str}", sync_to_thread=True, summary="Get a job")
+    def retrieve(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> JobOut:
+        return service.get_job_out(session, caller.project_id, job_id)
+
+    @post("/{job_id:str}/cancel", sync_to_thread=True, summary="Cancel a job", status_code=200)
+    def cancel(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str],
+               idem: NamedDependency[IdempotencyKey | None]) -> Response[JobOut]:
+        result = service.cancel_job(session, caller.project_id, job_id, idem)
+        if isinstance(result, Replay):
+            return result.response()
+        status, body = result
+        return Response(body, status_code=status)
+
+    @get("/{job_id:str}/events", sync_to_thread=True, summary="A job's events, oldest first")
+    def events(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str],
+               after: int | None = Parameter(default=None, ge=0),
+               limit: int = Parameter(default=MAX_EVENT_PAGE, ge=1, le=MAX_EVENT_PAGE)) -> EventPage:
+        return service.list_events(session, caller.project_id, job_id, after, limit)
+
+    @get("/{job_id:str}/events/stream", summary="A job's events as server-sent events",
+         description="Each event: `id` (resume with the Last-Event-ID header or `?after=`), `event` (its kind), "
+                     "`data` (the event object as JSON). Ends once the job has finished and its last events "
+                     "were sent.")
+    async def stream(self, request: Request, caller: CallerDep, state: State, job_id: FromPath[str],
+                     after: int | None = Parameter(default=None, ge=0)) -> ServerSentEvent:
+        factory: sessionmaker[Session] = state.sessions
+        await anyio.to_thread.run_sync(_check_owner, factory, caller.project_id, job_id)
+        last_id = request.headers.get("last-event-id")
+        if last_id is not None:
+            if not last_id.strip().isdigit():
+                raise invalid("Last-Event-ID", "must be an event id (a non-negative integer)")
+            after = int(last_id)
+        poll = float(state.settings.events_poll_seconds)
+        return ServerSentEvent(_event_stream(factory, job_id, after or 0, poll),
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @get("/{job_id:str}/metrics", sync_to_thread=True, summary="A job's logged metrics (all, or one name)")
+    def metrics(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str],
+                name: str | None = Parameter(default=None, max_length=80)) -> MetricList:
+        return service.list_metrics(session, caller.project_id, job_id, name)
+
+    @get("/{job_id:str}/checkpoints", sync_to_thread=True, summary="A job's checkpoints")
+    def checkpoints(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> CheckpointList:
+        return service.list_checkpoints(session, caller.project_id, job_id)
+
+    @get("/{job_id:str}/artifacts", sync_to_thread=True, summary="A job's artifacts")
+    def artifacts(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> ArtifactList:
+        return service.list_artifacts(session, caller.project_id, job_id)
+
+
+def _check_owner(factory: sessionmaker[Session], project_id: str, job_id: str) -> None:
+    with factory() as session:
+        service.get_job(session, project_id, job_id)
+
+
+async def _event_stream(factory: sessionmaker[Session], job_id: str, after: int,
+                        poll_seconds: float) -> AsyncIterator[ServerSentEventMessage]:
+    """Poll the database for new events; stop after the job is terminal and everything up to that is sent."""
+    # an opening comment gets the headers through buffering proxies; `retry` paces client reconnects
+    yield ServerSentEventMessage(comment="events of " + job_id, data=None, retry=RECONNECT_MS)
+    quiet_since = time.monotonic()
+    with factory() as session:
+        while True:
+            status, events = await anyio.to_thread.run_sync(service.poll_events, session, job_id, after)
+            for event in events:
+                after = event.id
+                yield ServerSentEventMessage(id=str(event.id), event=event.kind,
+                                             data=json.dumps(to_json(event_out(event))))
+            if events:
+                quiet_since = time.monotonic()
+                continue   # more may be waiting beyond this batch
+            if status is None or status in TERMINAL:
+                return
+            if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
+                yield ServerSentEventMessage(comment="keep-alive", data=None)
+                quiet_since = time.monotonic()
+            await anyio.sleep(poll_seconds)

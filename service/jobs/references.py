@@ -1,0 +1,47 @@
+"""Which models, datasets and jobs a job spec refers to, by field: what the API checks on create and what
+dataset deletion looks for. Pure data, no database."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+Target = Literal["model", "dataset", "job"]
+
+
+class Reference(NamedTuple):
+    field: str          # dotted path in the request, e.g. spec.teachers.0.model
+    target: Target
+    id: str
+
+
+def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
+    refs: list[Reference] = []
+    if kind == "distill":
+        refs.append(Reference("spec.student.model", "model", spec["student"]["model"]))
+        if spec["student"].get("adapter"):
+            refs.append(Reference("spec.student.adapter", "job", spec["student"]["adapter"]))
+        for i, teacher in enumerate(spec["teachers"]):
+            refs.append(Reference(f"spec.teachers.{i}.model", "model", teacher["model"]))
+        refs.append(Reference("spec.data.train", "dataset", spec["data"]["train"]))
+        if isinstance(spec["data"].get("valid"), str):
+            refs.append(Reference("spec.data.valid", "dataset", spec["data"]["valid"]))
+    elif kind == "teacher_cache":
+        refs.append(Reference("spec.teacher", "model", spec["teacher"]))
+        refs.append(Reference("spec.data", "dataset", spec["data"]))
+    elif kind == "benchmark":
+        refs.append(Reference("spec.reference", "model", spec["reference"]))
+        for i, cand in enumerate(spec["candidates"]):
+            refs.append(Reference(f"spec.candidates.{i}.model", "model", cand["model"]))
+            if cand.get("adapter"):
+                refs.append(Reference(f"spec.candidates.{i}.adapter", "job", cand["adapter"]))
+        for name in ("text", "mcq", "preference"):
+            if spec["data"].get(name):
+                refs.append(Reference(f"spec.data.{name}", "dataset", spec["data"][name]))
+    return refs
+
+
+def dataset_ids(kind: str, spec: dict[str, Any]) -> set[str]:
+    try:
+        return {r.id for r in spec_references(kind, spec) if r.target == "dataset"}
+    except (KeyError, TypeError):   # a spec stored by hand or an older version: refers to nothing we know
+        return set()

@@ -1,0 +1,1 @@
+"""Models: mlx-lm folders or GGUF files on the server (registered by path) or uploaded GGUF files."""

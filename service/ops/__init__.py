@@ -1,0 +1,1 @@
+"""Operations endpoints: liveness, readiness, Prometheus metrics (no API key needed)."""

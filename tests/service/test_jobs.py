@@ -1,0 +1,230 @@
+"""Job creation: specs validated by the engine's models with fields named; every id checked against the
+caller's project; the row committed before the broker is rung, and a dead broker fails nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from service.db.models import IdempotencyRecord, Job, JobDependency
+from tests.service.conftest import closed_port, running_api
+from tests.service.factories import count, finish_job, insert_job, register_model, setup_distill, upload_dataset
+
+PROBLEM = "application/problem+json"
+
+
+def post_job(api, kind, spec, headers=None, **extra):
+    return api.client.post("/v1/jobs", headers=headers or api.headers, json={"kind": kind, "spec": spec, **extra})
+
+
+def assert_refused(api, r, field: str, words: str = "", jobs: int = 0) -> None:
+    """A 422 problem naming `field`, and still only `jobs` jobs in the database."""
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    fields = {e["field"]: e["message"] for e in body["errors"]}
+    assert field in fields, body
+    assert words in fields[field], body
+    assert field in body["detail"]
+    assert count(api, Job) == jobs
+
+
+def test_offline_distill_creates_cache_jobs_and_enqueues_them(api):
+    spec = setup_distill(api)
+    r = post_job(api, "distill", spec)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["kind"] == "distill" and job["status"] == "queued" and job["id"].startswith("job_")
+    assert job["spec"]["training"]["steps"] == 10 and job["spec"]["training"]["learning_rate"] == 1e-4  # defaults
+    assert job["progress"] == {"step": 0, "total_steps": 10, "fraction": 0.0, "eta_seconds": None}
+    assert job["error"] is None and job["artifacts"] == [] and job["started_at"] is None
+    with api.db() as session:
+        caches = session.query(Job).filter_by(kind="teacher_cache").all()
+        assert len(caches) == 1 and caches[0].enqueued_at is not None
+        assert session.query(JobDependency).filter_by(job_id=job["id"]).count() == 1
+        assert session.get(Job, job["id"]).enqueued_at is None      # waits for its cache
+    assert api.queue_length() == 1
+
+    # a second student over the same teacher and data reuses the cache job: nothing new to build
+    r = post_job(api, "distill", spec)
+    assert r.status_code == 201 and count(api, Job) == 3 and api.queue_length() == 1
+    # once the cache has succeeded, a new distill job is ready at once and is sent
+    finish_job(api, caches[0].id)
+    assert post_job(api, "distill", spec).status_code == 201 and api.queue_length() == 2
+
+
+def test_online_distill_teacher_cache_and_benchmark(api):
+    spec = setup_distill(api)
+    r = post_job(api, "distill", {**spec, "teacher_mode": "online"})
+    assert r.status_code == 201 and api.queue_length() == 1
+    with api.db() as session:
+        assert session.get(Job, r.json()["id"]).enqueued_at is not None
+    r = post_job(api, "teacher_cache", {"teacher": spec["teachers"][0]["model"], "data": spec["data"]["train"]})
+    assert r.status_code == 201 and r.json()["spec"]["top_k"] == 64 and r.json()["progress"]["total_steps"] is None
+    mcq = upload_dataset(api, b'{"question": "2+2?", "choices": ["3", "4"], "answer": 1}\n')
+    bench = {"reference": spec["teachers"][0]["model"],
+             "candidates": [{"label": "student", "model": spec["student"]["model"]}],
+             "data": {"text": spec["data"]["train"], "mcq": mcq["id"]}}
+    r = post_job(api, "benchmark", bench)
+    assert r.status_code == 201, r.text
+    assert api.queue_length() == 3
+
+
+def test_spec_validation_names_the_field(api):
+    spec = setup_distill(api)
+    assert_refused(api, post_job(api, "distill", {**spec, "training": {"steps": -5}}), "spec.training.steps",
+                   "greater than 0")
+    assert_refused(api, post_job(api, "distill", {**spec, "training": {"learning_rat": 0.1}}),
+                   "spec.training.learning_rat", "Extra inputs")
+    assert_refused(api, post_job(api, "distill", {**spec, "training": {"batch_size": "four"}}),
+                   "spec.training.batch_size", "integer")
+    assert_refused(api, post_job(api, "distill", {**spec, "loss": {"kind": "l2"}}), "spec.loss.kind")
+    assert_refused(api, post_job(api, "distill", {**spec, "teachers": []}), "spec.teachers")
+    assert_refused(api, post_job(api, "distill", {k: v for k, v in spec.items() if k != "student"}), "spec.student")
+    assert_refused(api, post_job(api, "distill", spec, priority=1), "priority", "Extra inputs")
+    r = post_job(api, "mystery", spec)
+    assert_refused(api, r, "kind")
+    assert [e["field"] for e in r.json()["errors"]] == ["kind"]      # the spec is not judged without a kind
+    r = api.client.post("/v1/jobs", headers=api.headers, json=[spec])
+    assert r.status_code == 422 and r.json()["errors"]
+    r = api.client.post("/v1/jobs", headers={**api.headers, "Content-Type": "application/json"},
+                        content=b'{"kind": "distill", "spec": ')
+    assert r.status_code == 400 and r.headers["content-type"].startswith(PROBLEM) and "JSON" in r.json()["detail"]
+    assert count(api, Job) == 0 and api.queue_length() == 0
+
+
+def test_unknown_ids_paths_and_other_projects_ids_are_refused(api):
+    spec = setup_distill(api)
+    other_headers, _ = api.other_project()
+    foreign_model = register_model(api, "foreign", headers=other_headers)["id"]
+    foreign_data = upload_dataset(api, headers=other_headers)["id"]
+    teacher = spec["teachers"][0]
+    assert_refused(api, post_job(api, "distill", {**spec, "teachers": [teacher, {"model": "mdl_nope"}]}),
+                   "spec.teachers.1.model", "unknown model id")
+    assert_refused(api, post_job(api, "distill", {**spec, "student": {"model": foreign_model}}),
+                   "spec.student.model", "unknown model id")
+    assert_refused(api, post_job(api, "distill", {**spec, "student": {"model": "/models/SmolLM2"}}),
+                   "spec.student.model", "not paths")
+    assert_refused(api, post_job(api, "distill", {**spec, "data": {"train": foreign_data}}),
+                   "spec.data.train", "unknown dataset id")
+    assert_refused(api, post_job(api, "distill", {**spec, "data": {"train": spec["data"]["train"],
+                                                                   "valid": "ds_missing"}}),
+                   "spec.data.valid", "unknown dataset id")
+    assert_refused(api, post_job(api, "teacher_cache", {"teacher": teacher["model"], "data": "./train.jsonl"}),
+                   "spec.data", "not paths")
+    assert_refused(api, post_job(api, "distill", spec, parent_id="job_missing"), "parent_id", "unknown job id")
+    mcq = upload_dataset(api, b'{"question": "q?", "choices": ["a", "b"], "answer": 0}\n')
+    assert_refused(api, post_job(api, "distill", {**spec, "data": {"train": mcq["id"]}}), "spec.data.train",
+                   "format 'mcq'")
+    # several problems are reported together
+    r = post_job(api, "distill", {**spec, "student": {"model": "mdl_a"}, "teachers": [{"model": "mdl_b"}]})
+    assert {e["field"] for e in r.json()["errors"]} == {"spec.student.model", "spec.teachers.0.model"}
+
+
+def test_student_adapter_must_be_a_succeeded_distill_job_of_the_project(api):
+    spec = setup_distill(api)
+    _, other_project = api.other_project()
+    running = insert_job(api, status="running")
+    foreign = insert_job(api, project_id=other_project, status="succeeded")
+    cache = insert_job(api, status="succeeded", kind="teacher_cache")
+    done = insert_job(api, status="succeeded")
+    for job_id, words in ((running, "running distill job"), ("job_missing", "unknown job id"),
+                          (foreign, "unknown job id"), (cache, "succeeded teacher_cache job")):
+        r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": job_id}})
+        assert_refused(api, r, "spec.student.adapter", words, jobs=4)
+    r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": done}}, parent_id=done)
+    assert r.status_code == 201 and r.json()["parent_id"] == done
+
+
+def test_idempotency_key(api):
+    spec = setup_distill(api)
+    h = {**api.headers, "Idempotency-Key": "k-1"}
+    body = {"kind": "distill", "spec": spec}
+    first = api.client.post("/v1/jobs", headers=h, json=body)
+    again = api.client.post("/v1/jobs", headers=h, json=body)
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json() and again.headers["idempotent-replayed"] == "true"
+    assert count(api, Job) == 2 and api.queue_length() == 1          # the job and its cache job, sent once
+    # the same JSON serialised differently is the same request
+    same = api.client.post("/v1/jobs", headers={**h, "Content-Type": "application/json"},
+                           content=b'{"spec": ' + json.dumps(spec, indent=2).encode() + b', "kind": "distill"}')
+    assert same.json()["id"] == first.json()["id"]
+    other = api.client.post("/v1/jobs", headers=h, json={**body, "spec": {**spec, "teacher_mode": "online"}})
+    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert count(api, Job) == 2 and count(api, IdempotencyRecord) == 1
+    # keys are per project
+    other_headers, _ = api.other_project()
+    r = api.client.post("/v1/jobs", headers={**other_headers, "Idempotency-Key": "k-1"}, json=body)
+    assert r.status_code == 422 and "unknown model id" in r.text
+
+
+def test_broker_down_still_creates_the_job(database_url, tmp_path, redis_broker):
+    broker = f"redis://127.0.0.1:{closed_port()}/0"
+    with running_api(database_url, tmp_path, redis_broker, broker_url=broker) as api:
+        spec = setup_distill(api)
+        started = time.monotonic()
+        r = post_job(api, "distill", {**spec, "teacher_mode": "online"})
+        assert r.status_code == 201 and r.json()["status"] == "queued"
+        assert time.monotonic() - started < 10
+        started = time.monotonic()
+        r2 = post_job(api, "distill", spec)   # the API stays quiet after a failed send: no second timeout
+        assert r2.status_code == 201 and time.monotonic() - started < 1
+        with api.db() as session:
+            jobs = session.query(Job).all()
+            assert len(jobs) == 3 and all(j.enqueued_at is None and j.status == "queued" for j in jobs)
+
+
+def test_list_filters_and_pages(api):
+    queued = [insert_job(api, status="queued") for _ in range(3)]
+    failed = insert_job(api, status="failed", kind="teacher_cache")
+    c = api.client
+    r = c.get("/v1/jobs?status=queued&limit=2", headers=api.headers).json()
+    assert [j["id"] for j in r["data"]] == queued[::-1][:2] and r["has_more"]
+    r = c.get(f"/v1/jobs?status=queued&limit=2&after={r['data'][-1]['id']}", headers=api.headers).json()
+    assert [j["id"] for j in r["data"]] == queued[:1] and not r["has_more"]
+    r = c.get("/v1/jobs?kind=teacher_cache", headers=api.headers).json()
+    assert [j["id"] for j in r["data"]] == [failed]
+    assert len(c.get("/v1/jobs", headers=api.headers).json()["data"]) == 4
+    r = c.get("/v1/jobs?status=done", headers=api.headers)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "status"
+    r = c.get("/v1/jobs?kind=train", headers=api.headers)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "kind"
+
+
+@pytest.mark.parametrize("status, expected", [("queued", "cancelled"), ("running", "cancel_requested"),
+                                              ("cancelled", "cancelled")])
+def test_cancel(api, status, expected):
+    job_id = insert_job(api, status=status)
+    r = api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == expected and r.json()["cancel_requested"] is (status != "cancelled")
+    assert api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()["status"] == expected
+
+
+def test_cancel_a_finished_job_is_a_conflict(api):
+    job_id = insert_job(api, status="succeeded")
+    r = api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers)
+    assert r.status_code == 409 and r.headers["content-type"].startswith(PROBLEM)
+    assert api.client.post("/v1/jobs/job_missing/cancel", headers=api.headers).status_code == 404
+
+
+def test_job_object_shows_progress_error_and_artifacts(api):
+    from tests.service.factories import insert_artifact
+
+    job_id = insert_job(api, status="running")
+    with api.db() as session:
+        job = session.get(Job, job_id)
+        job.progress_step, job.eta_seconds, job.summary = 25, 12.5, {"train_loss": 1.5}
+    art = insert_artifact(api, job_id, b"abc")
+    body = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()
+    assert body["progress"] == {"step": 25, "total_steps": 100, "fraction": 0.25, "eta_seconds": 12.5}
+    assert body["summary"] == {"train_loss": 1.5}
+    assert [a["id"] for a in body["artifacts"]] == [art]
+    with api.db() as session:
+        from service.jobs import lifecycle
+        lifecycle.finish(session, job_id, None, "failed", error_code="user_error", error_message="bad data")
+    body = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()
+    assert body["status"] == "failed" and body["error"] == {"code": "user_error", "message": "bad data"}
+    assert body["finished_at"].endswith("Z")

@@ -1,0 +1,66 @@
+"""The Alembic migrations and the SQLAlchemy models describe the same schema, on SQLite and PostgreSQL, and
+the migrations run down and up again cleanly."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from service.db.migrate import alembic_config, upgrade
+from service.db.models import Base
+from service.db.session import make_engine
+from tests.service.conftest import PG_SERVER, unavailable
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database(request, tmp_path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrations.db'}"
+        return
+    name = f"distillery_test_{secrets.token_hex(4)}"
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:
+        admin.dispose()
+        unavailable("PostgreSQL", e)
+    yield f"{PG_SERVER}/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def schema_diff(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "render_as_batch": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_models_match_migrations_and_downgrade_works(empty_database):
+    url = empty_database
+    upgrade(url)
+    assert schema_diff(url) == []
+    assert tables(url) == set(Base.metadata.tables)
+    command.downgrade(alembic_config(url), "base")
+    assert tables(url) == set()
+    upgrade(url)
+    assert schema_diff(url) == []

@@ -1,0 +1,224 @@
+"""Worker test fixtures: real databases (a SQLite file, a PostgreSQL database made for the session), Redis db 14
+as the broker, and real `distillery-server worker` processes.
+
+PostgreSQL and Redis are real servers; when one is unreachable the tests that need it are skipped, unless
+DISTILLERY_TEST_REQUIRE_SERVICES=1 (CI), which makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.db.migrate import upgrade
+from service.db.models import Dataset, Model, Project, new_id
+from service.db.session import engine_for, session_scope
+from service.jobs import lifecycle
+
+PG_SERVER = os.environ.get("DISTILLERY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+BROKER_URL = os.environ.get("DISTILLERY_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/14")
+REQUIRE = os.environ.get("DISTILLERY_TEST_REQUIRE_SERVICES") == "1"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def unavailable(what: str, error: Exception) -> None:
+    if REQUIRE:
+        pytest.fail(f"{what} unreachable: {error}")
+    pytest.skip(f"{what} unreachable: {error}")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------- databases
+
+
+def create_pg_database() -> str:
+    """A new, migrated PostgreSQL database; skips (or fails, in CI) when the server is unreachable."""
+    name = f"distillery_wtest_{secrets.token_hex(4)}"
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:
+        unavailable("PostgreSQL", e)
+    finally:
+        admin.dispose()
+    url = f"{PG_SERVER}/{name}"
+    upgrade(url)
+    return url
+
+
+def drop_pg_database(url: str) -> None:
+    engine_for(url).dispose()
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    url = create_pg_database()
+    yield url
+    drop_pg_database(url)
+
+
+def sqlite_url(folder: Path) -> str:
+    url = f"sqlite:///{folder / 'distillery.db'}"
+    upgrade(url)
+    return url
+
+
+def make_project(url: str, name: str | None = None) -> str:
+    with session_scope(url) as s:
+        project = Project(name=name or f"p-{secrets.token_hex(4)}")
+        s.add(project)
+        s.flush()
+        return project.id
+
+
+# ---------------------------------------------------------------------------------------- a service
+
+
+class Service:
+    """One database + artifact root + broker, as the API would leave them, and the worker processes on it."""
+
+    def __init__(self, folder: Path, database_url: str, broker_url: str):
+        self.folder, self.database_url, self.broker_url = folder, database_url, broker_url
+        self.artifact_root = folder / "artifacts"
+        self.cache_dir = folder / "cache"
+        self.env = {**os.environ, "DISTILLERY_DATABASE_URL": database_url, "DISTILLERY_BROKER_URL": broker_url,
+                    "DISTILLERY_ARTIFACT_ROOT": str(self.artifact_root), "DISTILLERY_CACHE_DIR": str(self.cache_dir),
+                    "DISTILLERY_LEASE_SECONDS": "3", "DISTILLERY_SWEEP_SECONDS": "1",
+                    "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.workers: list[subprocess.Popen] = []
+        self.project_id = make_project(database_url)
+
+    # -- rows the API would have written
+    def add_model(self, path: Path, name: str = "m") -> str:
+        with session_scope(self.database_url) as s:
+            row = Model(project_id=self.project_id, name=name, source="path", format="mlx", path=str(path),
+                        fingerprint="0" * 64, info={})
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def add_dataset(self, src: Path, name: str = "d", fmt: str = "text") -> str:
+        dataset_id = new_id("ds")
+        dest = self.artifact_root / "datasets" / self.project_id / f"{dataset_id}.jsonl"  # where the API keeps it
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+        with session_scope(self.database_url) as s:
+            row = Dataset(id=dataset_id, project_id=self.project_id, name=name, format=fmt, path=str(dest), sha256="0" * 64,
+                          size_bytes=dest.stat().st_size, records=sum(1 for _ in dest.open()))
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def submit(self, kind: str, spec: dict, send: Callable[[str], bool] | None = None) -> str:
+        """As the API does: insert the job (and its cache jobs), commit, then send what is ready."""
+        from service import queue
+
+        send = send or queue.send
+        with session_scope(self.database_url) as s:
+            job, caches = lifecycle.create_job(s, self.project_id, kind, spec,
+                                               total_steps=spec.get("training", {}).get("steps"))
+            ready = [c.id for c in caches] + ([job.id] if lifecycle.readiness(s, job) == "ready" else [])
+            job_id = job.id
+        for jid in ready:
+            if send(jid):
+                with session_scope(self.database_url) as s:
+                    lifecycle.mark_enqueued(s, jid)
+        return job_id
+
+    # -- worker processes
+    def start_worker(self) -> subprocess.Popen:
+        n = len(self.workers)
+        log = open(self.folder / f"worker-{n}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--loglevel", "info",
+                                 "--hostname", f"w{n}-{os.getpid()}@%h"],
+                                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append(proc)
+        return proc
+
+    def live_workers(self) -> list[subprocess.Popen]:
+        return [p for p in self.workers if p.poll() is None]
+
+    def ensure_worker(self) -> None:
+        if not self.live_workers():
+            self.start_worker()
+
+    def stop_workers(self) -> None:
+        for p in self.live_workers():
+            p.send_signal(signal.SIGTERM)
+        for p in self.workers:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.folder.glob("worker-*.log")))
+
+
+@pytest.fixture(scope="module")
+def redis_db14():
+    import redis
+
+    client = redis.Redis.from_url(BROKER_URL)
+    try:
+        client.flushdb()
+    except Exception as e:
+        unavailable("Redis", e)
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_db14) -> Iterator[Service]:
+    """A SQLite service (set DISTILLERY_TEST_WORKER_DB=postgres for PostgreSQL) with one worker running."""
+    from service.queue import celery_app
+    from service.settings import get_settings
+
+    folder = tmp_path_factory.mktemp("svc")
+    on_pg = os.environ.get("DISTILLERY_TEST_WORKER_DB", "sqlite") == "postgres"
+    url = create_pg_database() if on_pg else sqlite_url(folder)
+    svc = Service(folder, url, BROKER_URL)
+    saved = {k: os.environ.get(k) for k in svc.env if k.startswith("DISTILLERY_")}
+    os.environ.update({k: v for k, v in svc.env.items() if k.startswith("DISTILLERY_")})
+    get_settings.cache_clear()
+    celery_app.cache_clear()
+    svc.start_worker()
+    try:
+        yield svc
+    finally:
+        svc.stop_workers()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+        celery_app.cache_clear()
+        if on_pg:
+            drop_pg_database(url)
+

@@ -1,0 +1,166 @@
+"""What a run reports, persisted: the engine's hooks (events, metrics, checkpoints, progress) → database rows.
+
+Writes are buffered and flushed in short transactions (never one held open during compute): events at once
+(they are few) except `cache_progress`, which is kept to one every few seconds; step metrics and progress at
+most every `flush_seconds`, and always before an evaluation, a checkpoint or the end of the run. A failed flush
+(database briefly away) keeps its buffer for the next one, so the run itself never fails on reporting.
+
+The metrics rows mirror the run's `metrics.jsonl`: when a run starts or resumes, `sync_to_checkpoint` drops the
+rows past the checkpoint it resumes from (the steps it will run again) and adds the ones a killed worker logged
+to the file but never flushed, so no step is missing or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from sqlalchemy import delete, func, insert, select, update
+
+from service.db.models import Checkpoint, Job, JobEvent, StepMetric
+from service.db.session import session_scope
+
+log = logging.getLogger(__name__)
+
+NOT_METRICS = {"step", "kind"}
+
+
+def jsonable(value):
+    """A JSON (and JSONB) safe copy: non-finite floats become null, numpy scalars and paths plain values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):  # numpy / mlx scalars
+        return jsonable(value.item())
+    return str(value)
+
+
+def metric_rows(job_id: str, record: dict) -> list[dict]:
+    """StepMetric rows (as dicts, for a bulk insert): one per finite numeric field of a train/eval record."""
+    return [dict(job_id=job_id, step=int(record["step"]), kind=record["kind"], name=name, value=float(value))
+            for name, value in record.items()
+            if name not in NOT_METRICS and not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value)]
+
+
+class JobRecorder:
+    def __init__(self, job_id: str, flush_seconds: float = 2.0, progress_event_seconds: float = 3.0):
+        self.job_id = job_id
+        self.flush_seconds, self.progress_event_seconds = flush_seconds, progress_event_seconds
+        self._events: list[tuple[str, str, dict]] = []
+        self._metrics: list[dict] = []
+        self._progress: dict | None = None
+        self._latest: dict = {}
+        self._summary_dirty = False
+        self._last_flush = time.monotonic()
+        self._last_progress_event = -math.inf
+
+    # -- the engine's hooks
+    def event(self, kind: str, message: str, data: dict) -> None:
+        if kind == "cache_progress":
+            now = time.monotonic()
+            if now - self._last_progress_event < self.progress_event_seconds and data.get("done") != data.get("total"):
+                return
+            self._last_progress_event = now
+            self._events.append((kind, message, jsonable(data)))
+            self.maybe_flush()
+            return
+        self._events.append((kind, message, jsonable(data)))
+        self.flush()
+
+    def metrics(self, record: dict) -> None:
+        self._metrics.extend(metric_rows(self.job_id, record))
+        self._latest.update({k: v for k, v in record.items() if k != "kind"})
+        self._summary_dirty = True
+        if record.get("kind") == "eval":
+            self.flush()
+        else:
+            self.maybe_flush()
+
+    def progress(self, record: dict) -> None:
+        self._progress = {"progress_step": int(record["step"]), "total_steps": record.get("total_steps"),
+                          "eta_seconds": jsonable(record.get("eta_seconds"))}
+        self.maybe_flush()
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.flush()
+        try:
+            sync_checkpoints(self.job_id, path.parent)
+        except Exception as e:  # the rows are synced again at the next checkpoint and at the end
+            log.warning("job %s: could not record checkpoint %d: %s", self.job_id, step, e)
+
+    # -- writing
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> bool:
+        self._last_flush = time.monotonic()
+        if not (self._events or self._metrics or self._progress or self._summary_dirty):
+            return True
+        values = dict(self._progress or {})
+        if self._summary_dirty:
+            values["summary"] = jsonable(self._latest)
+        try:
+            with session_scope() as session:
+                session.add_all(JobEvent(job_id=self.job_id, kind=k, message=m, data=d) for k, m, d in self._events)
+                if self._metrics:
+                    session.execute(insert(StepMetric), self._metrics)
+                if values:
+                    session.execute(update(Job).where(Job.id == self.job_id).values(**values)
+                                    .execution_options(synchronize_session=False))
+        except Exception as e:
+            log.warning("job %s: could not record progress (kept for the next try): %s", self.job_id, e)
+            return False
+        self._events, self._metrics, self._progress, self._summary_dirty = [], [], None, False
+        return True
+
+
+def latest_checkpoint_step(out_dir: Path) -> int | None:
+    """The step of the checkpoint a run in `out_dir` resumes from (as the engine chooses it), or None."""
+    done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return json.loads((done[-1] / "state.json").read_text())["step"] if done else None
+
+
+def sync_to_checkpoint(job_id: str, out_dir: Path) -> int | None:
+    """Before a run starts or resumes: make the metric rows match what the run keeps (see module doc)."""
+    step = latest_checkpoint_step(out_dir)
+    with session_scope() as session:
+        if step is None:
+            session.execute(delete(StepMetric).where(StepMetric.job_id == job_id))
+            return None
+        session.execute(delete(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step > step))
+        have = dict(session.execute(select(StepMetric.kind, func.max(StepMetric.step))
+                                    .where(StepMetric.job_id == job_id).group_by(StepMetric.kind)).all())
+        metrics_file = out_dir / "metrics.jsonl"
+        if metrics_file.exists():
+            for line in metrics_file.read_text().splitlines():
+                record = json.loads(line) if line.strip() else None
+                if record and have.get(record["kind"], -1) < record["step"] <= step and (
+                        rows := metric_rows(job_id, record)):
+                    session.execute(insert(StepMetric), rows)
+    sync_checkpoints(job_id, out_dir / "checkpoints")
+    return step
+
+
+def sync_checkpoints(job_id: str, root: Path) -> None:
+    """Checkpoint rows = the resumable `step-N/` folders on disk (older ones are pruned by the engine)."""
+    on_disk = {json.loads((p / "state.json").read_text())["step"]: p
+               for p in root.glob("step-*") if (p / "state.json").is_file()}
+    with session_scope() as session:
+        rows = {c.step: c for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
+        for step, row in rows.items():
+            if step not in on_disk:
+                session.delete(row)
+        session.add_all(Checkpoint(job_id=job_id, step=step, path=str(path.resolve()))
+                        for step, path in on_disk.items() if step not in rows)

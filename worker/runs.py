@@ -1,0 +1,110 @@
+"""One claimed job run through the engine, by kind. Imports MLX: only ever imported inside a running task.
+
+Each runner returns the job's summary and, for kinds that write files, the output folder whose files become
+the job's artifacts. Engine errors pass through: `UserError` and `Cancelled` are handled by the task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from service.artifacts.service import job_output_dir
+from service.db.models import TeacherCacheRecord
+from service.db.session import session_scope
+from service.settings import Settings
+from worker.engine.cache import CacheStore
+from worker.engine.distill import Inputs, build_teacher_cache, run_distill
+from worker.engine.errors import UserError
+from worker.engine.local import format_validation_error
+from worker.engine.spec import DistillSpec, TeacherCacheSpec
+from worker.engine.train import Hooks
+from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint
+from worker.resolve import Resolver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobInfo:
+    """What a run needs of the job row, read once at claim time."""
+
+    id: str
+    project_id: str
+    kind: str
+    spec: dict
+    attempts: int
+
+
+@dataclass
+class Result:
+    summary: dict
+    out_dir: Path | None = None
+
+
+def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop) -> Result:
+    hooks = Hooks(on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint,
+                  should_stop=should_stop)
+    if job.kind == "teacher_cache":
+        return teacher_cache(job, settings, hooks)
+    if job.kind == "distill":
+        return distill(job, settings, recorder, hooks)
+    if job.kind == "benchmark":
+        raise UserError("benchmark jobs are not available yet")
+    raise UserError(f"unknown job kind {job.kind!r}")
+
+
+def _validate(model, spec: dict):
+    try:
+        return model.model_validate(spec)
+    except ValidationError as e:
+        raise UserError("invalid spec: " + format_validation_error(e)) from None
+
+
+def teacher_caches(settings: Settings) -> CacheStore:
+    return CacheStore(Path(settings.cache_dir).expanduser() / "teacher-caches")
+
+
+def teacher_cache(job: JobInfo, settings: Settings, hooks: Hooks) -> Result:
+    spec = _validate(TeacherCacheSpec, job.spec)
+    r = Resolver(settings, job.project_id)
+    teacher, data = r.model(spec.teacher, "teacher"), r.dataset(spec.data, "data")
+    cache = build_teacher_cache(spec, teacher, data, teacher_caches(settings), hooks)
+    meta = jsonable(cache.meta)
+    size = sum(f.stat().st_size for f in cache.path.rglob("*") if f.is_file())
+    try:
+        with session_scope() as session:
+            if session.get(TeacherCacheRecord, meta["key"]) is None:
+                session.add(TeacherCacheRecord(key=meta["key"], job_id=job.id, path=str(cache.path.resolve()),
+                                               tokens=int(meta["tokens"]), size_bytes=size, meta=meta))
+    except IntegrityError:  # another worker recorded the same cache at the same moment
+        pass
+    keys = ("key", "tokens", "examples", "top_k", "vocab_size", "bytes_per_token", "reconstruction_kl",
+            "build_seconds", "build_tokens_per_second")
+    return Result(summary={**{k: meta.get(k) for k in keys}, "size_bytes": size})
+
+
+def distill(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hooks) -> Result:
+    spec = _validate(DistillSpec, job.spec)
+    r = Resolver(settings, job.project_id)
+    valid = spec.data.valid
+    inputs = Inputs(
+        student=r.model(spec.student.model, "student.model"),
+        teachers=[r.model(t.model, f"teachers.{i}.model") for i, t in enumerate(spec.teachers)],
+        train=r.dataset(spec.data.train, "data.train"),
+        valid=valid if isinstance(valid, float) else r.dataset(valid, "data.valid"),
+        student_adapter=r.adapter(spec.student.adapter, "student.adapter") if spec.student.adapter else None,
+    )
+    out_dir = job_output_dir(settings.artifact_root, job)  # a re-run resumes from its checkpoints
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resumed_at = sync_to_checkpoint(job.id, out_dir)
+    if resumed_at is not None:
+        log.info("job %s resumes from its checkpoint at step %d", job.id, resumed_at)
+    recorder.progress({"step": resumed_at or 0, "total_steps": spec.training.steps})
+    recorder.flush()
+    summary = run_distill(spec, inputs, out_dir, teacher_caches(settings), hooks, on_progress=recorder.progress)
+    return Result(summary=jsonable(summary), out_dir=out_dir)

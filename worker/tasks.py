@@ -1,0 +1,168 @@
+"""`distillery.run_job(job_id)`: run one job, with the database as the source of truth.
+
+A message only says "look at this job". The task claims the row (one atomic UPDATE with a lease); a job that
+is not claimable — already running elsewhere, finished, a duplicate or late message — is left alone. While it
+runs, `JobLease` keeps the lease alive and says when to stop. The outcome is written by the lease owner only:
+
+    success      → artifacts registered, `succeeded` with the run's summary
+    UserError    → `failed`, error code `user_error` and the engine's message
+    Cancelled    → `cancelled` (checkpoint kept); or, when this worker is shutting down, released to the
+                   queue to be resumed; or nothing at all when the lease was lost (another worker owns it)
+    anything else→ `failed`, `internal_error` (the traceback is logged and kept in an `error` event)
+
+Then the jobs that waited on this one are sent (or failed, if this one did not succeed).
+This module imports no MLX: the engine is loaded inside the task, after `blas.enable()` ran at worker start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+import uuid
+
+from service import queue
+from service.artifacts.service import job_output_dir, register_output_dir
+from service.db.models import Job
+from service.db.session import session_scope
+from service.jobs import lifecycle
+from service.settings import get_settings
+from worker.lease import JobLease
+
+log = logging.getLogger(__name__)
+
+UNPUBLISHED = ("checkpoints/", "spec.json")   # resume state and the run's spec marker stay internal
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def run_job(job_id: str) -> None:
+    settings = get_settings()
+    if not _ready(job_id):
+        return
+    owner = owner_id()
+    with session_scope() as session:
+        job = lifecycle.claim(session, job_id, owner, settings.lease_seconds)
+        info = _info(job) if job else None
+    if info is None:
+        log.info("job %s not claimable (taken, finished or cancelled): message ignored", job_id)
+        _send_dependents(job_id)  # harmless when none; needed when claim just cancelled it
+        return
+    log.info("job %s (%s) claimed by %s, attempt %d", job_id, info.kind, owner, info.attempts)
+    with JobLease(job_id, owner, settings.lease_seconds) as lease:
+        _execute(info, owner, lease, settings)
+    _send_dependents(job_id)
+
+
+def _ready(job_id: str) -> bool:
+    """Whether the job may be claimed now: its dependencies succeeded. A blocked job is failed here."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist: message ignored", job_id)
+            return False
+        if job.status != lifecycle.QUEUED:
+            return job.status in lifecycle.ACTIVE  # an expired lease is claimable; claim decides
+        state = lifecycle.readiness(session, job)
+        if state == "blocked":
+            lifecycle.fail_blocked(session, job)
+        elif state == "waiting":
+            log.info("job %s waits for its dependencies; it is sent again when they finish", job_id)
+    if state == "blocked":
+        _send_dependents(job_id)
+    return state == "ready"
+
+
+def _info(job: Job):
+    from worker.runs import JobInfo
+
+    return JobInfo(id=job.id, project_id=job.project_id, kind=job.kind, spec=dict(job.spec), attempts=job.attempts)
+
+
+def _execute(info, owner: str, lease: JobLease, settings) -> None:
+    from worker.recorder import JobRecorder
+
+    recorder = JobRecorder(info.id)
+    try:
+        outcome = _run(info, owner, lease, settings, recorder)
+    finally:
+        recorder.flush()
+    if outcome is None:
+        return
+    if lease.lost:
+        log.warning("job %s ended (%s) after its lease was lost: outcome not recorded", info.id, outcome["status"])
+        return
+    try:
+        _record(info, owner, settings, **outcome)
+    except Exception as e:  # e.g. an output file that cannot be registered: fail the job, don't retry it forever
+        log.exception("job %s: could not record its outcome", info.id)
+        _record(info, owner, settings, status=lifecycle.FAILED, error_code="internal_error",
+                error_message=f"could not record the outcome: {type(e).__name__}: {str(e)[:300]}")
+
+
+def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
+    """Run the job; its outcome as `finish` arguments, or None when there is nothing to record."""
+    from worker import runs  # MLX is imported here, in the task, never at worker import time
+    from worker.engine.errors import Cancelled, UserError
+
+    try:
+        result = runs.run(info, settings, recorder, lease.should_stop)
+    except Cancelled:
+        recorder.flush()
+        _sync_checkpoints(info, settings)
+        if lease.lost:
+            return None
+        if lease.shutdown and not lease.cancel_requested:
+            with session_scope() as session:
+                lifecycle.release(session, info.id, owner, "worker shutting down; queued again to resume "
+                                  "from its last checkpoint")
+            return None
+        return dict(status=lifecycle.CANCELLED, error_message="cancelled")
+    except UserError as e:
+        return dict(status=lifecycle.FAILED, error_code="user_error", error_message=str(e))
+    except Exception as e:
+        tb = traceback.format_exc()
+        log.error("job %s failed with an internal error:\n%s", info.id, tb)
+        recorder.event("error", f"{type(e).__name__}: {e}", {"traceback": tb})
+        return dict(status=lifecycle.FAILED, error_code="internal_error",
+                    error_message=f"{type(e).__name__}: {str(e)[:500]}")
+    return dict(status=lifecycle.SUCCEEDED, summary=result.summary, out_dir=result.out_dir)
+
+
+def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:
+    """The outcome, and a success's artifacts, in one transaction, by the lease owner only."""
+    with session_scope() as session:
+        if out_dir is not None:
+            register_output_dir(session, info, out_dir, settings.artifact_root, exclude=UNPUBLISHED)
+        if not lifecycle.finish(session, info.id, owner, **outcome):
+            session.rollback()
+            log.warning("job %s: its lease was lost before the end; outcome not recorded", info.id)
+            return
+    log.info("job %s %s%s", info.id, outcome["status"],
+             f": {outcome['error_message']}" if outcome.get("error_code") else "")
+
+
+def _sync_checkpoints(info, settings) -> None:
+    from worker.recorder import sync_checkpoints
+
+    if info.kind == "distill":
+        try:
+            sync_checkpoints(info.id, job_output_dir(settings.artifact_root, info) / "checkpoints")
+        except Exception as e:
+            log.warning("job %s: could not record its checkpoints: %s", info.id, e)
+
+
+def _send_dependents(job_id: str) -> None:
+    """Send the jobs that waited on this one and are ready now (those it blocked are failed on the way)."""
+    try:
+        with session_scope() as session:
+            ready = lifecycle.dependents_ready(session, job_id)
+        for dependent in ready:
+            if queue.send(dependent):
+                with session_scope() as session:
+                    lifecycle.mark_enqueued(session, dependent)
+    except Exception as e:  # the sweepers find them later
+        log.warning("job %s: could not send its dependents now: %s", job_id, e)
