@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny offline models and datasets, built once per test session."""
+"""Shared fixtures: tiny offline models and datasets, built once per test session; a migrated PostgreSQL
+database for the session (API and worker tests share it; each test empties it first) and a fresh, empty one
+per test (for tests that run `distillery-server migrate` themselves). Helpers: tests/helpers/services.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from worker.engine import blas
 blas.enable()  # before anything imports MLX: tests run on OpenBLAS like the worker does
 
 from tests.helpers import tiny  # noqa: E402
+from tests.helpers.services import create_pg_database, drop_pg_database  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +49,23 @@ def tiny_text(tiny_root) -> dict[str, Path]:
         "train": tiny.write_jsonl(tiny_root / "train.jsonl", tiny.text_records(48, offset=0)),
         "valid": tiny.write_jsonl(tiny_root / "valid.jsonl", tiny.text_records(8, offset=100)),
     }
+
+
+# ---------------------------------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A migrated PostgreSQL database for the whole session (tests truncate it before use)."""
+    url = create_pg_database("distillery_test")
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A new, empty (unmigrated) PostgreSQL database, dropped after the test."""
+    url = create_pg_database("distillery_e2e", migrate=False)
+    yield url
+    drop_pg_database(url)
+

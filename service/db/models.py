@@ -7,6 +7,7 @@ cursor pagination (`after=<id>`) are plain comparisons on the primary key.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -21,9 +22,21 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_id_clock = {"ms": 0, "seq": 0}
+_id_lock = threading.Lock()
+
+
 def new_id(prefix: str) -> str:
-    """`prefix_` + 12 hex digits of milliseconds + 12 random hex digits: unique and sortable by creation."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
+    """`prefix_` + 12 hex digits of milliseconds + a 4-digit sequence + 8 random hex digits: unique, and in
+    creation order (strictly within a process, even within one millisecond)."""
+    with _id_lock:
+        ms = int(time.time() * 1000)
+        if ms <= _id_clock["ms"]:
+            _id_clock["seq"] += 1
+        else:
+            _id_clock.update(ms=ms, seq=0)
+        ms, seq = _id_clock["ms"], _id_clock["seq"]
+    return f"{prefix}_{ms:012x}{seq & 0xFFFF:04x}{os.urandom(4).hex()}"
 
 
 class Base(DeclarativeBase):

@@ -125,3 +125,32 @@ def test_subset_cache_and_whole_cache_preferred(tiny_teacher, tiny_text, tmp_pat
     assert again.path == whole.path
     np.testing.assert_array_equal(np.asarray(whole.topk_ids[whole.offsets[4]:whole.offsets[5]]),
                                   np.asarray(part.topk_ids[s:e]))
+
+
+@pytest.mark.parametrize("vocab, k", [(4096, 16), (5003, 64), (700, 64)])
+def test_block_topk_is_exact_on_large_vocabularies(vocab, k):
+    # 700/32 = 22 blocks <= k: the plain full-vocabulary partition; the others take the two-stage path
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(0, 4, size=(3, 7, vocab)).astype(np.float32)
+    ids, lps, tail = cache_mod.teacher_topk(mx.array(logits), k)
+    logp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    ref = np.argsort(-logp, axis=-1)[..., :k]
+    np.testing.assert_array_equal(np.array(ids), ref)
+    np.testing.assert_allclose(np.array(lps), np.take_along_axis(logp, ref, -1), atol=1e-4)
+    ref_tail = np.log1p(-np.exp(np.take_along_axis(logp, ref, -1)).sum(-1))
+    np.testing.assert_allclose(np.array(tail), ref_tail, rtol=1e-3, atol=1e-4)
+
+
+def test_reconstruction_kl_matches_float64_reference():
+    rng = np.random.default_rng(5)
+    vocab, k = 300, 8
+    logits = rng.normal(0, 3, size=(2, 5, vocab)).astype(np.float32)
+    mask = np.ones((2, 5), dtype=bool)
+    mask[1, 3:] = False
+    ids, lps, tail = cache_mod.teacher_topk(mx.array(logits), k)
+    logp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    recon = np.repeat((np.log1p(-np.exp(np.take_along_axis(logp, np.array(ids), -1)).sum(-1)) - np.log(vocab - k))[..., None],
+                      vocab, axis=-1)
+    np.put_along_axis(recon, np.array(ids), np.array(lps).astype(np.float16).astype(np.float64), axis=-1)
+    ref = (np.exp(logp) * (logp - recon)).sum(-1)[mask].mean()
+    assert cache_mod.reconstruction_kl(mx.array(logits), ids, lps, tail, mask) == pytest.approx(ref, rel=1e-3)

@@ -338,7 +338,9 @@ def test_sparse_top_k_equal_to_vocab_stays_finite():
             return sparse_divergence(s, mxa(ids, mx.int32), mxa(top), mxa(tail), kind, 1.0, V).sum()
 
         value, grad = mx.value_and_grad(f)(mxa(student))
-        close(value, np_divergence(kind, log_p, np_log_softmax(student)).sum(), rtol=1e-4, atol=1e-4)
+        # the student's tail is 1 - sum(q_topk) in float32 (~1e-7 absolute, see student_buckets); against a
+        # floored teacher tail (log p = -1e4) that residue weighs up to ~1e-3 per position in reverse KL
+        close(value, np_divergence(kind, log_p, np_log_softmax(student)).sum(), rtol=1e-3, atol=1e-3)
         assert np.all(np.isfinite(np.array(grad)))
 
 

@@ -1,17 +1,15 @@
 """API test fixtures: an app on a fresh SQLite file or on a PostgreSQL database made for this test session,
 with Redis db 15 as the broker.
 
-Every API test runs on both databases (`api` is parametrised). PostgreSQL and Redis are real servers; when
-one is unreachable the tests that need it are skipped, unless DISTILLERY_TEST_REQUIRE_SERVICES=1 (CI), which
-makes that a failure.
+Every API test runs on both databases (`api` is parametrised). The session's PostgreSQL database (`pg_url`)
+comes from tests/conftest.py, the PostgreSQL and Redis helpers from tests/helpers/services.py: when a server is
+unreachable the tests that need it are skipped, unless DISTILLERY_TEST_REQUIRE_SERVICES=1 (CI).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,56 +17,22 @@ from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
-from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.auth import create_api_key
 from service.app import create_app
 from service.db.migrate import upgrade
-from service.db.models import Base
 from service.db.session import engine_for
 from service.settings import Settings
+from tests.helpers.services import PG_SERVER, close_redis, redis_client, truncate_all, unavailable  # noqa: F401
+from tests.helpers.services import free_port as closed_port  # noqa: F401
 
-PG_SERVER = os.environ.get("DISTILLERY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 BROKER_URL = os.environ.get("DISTILLERY_TEST_REDIS", "redis://127.0.0.1:6379/15")
 QUEUE = "distillery"
 MAX_UPLOAD = 64 * 1024
-REQUIRE = os.environ.get("DISTILLERY_TEST_REQUIRE_SERVICES") == "1"
-
-
-def unavailable(what: str, error: Exception) -> None:
-    if REQUIRE:
-        pytest.fail(f"{what} unreachable: {error}")
-    pytest.skip(f"{what} unreachable: {error}")
-
-
-def closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------- databases
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    name = f"distillery_test_{secrets.token_hex(4)}"
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        admin.dispose()
-        unavailable("PostgreSQL", e)
-    url = f"{PG_SERVER}/{name}"
-    upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -84,12 +48,6 @@ def sqlite_template(tmp_path_factory) -> Path:
     return path
 
 
-def _truncate_all(url: str) -> None:
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-    with engine_for(url).begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
@@ -97,23 +55,16 @@ def database_url(request, tmp_path) -> str:
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
         return f"sqlite:///{path}"
     url = request.getfixturevalue("pg_url")
-    _truncate_all(url)
+    truncate_all(url)
     return url
 
 
 @pytest.fixture
 def redis_broker():
     """Redis db 15, emptied; yields a client to inspect the queue."""
-    import redis
-
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.flushdb()
-    except Exception as e:
-        unavailable("Redis", e)
+    client = redis_client(BROKER_URL)
     yield client
-    client.flushdb()
-    client.close()
+    close_redis(client)
 
 
 # ---------------------------------------------------------------------------------------------- app

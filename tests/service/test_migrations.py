@@ -3,19 +3,17 @@ the migrations run down and up again cleanly."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from service.db.migrate import alembic_config, upgrade
 from service.db.models import Base
 from service.db.session import make_engine
-from tests.service.conftest import PG_SERVER, unavailable
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -23,18 +21,7 @@ def empty_database(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrations.db'}"
         return
-    name = f"distillery_test_{secrets.token_hex(4)}"
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        admin.dispose()
-        unavailable("PostgreSQL", e)
-    yield f"{PG_SERVER}/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield request.getfixturevalue("fresh_pg_url")
 
 
 def schema_diff(url: str) -> list:

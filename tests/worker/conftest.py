@@ -1,8 +1,9 @@
 """Worker test fixtures: real databases (a SQLite file, a PostgreSQL database made for the session), Redis db 14
 as the broker, and real `distillery-server worker` processes.
 
-PostgreSQL and Redis are real servers; when one is unreachable the tests that need it are skipped, unless
-DISTILLERY_TEST_REQUIRE_SERVICES=1 (CI), which makes that a failure.
+The session's PostgreSQL database (`pg_url`) comes from tests/conftest.py, the PostgreSQL and Redis helpers from
+tests/helpers/services.py: when a server is unreachable the tests that need it are skipped, unless
+DISTILLERY_TEST_REQUIRE_SERVICES=1 (CI).
 """
 
 from __future__ import annotations
@@ -13,71 +14,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from service.db.migrate import upgrade
 from service.db.models import Dataset, Model, Project, new_id
-from service.db.session import engine_for, session_scope
+from service.db.session import session_scope
 from service.jobs import lifecycle
+from tests.helpers.services import (  # noqa: F401  (re-exported for the worker tests)
+    PG_SERVER, REQUIRE, ROOT, close_redis, drop_pg_database, redis_client, unavailable, wait_for)
+from tests.helpers.services import create_pg_database as _create_pg_database
 
-PG_SERVER = os.environ.get("DISTILLERY_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 BROKER_URL = os.environ.get("DISTILLERY_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/14")
-REQUIRE = os.environ.get("DISTILLERY_TEST_REQUIRE_SERVICES") == "1"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def unavailable(what: str, error: Exception) -> None:
-    if REQUIRE:
-        pytest.fail(f"{what} unreachable: {error}")
-    pytest.skip(f"{what} unreachable: {error}")
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-# ---------------------------------------------------------------------------------------- databases
 
 
 def create_pg_database() -> str:
-    """A new, migrated PostgreSQL database; skips (or fails, in CI) when the server is unreachable."""
-    name = f"distillery_wtest_{secrets.token_hex(4)}"
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        unavailable("PostgreSQL", e)
-    finally:
-        admin.dispose()
-    url = f"{PG_SERVER}/{name}"
-    upgrade(url)
-    return url
-
-
-def drop_pg_database(url: str) -> None:
-    engine_for(url).dispose()
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    url = create_pg_database()
-    yield url
-    drop_pg_database(url)
+    """A new, migrated PostgreSQL database."""
+    return _create_pg_database("distillery_wtest")
 
 
 def sqlite_url(folder: Path) -> str:
@@ -181,16 +136,9 @@ class Service:
 
 @pytest.fixture(scope="module")
 def redis_db14():
-    import redis
-
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.flushdb()
-    except Exception as e:
-        unavailable("Redis", e)
+    client = redis_client(BROKER_URL)
     yield client
-    client.flushdb()
-    client.close()
+    close_redis(client)
 
 
 @pytest.fixture(scope="module")

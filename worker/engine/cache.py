@@ -111,28 +111,75 @@ class TeacherCache:
 def teacher_topk(logits: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
     """Top-k token ids (best first), their log-probs, and the log of the mass outside them, per position."""
     logits = logits.astype(mx.float32)
-    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
-    ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
-    top = mx.take_along_axis(logits, ids, axis=-1)
+    ids, top = _block_topk(logits, k)
     order = mx.argsort(-top, axis=-1)
-    ids = mx.take_along_axis(ids, order, axis=-1)
-    logprobs = mx.take_along_axis(top, order, axis=-1) - lse
+    ids, top = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(top, order, axis=-1)
+    logprobs = top - _logsumexp(logits)
     # 1 - sum(p_topk) is exact enough here: when it underflows the tail weighs nothing in any divergence.
     tail = mx.log(mx.maximum(1.0 - mx.exp(logprobs).sum(axis=-1), 1e-30))
     return ids, logprobs, tail
 
 
-def reconstruction_kl(logits: mx.array, ids: mx.array, logprobs: mx.array, tail: mx.array, mask: mx.array) -> float:
-    """Mean KL(full teacher || top-k + uniform tail) over masked positions: what the cache loses."""
-    vocab = logits.shape[-1]
-    k = ids.shape[-1]
-    logp = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
-    tail_each = (tail - math.log(max(vocab - k, 1)))[..., None]
-    recon = mx.broadcast_to(tail_each, logp.shape)
-    recon = mx.put_along_axis(recon, ids, logprobs.astype(mx.float16).astype(mx.float32), axis=-1)
-    kl = (mx.exp(logp) * (logp - recon)).sum(axis=-1)
-    m = mask.astype(mx.float32)
-    return ((kl * m).sum() / mx.maximum(m.sum(), 1)).item()
+def _block_topk(logits: mx.array, k: int, block: int = 32) -> tuple[mx.array, mx.array]:
+    """Exact top-k (unordered) in two stages: the top-k values lie in the k blocks of `block` logits with the
+    largest maxima (any other block's maximum is below k values), so select those blocks, then the top k of
+    their k·block candidates. A fraction of a full-vocabulary partition (bench/cache_speed.py measures it)."""
+    *lead, vocab = logits.shape
+    n_blocks = -(-vocab // block)
+    if n_blocks <= k or k * block >= vocab:
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        return ids, mx.take_along_axis(logits, ids, axis=-1)
+    x = logits
+    if n_blocks * block != vocab:
+        x = mx.concatenate([x, mx.full((*lead, n_blocks * block - vocab), -math.inf, dtype=x.dtype)], axis=-1)
+    blocks = x.reshape(*lead, n_blocks, block)
+    best = mx.argpartition(-blocks.max(axis=-1), kth=k - 1, axis=-1)[..., :k]                 # [..., k]
+    cand = mx.take_along_axis(blocks, best[..., None], axis=-2).reshape(*lead, k * block)
+    sel = mx.argpartition(-cand, kth=k - 1, axis=-1)[..., :k]
+    ids = mx.take_along_axis(best, sel // block, axis=-1) * block + sel % block
+    return ids, mx.take_along_axis(cand, sel, axis=-1)
+
+
+def _logsumexp(logits: mx.array, chunk: int = 16) -> mx.array:
+    """logsumexp over the vocabulary, keepdims. On the CPU in NumPy, a few rows at a time through one reused
+    buffer: MLX's CPU exp is scalar code, NumPy's is vectorised (several times faster over 50k logits)."""
+    if mx.default_device() != mx.cpu:
+        return mx.logsumexp(logits, axis=-1, keepdims=True)
+    flat = np.asarray(logits).reshape(-1, logits.shape[-1])
+    out = np.empty((flat.shape[0], 1), dtype=np.float32)
+    buf = np.empty((min(chunk, len(flat)), flat.shape[1]), dtype=np.float32)
+    for s in range(0, len(flat), chunk):
+        x = flat[s:s + chunk]
+        m = x.max(axis=-1, keepdims=True)
+        b = buf[:len(x)]
+        np.subtract(x, m, out=b)
+        np.exp(b, out=b)
+        out[s:s + chunk] = m + np.log(b.sum(axis=-1, keepdims=True))
+    return mx.array(out.reshape(*logits.shape[:-1], 1))
+
+
+def reconstruction_kl(logits: mx.array, ids: mx.array, logprobs: mx.array, tail: mx.array, mask) -> float:
+    """Mean KL(full teacher || top-k + uniform tail) over masked positions: what the cache loses.
+
+    With p the full distribution and r the reconstruction (the cached float16 log-probs on the top-k, the
+    tail mass spread evenly over the other V - k tokens): KL = Σ p log p − Σ_topk p·r_i − r_tail·(1 − Σ_topk p).
+    In NumPy, a few rows at a time (it runs on the first batches of every build)."""
+    vocab, k = logits.shape[-1], ids.shape[-1]
+    flat = np.asarray(logits.astype(mx.float32)).reshape(-1, vocab)
+    ids_np = np.asarray(ids).reshape(-1, k).astype(np.int64)
+    cached = np.asarray(logprobs.astype(mx.float16)).astype(np.float32).reshape(-1, k)
+    tail_each = np.asarray(tail).reshape(-1) - math.log(max(vocab - k, 1))
+    rows = np.flatnonzero(np.asarray(mask).reshape(-1))
+    total = 0.0
+    for s in range(0, len(rows), 16):
+        r = rows[s:s + 16]
+        x = flat[r] - flat[r].max(axis=-1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+        p = np.exp(logp)
+        p_top = np.take_along_axis(p, ids_np[r], axis=-1)
+        kl = (p * logp).sum(-1) - (p_top * cached[r]).sum(-1) - tail_each[r] * (1.0 - p_top.sum(-1))
+        total += float(kl.sum())
+    return total / max(len(rows), 1)
 
 
 def build(
@@ -186,7 +233,7 @@ def build(
             if b < sample_batches:
                 next_is_target = np.zeros_like(tmask)
                 next_is_target[:, :-1] = tmask[:, 1:]
-                recon.append(reconstruction_kl(logits, ids, lps, tail, mx.array(next_is_target)))
+                recon.append(reconstruction_kl(logits, ids, lps, tail, next_is_target))
             ids, lps, tail = np.array(ids), np.array(lps), np.array(tail)
             for row, e in enumerate(idx):
                 s, n = offsets[e], lengths[e]

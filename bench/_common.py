@@ -1,0 +1,227 @@
+"""Shared plumbing for bench/cache_speed.py, bench/step_speed.py and bench/cache_quality.py.
+
+Import this module first, before anything imports MLX: it puts the repository on sys.path and calls
+`worker.engine.blas.enable()` (which must run before `import mlx` to route MLX's sgemm to OpenBLAS).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def enable_blas() -> str:
+    """`blas.enable()` if the module exists (it must run before MLX is imported)."""
+    try:
+        from worker.engine import blas
+    except ImportError as e:
+        return f"unchanged: worker.engine.blas not importable ({e})"
+    return blas.enable()
+
+
+BLAS = enable_blas()
+
+import numpy as np  # noqa: E402
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="mlx-lm model folder (default: SmolLM2-135M from worker.realdata.smollm2_model())")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny random model (tests/helpers/tiny.py) and small sizes: a smoke test in seconds")
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes on the machine spent busy (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+_START: tuple[float, float, float] | None = None
+
+
+def header(name: str, args) -> None:
+    global _START
+    _START = (time.perf_counter(), _busy_seconds(), _own_seconds())
+    print(f"== {name}")
+    print(f"blas: {BLAS}")
+    print(f"cpus: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), load average at start: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"args: {vars(args)}")
+    sys.stdout.flush()
+
+
+def tiny_models(root: Path, *, layers: int = 4, hidden: int = 64, pretrain_steps: int = 30) -> Path:
+    """A tiny random llama (tests/helpers/tiny.py), lightly pretrained so its distribution is not flat."""
+    from tests.helpers import tiny
+
+    tok_dir = root / "tokenizer"
+    tiny.build_tokenizer(tok_dir)
+    model_dir = tiny.build_model(root / "tiny", tok_dir, hidden=hidden, layers=layers, heads=4, kv_heads=2)
+    if pretrain_steps:
+        tiny.pretrain(model_dir, steps=pretrain_steps, seq_len=32, batch=8)
+    return model_dir
+
+
+def resolve_model(args, tmp: Path) -> Path:
+    if args.quick and args.model is None:
+        return tiny_models(tmp / "quick-model")
+    if args.model is not None:
+        return args.model
+    from worker.realdata import smollm2_model
+
+    return smollm2_model()
+
+
+def shakespeare_examples(tokenizer, n: int, length: int, tmp: Path, *, offset: int = 0):
+    """`n` examples of exactly `length` tokens of real Shakespeare (engine tokenization, text format).
+
+    realdata.shakespeare_splits → data.load_jsonl → data.tokenize(max_seq_len=length), keeping full windows.
+    """
+    from worker.engine import data as data_mod
+    from worker.realdata import shakespeare_splits
+
+    want = n + offset
+    passages = max(8, want // 2)
+    while True:
+        paths = shakespeare_splits(tmp / f"shakespeare-{passages}", train=passages, valid=1, test=1, max_chars=4000)
+        examples = data_mod.tokenize(data_mod.load_jsonl(paths["train"]), tokenizer, length)
+        full = [e for e in examples if len(e.tokens) == length]
+        if len(full) >= want or passages > 4000:
+            break
+        passages *= 2
+    if len(full) < want:
+        raise SystemExit(f"only {len(full)} Shakespeare windows of {length} tokens, wanted {want}")
+    return full[offset:want]
+
+
+class Rounds:
+    """Per-fn seconds of each round, plus how much CPU other processes took during each round."""
+
+    def __init__(self, names: list[str]):
+        self.times: dict[str, list[float]] = {n: [] for n in names}
+        self.others: list[float] = []   # cores used by other processes during each round
+
+    def clean(self, threshold: float = 0.15, at_least: int = 3) -> list[int]:
+        """Rounds during which other processes used < `threshold` cores; all rounds if fewer than `at_least`."""
+        ok = [r for r, o in enumerate(self.others) if o < threshold]
+        return ok if len(ok) >= at_least else list(range(len(self.others)))
+
+    def of(self, name: str, rounds: list[int]) -> list[float]:
+        return [self.times[name][r] for r in rounds]
+
+
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1, verbose: bool = True) -> Rounds:
+    """Seconds per call of each fn, measured in alternation: warmup round(s), then `reps` rounds.
+
+    Each round runs every fn once; the order alternates between rounds (A B C, C B A, A B C, ...) so slow
+    drifts and background load fall on all of them alike. Each round also records the CPU other processes
+    used meanwhile (from /proc/stat), so rounds hit by a burst of outside load can be told apart.
+    """
+    names = list(fns)
+    for w in range(warmup):
+        for name in names:
+            t = _time_one(fns[name])
+            if verbose:
+                print(f"  warmup {w + 1}: {name:28s} {t:8.3f} s", flush=True)
+    rounds = Rounds(names)
+    for r in range(reps):
+        order = names if r % 2 == 0 else names[::-1]
+        t0, busy0, own0 = time.perf_counter(), _busy_seconds(), _own_seconds()
+        for name in order:
+            rounds.times[name].append(_time_one(fns[name]))
+        wall = time.perf_counter() - t0
+        rounds.others.append(max(0.0, (_busy_seconds() - busy0) - (_own_seconds() - own0)) / wall)
+        if verbose:
+            print(f"  round {r + 1}/{reps}: " + "  ".join(f"{n}={rounds.times[n][-1]:.3f}s" for n in names)
+                  + f"  (others {rounds.others[-1]:.2f} cores)", flush=True)
+    return rounds
+
+
+def report(rounds: Rounds, base: str, work: float, unit: str = "tok/s") -> dict[str, float]:
+    """Table of medians over the clean rounds; returns name -> ratio (baseline time / its time)."""
+    clean = rounds.clean()
+    n = len(rounds.others)
+    note = ("all rounds" if len(clean) == n else f"{len(clean)} of {n} rounds, those with other processes "
+            f"using < 0.15 cores (rounds {[r + 1 for r in clean]})")
+    if len(clean) == n and any(o >= 0.15 for o in rounds.others):
+        note = "all rounds (too few clean ones: outside load, treat with care)"
+    b = rounds.of(base, clean)
+    mb = median(b)
+    print(f"\nmedians over {note}:")
+    print(f"{'':26} {'median s':>9} {unit:>9} {'ratio':>7} {'paired':>7}   spread")
+    ratios = {}
+    for name in rounds.times:
+        ts = rounds.of(name, clean)
+        m = median(ts)
+        ratios[name] = mb / m
+        print(f"{name:26} {m:9.3f} {work / m:9.1f} {mb / m:7.3f} {paired_ratio(b, ts):7.3f}   {spread(ts)}")
+    print("(ratio = baseline median / its median = its speed relative to the baseline; paired = median of "
+          "per-round ratios)")
+    return ratios
+
+
+def _time_one(fn: Callable[[], None]) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired_ratio(base: list[float], cand: list[float]) -> float:
+    """Median over rounds of baseline_time / candidate_time (= candidate speed / baseline speed)."""
+    return statistics.median(b / c for b, c in zip(base, cand))
+
+
+def spread(xs: list[float]) -> str:
+    return f"min {min(xs):.3f} max {max(xs):.3f}"
+
+
+def micro(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds of fn() (fn must evaluate its own MLX results)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def load_note() -> str:
+    """How much CPU other processes used while this benchmark ran (they slow both sides alike)."""
+    la = os.getloadavg()
+    text = f"load average at end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
+    if _START is not None:
+        wall = time.perf_counter() - _START[0]
+        others = max(0.0, (_busy_seconds() - _START[1]) - (_own_seconds() - _START[2])) / wall
+        text += f"; other processes used {others:.2f} of {os.cpu_count()} cores on average during the run"
+        if others > 0.25:
+            text += " (machine busy: absolute numbers are noisy; the interleaved ratios less so)"
+    return text
+
+
+__all__ = ["BLAS", "REPO", "np", "add_common_args", "header", "resolve_model", "shakespeare_examples",
+           "interleaved", "report", "Rounds", "median", "paired_ratio", "spread", "micro", "load_note",
+           "tiny_models"]
