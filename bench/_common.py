@@ -225,3 +225,25 @@ def load_note() -> str:
 __all__ = ["BLAS", "REPO", "np", "add_common_args", "header", "resolve_model", "shakespeare_examples",
            "interleaved", "report", "Rounds", "median", "paired_ratio", "spread", "micro", "load_note",
            "tiny_models"]
+
+
+def run_in_tmp(prefix: str, run: Callable, args) -> None:
+    """run(args, tmp) with a scratch folder that is removed afterwards, whatever happens."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(args, tmp: Path):
+    """(folder, model, tokenizer, pad id) of the benchmark's model, cast for compute as the engine does."""
+    from worker.engine import models
+
+    model_dir = resolve_model(args, tmp)
+    model, tokenizer, _ = models.load_model(model_dir)
+    return model_dir, model, tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+

@@ -17,9 +17,7 @@ the top-k ids (mean and 10th percentile over positions).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,17 +44,11 @@ def main() -> None:
     args.seq = args.seq or (32 if args.quick else 128)
     args.ks = [int(x) for x in (args.ks or "16,64,256").split(",")]
     _common.header("cache_quality: teacher cache bytes/token vs reconstruction KL", args)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cache-quality-"))
-    try:
-        run(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _common.run_in_tmp("bench-cache-quality-", run, args)
 
 
 def run(args, tmp: Path) -> None:
-    model_dir = _common.resolve_model(args, tmp)
-    model, tokenizer, _ = models.load_model(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model_dir, model, tokenizer, pad_id = _common.load_model(args, tmp)
     examples = _common.shakespeare_examples(tokenizer, max(1, args.tokens // args.seq), args.seq, tmp)
     lengths = [len(e.tokens) for e in examples]
     n_tokens = sum(lengths)

@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -178,17 +177,11 @@ def main() -> None:
     args.reps = args.reps or (3 if q else 12)
     _common.header("cache_speed: teacher cache build vs plain teacher forward", args)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cache-speed-"))
-    try:
-        run(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _common.run_in_tmp("bench-cache-speed-", run, args)
 
 
 def run(args, tmp: Path) -> None:
-    model_dir = _common.resolve_model(args, tmp)
-    model, tokenizer, _config = models.load_model(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model_dir, model, tokenizer, pad_id = _common.load_model(args, tmp)
     examples = _common.shakespeare_examples(tokenizer, args.batch * args.batches, args.seq, tmp)
     groups = [examples[g * args.batch:(g + 1) * args.batch] for g in range(args.batches)]
     per_call = sum(len(e.tokens) for e in groups[0])

@@ -33,9 +33,7 @@ The explore section times the loss alone (forward+backward w.r.t. fixed logits) 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -113,11 +111,7 @@ def main() -> None:
     args.seq = args.seq or (32 if args.quick else 128)
     args.reps = args.reps or (2 if args.quick else 8)
     _common.header("step_speed: offline distillation step vs mlx-lm LoRA SFT step", args)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-step-speed-"))
-    try:
-        run(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _common.run_in_tmp("bench-step-speed-", run, args)
 
 
 def run(args, tmp: Path) -> None:
