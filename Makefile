@@ -1,16 +1,17 @@
 # The two commands a fresh machine needs: `make demo` (the main job) and `make test`. Each installs what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: demo test install
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[worker,test]"
+	$(PY) -m pip install -q -e ./clients/python
 	rm -f $(VENV)/.installed-*; touch $@
 
 demo: $(STAMP)
