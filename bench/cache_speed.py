@@ -8,9 +8,12 @@ length-sorted batches of `--batch` x `--seq` tokens of real Shakespeare text fro
 Candidate: `cache.build` itself over the same examples (forward + `cache.teacher_topk` + copying the rows
 into the memmapped .npy files + flush), with `sample_batches=0`: the steady-state per-batch work. (By
 default `build` also computes `reconstruction_kl` on its first 4 batches, a fixed cost per cache that the
-explore section measures separately.) Also timed in the same rounds: `build` with a prototype
-`teacher_topk` (two-stage block top-k in MLX + the log-normaliser in NumPy; see `teacher_topk_proposed`)
-monkeypatched in, to show what the proposed change buys.
+explore section measures separately.) Also timed in the same rounds, through `build` with its
+`teacher_topk` monkeypatched:
+  build_before   the teacher_topk of before commit e00ceb2 (mx.logsumexp + argpartition over the whole
+                 vocabulary), to show what the change bought;
+  build_overlap  a variant of the engine's (block top-k, NumPy logsumexp) that runs the top-k on MLX's
+                 stream while NumPy computes the logsumexp (mx.async_eval), instead of one after the other.
 
 Each timed call processes one batch (round r uses batch r mod --batches for every variant), so a round is
 short and many rounds fit: rounds alternate baseline / candidates (A B C, C B A, ...) after a warmup round;
@@ -18,9 +21,10 @@ ratios are of medians (and the median of per-round ratios) over the rounds durin
 used < 0.15 cores (/proc/stat), or over all rounds when fewer than 3 are clean. The target in the issue
 is ratio >= 0.9.
 
-The explore section (skipped with --no-explore) times the pieces of one batch: the forward, each step of
-teacher_topk, the NumPy copies, reconstruction_kl, and alternatives (NumPy logsumexp on a zero-copy view,
-block top-k, argpartition without negation, mx.topk), and checks the proposal against teacher_topk.
+The explore section (skipped with --no-explore) times the pieces of one batch: the forward, the engine's
+teacher_topk, the old one piece by piece, the NumPy copies, reconstruction_kl (engine and old), and
+alternatives (NumPy logsumexp on a zero-copy view, block top-k, argpartition without negation, mx.topk),
+and checks them against a float64 reference.
 """
 
 from __future__ import annotations
@@ -157,6 +161,32 @@ def reconstruction_kl_np(logits: mx.array, ids: mx.array, logprobs: mx.array, ta
     return total / max(len(rows), 1)
 
 
+def teacher_topk_before(logits: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """cache.teacher_topk as it was before commit e00ceb2 (for comparison)."""
+    logits = logits.astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    top = mx.take_along_axis(logits, ids, axis=-1)
+    order = mx.argsort(-top, axis=-1)
+    ids = mx.take_along_axis(ids, order, axis=-1)
+    logprobs = mx.take_along_axis(top, order, axis=-1) - lse
+    tail = mx.log(mx.maximum(1.0 - mx.exp(logprobs).sum(axis=-1), 1e-30))
+    return ids, logprobs, tail
+
+
+def reconstruction_kl_before(logits, ids, logprobs, tail, mask) -> float:
+    """cache.reconstruction_kl as it was before commit e00ceb2 (MLX over the whole vocabulary)."""
+    vocab = logits.shape[-1]
+    k = ids.shape[-1]
+    logp = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+    tail_each = (tail - math.log(max(vocab - k, 1)))[..., None]
+    recon = mx.broadcast_to(tail_each, logp.shape)
+    recon = mx.put_along_axis(recon, ids, logprobs.astype(mx.float16).astype(mx.float32), axis=-1)
+    kl = (mx.exp(logp) * (logp - recon)).sum(axis=-1)
+    m = mx.array(mask).astype(mx.float32)
+    return ((kl * m).sum() / mx.maximum(m.sum(), 1)).item()
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -206,17 +236,20 @@ def run(args, tmp: Path) -> None:
                         meta={}, sample_batches=0)
         shutil.rmtree(out, ignore_errors=True)
 
-    def build_proposed(group) -> None:
-        original = cache_mod.teacher_topk
-        cache_mod.teacher_topk = teacher_topk_proposed
-        try:
-            build(group)
-        finally:
-            cache_mod.teacher_topk = original
+    def patched(topk):
+        def fn(group) -> None:
+            original = cache_mod.teacher_topk
+            cache_mod.teacher_topk = topk
+            try:
+                build(group)
+            finally:
+                cache_mod.teacher_topk = original
+        return fn
 
     print("\ntimed rounds (seconds per batch):")
     rounds = _common.interleaved({"plain_forward": cycling(plain), "cache_build": cycling(build),
-                                  "build_proposed": cycling(build_proposed)}, args.reps)
+                                  "build_before": cycling(patched(teacher_topk_before)),
+                                  "build_overlap": cycling(patched(teacher_topk_proposed))}, args.reps)
     ratios = _common.report(rounds, "plain_forward", per_call)
     clean = rounds.clean()
     mb = _common.median(rounds.of("plain_forward", clean))
@@ -226,12 +259,11 @@ def run(args, tmp: Path) -> None:
                 args, tmp, mb)
 
     mc = _common.median(rounds.of("cache_build", clean))
-    mp = _common.median(rounds.of("build_proposed", clean))
     print()
     print(_common.load_note())
     print(f"RESULT name=cache_speed ratio={ratios['cache_build']:.3f} baseline={per_call / mb:.1f}tok/s "
-          f"candidate={per_call / mc:.1f}tok/s proposed_ratio={ratios['build_proposed']:.3f} "
-          f"proposed={per_call / mp:.1f}tok/s batch={args.batch}x{args.seq} k={args.k} "
+          f"candidate={per_call / mc:.1f}tok/s before_ratio={ratios['build_before']:.3f} "
+          f"overlap_ratio={ratios['build_overlap']:.3f} batch={args.batch}x{args.seq} k={args.k} "
           f"rounds={len(clean)}/{len(rounds.others)}")
 
 
@@ -252,8 +284,11 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
         return s
 
     print(f"\nexplore: one batch {tuple(logits.shape)} (forward from the timed rounds: {forward_s * 1000:.0f} ms)")
-    print(" current teacher_topk, piece by piece:")
-    row("teacher_topk (all of it)", lambda: mx.eval(*cache_mod.teacher_topk(logits, k)))
+    row("engine teacher_topk (all of it)", lambda: mx.eval(*cache_mod.teacher_topk(logits, k)))
+    row("overlap variant (top-k on MLX's stream || NumPy logsumexp)",
+        lambda: mx.eval(*teacher_topk_proposed(logits, k)))
+    print(" teacher_topk before e00ceb2, piece by piece:")
+    row("before: teacher_topk (all of it)", lambda: mx.eval(*teacher_topk_before(logits, k)))
     row("  mx.logsumexp over V", lambda: mx.eval(mx.logsumexp(logits, axis=-1, keepdims=True)))
     row("  -logits (negation for argpartition)", lambda: mx.eval(-logits))
     row("  mx.argpartition(-logits, k-1)[..., :k]", lambda: mx.eval(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]))
@@ -267,7 +302,7 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
         mx.eval(mx.take_along_axis(ids0, order, axis=-1), lp, mx.log(mx.maximum(1.0 - mx.exp(lp).sum(-1), 1e-30)))
 
     row("  gather + argsort of k + tail", rest)
-    ids, lps, tail = cache_mod.teacher_topk(logits, k)
+    ids, lps, tail = teacher_topk_before(logits, k)
     mx.eval(ids, lps, tail)
     n_rows = len(examples[0].tokens)
     mm = {"ids": np.lib.format.open_memmap(tmp / "x_ids.npy", "w+", np.uint16 if V <= 65536 else np.int32,
@@ -287,14 +322,14 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
     nxt = np.zeros_like(tmask)
     nxt[:, :-1] = tmask[:, 1:]
     nxt = mx.array(nxt)
-    row("reconstruction_kl (build's first 4 batches only; fixed cost)",
-        lambda: cache_mod.reconstruction_kl(logits, ids, lps, tail, nxt), reps=3)
-
-    row("  reconstruction_kl in NumPy, chunked (prototype)",
-        lambda: reconstruction_kl_np(logits, ids, lps, tail, np.array(nxt)), reps=3)
-    kl_mx = cache_mod.reconstruction_kl(logits, ids, lps, tail, nxt)
+    print(" reconstruction_kl (build's first 4 batches only: a fixed cost per cache):")
+    row("  engine reconstruction_kl", lambda: cache_mod.reconstruction_kl(logits, ids, lps, tail, np.array(nxt)),
+        reps=3)
+    row("  before e00ceb2 (MLX over V)", lambda: reconstruction_kl_before(logits, ids, lps, tail, nxt), reps=3)
+    kl_now = cache_mod.reconstruction_kl(logits, ids, lps, tail, np.array(nxt))
+    kl_before = reconstruction_kl_before(logits, ids, lps, tail, nxt)
     kl_np = reconstruction_kl_np(logits, ids, lps, tail, np.array(nxt))
-    print(f"    check: reconstruction_kl {kl_mx:.6f} (MLX) vs {kl_np:.6f} (NumPy prototype)")
+    print(f"    check: engine {kl_now:.6f}, before {kl_before:.6f}, bench's NumPy prototype {kl_np:.6f}")
 
     print(" alternatives:")
     flat = np.asarray(logits).reshape(-1, V)
@@ -311,27 +346,34 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
         if -(-V // block) > k:
             row(f"  block_topk block={block}", lambda b=block: mx.eval(*block_topk(logits, k, b)))
     row("  NumPy argpartition over V (for comparison)", lambda: np.argpartition(flat, V - k, axis=-1), reps=1)
-    s_prop = row("proposed teacher_topk (block top-k || NumPy lse)",
-                 lambda: mx.eval(*teacher_topk_proposed(logits, k)))
 
-    # Same answer as the current teacher_topk?
-    a_ids, a_lp, a_tail = (np.array(x) for x in cache_mod.teacher_topk(logits, k))
-    b_ids, b_lp, b_tail = (np.array(x) for x in teacher_topk_proposed(logits, k))
-    same_sets = np.mean([set(x) == set(y) for x, y in zip(a_ids.reshape(-1, k), b_ids.reshape(-1, k))])
-    same_order = np.mean(np.all(a_ids == b_ids, axis=-1))
+    # Same answers? (a: before e00ceb2, b: the engine now, c: the overlap variant)
+    a_ids, a_lp, a_tail = (np.array(x) for x in teacher_topk_before(logits, k))
+    b_ids, b_lp, b_tail = (np.array(x) for x in cache_mod.teacher_topk(logits, k))
+    c_ids, c_lp, c_tail = (np.array(x) for x in teacher_topk_proposed(logits, k))
     f64 = flat.astype(np.float64)
     m64 = f64.max(-1, keepdims=True)
-    lse64 = (np.log(np.exp(f64 - m64).sum(-1, keepdims=True)) + m64).reshape(*a_lp.shape[:-1], 1)
-    ref = np.take_along_axis(f64.reshape(*a_ids.shape[:-1], V), a_ids.astype(np.int64), -1) - lse64
-    print(f"  check vs teacher_topk: same top-k id set in {same_sets * 100:.2f}% of rows, same order in "
-          f"{same_order * 100:.2f}% (ties aside); max |logprob - float64 reference|: current "
-          f"{np.abs(a_lp - ref).max():.1e}, proposed {np.abs(b_lp - ref).max():.1e} (float16 storage step at "
-          f"|lp|=8 is 7.8e-03); max |tail mass difference| {np.abs(np.exp(a_tail) - np.exp(b_tail)).max():.1e}")
-    cur = dict(rows)["teacher_topk (all of it)"]
-    cp = dict(rows)["  np.array(ids/lps/tail) + memmap row copies"]
-    print(f"  predicted per-batch ratio forward/(forward+topk+copies): current "
-          f"{forward_s / (forward_s + cur + cp):.3f}, proposed {forward_s / (forward_s + s_prop + cp):.3f}")
+    lse64 = np.log(np.exp(f64 - m64).sum(-1, keepdims=True)) + m64
 
+    def errors(ids_, lp_, tail_):
+        ids2 = ids_.reshape(-1, k).astype(np.int64)
+        ref = np.take_along_axis(f64, ids2, -1) - lse64
+        ref_tail_mass = np.maximum(1.0 - np.exp(ref).sum(-1), 0.0)
+        sets = np.mean([set(x) == set(y) for x, y in zip(a_ids.reshape(-1, k), ids2)])
+        return (sets, np.abs(lp_.reshape(-1, k) - ref).max(),
+                np.abs(np.exp(tail_.reshape(-1)) - ref_tail_mass).max())
+
+    print("  checks vs a float64 reference (float16 storage step at |logprob| = 8 is 7.8e-03):")
+    for name, (ids_, lp_, tail_) in (("before", (a_ids, a_lp, a_tail)), ("engine", (b_ids, b_lp, b_tail)),
+                                     ("overlap", (c_ids, c_lp, c_tail))):
+        sets, e_lp, e_tail = errors(ids_, lp_, tail_)
+        print(f"    {name:8s} same top-k id set as before in {sets * 100:6.2f}% of rows; max |logprob error| "
+              f"{e_lp:.1e}; max |tail mass error| {e_tail:.1e}")
+    cp = dict(rows)["  np.array(ids/lps/tail) + memmap row copies"]
+    print("  predicted per-batch ratio forward/(forward+topk+copies): " + ", ".join(
+        f"{name} {forward_s / (forward_s + dict(rows)[key] + cp):.3f}" for name, key in (
+            ("before", "before: teacher_topk (all of it)"), ("engine", "engine teacher_topk (all of it)"),
+            ("overlap", "overlap variant (top-k on MLX's stream || NumPy logsumexp)"))))
 
 if __name__ == "__main__":
     main()

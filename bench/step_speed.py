@@ -18,11 +18,14 @@ cache.build with the full teacher over the same examples, k=64), value_and_grad 
 losses.distill_loss (SparseTeacher, LossSpec defaults: forward KL, T=1, alpha=1), mx.eval of loss, ntok
 and grads, .item()s, clip_grad_norm(1.0), AdamW update, mx.eval(model.parameters(), optimizer.state).
 
-Other variants timed in the same alternating rounds (with --variants all, the default):
+Other variants timed in the same alternating rounds (with --variants all, the default), each our step
+with losses.student_buckets monkeypatched or the step compiled:
   mlx_lm_sft_nocompile   the baseline without mx.compile (what compile is worth to mlx-lm)
   distill_compiled       our step inside mx.compile(inputs=state, outputs=state), clipping included
-  distill_proposed       our step with the proposed student_buckets (one exp pass over V, see below)
-  distill_prop_compiled  both
+  distill_before         student_buckets as before commit e00ceb2 (log_softmax, put_along_axis, a second
+                         logsumexp over the rest): what the change bought
+  distill_exact_tail     an alternative student_buckets with one exp pass that keeps the tail exact for tiny
+                         tails (logsumexp of the masked rest, shifted by its max; see student_buckets_exact_tail)
 
 Tokens/s counts batch x seq tokens per step for every variant (the same batch), so ratios are time ratios.
 Rounds alternate the variants' order; medians are over the rounds during which other processes used
@@ -57,19 +60,28 @@ from worker.engine.batches import CachedTeacher, Split  # noqa: E402
 from worker.engine.spec import AdapterSpec, LossSpec, StudentSpec  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
-# The proposal: losses.student_buckets with a single exp pass over the vocabulary.
+# Other student_buckets, for comparison with the engine's (losses.student_buckets).
 
 
-def student_buckets_proposed(student_logits: mx.array, topk_ids: mx.array, temperature: float) -> mx.array:
-    """Same value as losses.student_buckets — [log q at the top-k ids, log q of the rest] — from one exp.
+def student_buckets_before(student_logits: mx.array, topk_ids: mx.array, temperature: float) -> mx.array:
+    """losses.student_buckets as it was before commit e00ceb2."""
+    log_q = losses.log_softmax_t(student_logits, temperature)
+    ids = topk_ids.astype(mx.int32)
+    top = mx.take_along_axis(log_q, ids, axis=-1)
+    rest = mx.put_along_axis(log_q, ids, mx.array(-1e30, dtype=mx.float32), axis=-1)
+    tail = mx.logsumexp(rest, axis=-1, keepdims=True)
+    return mx.concatenate([top, tail], axis=-1)
 
-    The current version takes a full log_softmax (logsumexp: one exp pass forward, one more in its
-    backward), a put_along_axis copy of it and a second logsumexp over the rest (two more exp passes).
-    MLX's CPU exp is scalar (~13 ns/element here), so each pass over B x L x V costs about as much as a
-    quarter of the student's forward. Here: mask the top-k logits out (put_along_axis), shift by the max
-    of the rest (so the rest's sum is >= 1: no underflow however small q_tail is, like the current
-    logsumexp of the rest), one exp + sum for the rest, and normalise with a logsumexp over the k + 1
-    small terms. exp's backward reuses its output, so no other pass over V computes an exp.
+
+def student_buckets_exact_tail(student_logits: mx.array, topk_ids: mx.array, temperature: float) -> mx.array:
+    """[log q at the top-k ids, log q of the rest] from one exp pass, the tail exact however small.
+
+    The engine's version (since e00ceb2) takes the tail as log(1 − Σ q_topk): one logsumexp over V (an exp
+    pass forward and another in its backward), but a tail mass below ~1e-6 is resolved coarsely. Here:
+    mask the top-k logits out (put_along_axis), shift by the max of the rest (so the rest's sum is >= 1: no
+    underflow however small q_tail is), one exp + sum for the rest, and normalise with a logsumexp over the
+    k + 1 small terms. exp's backward reuses its output, so no pass over V recomputes an exp; the extra
+    cost is a put_along_axis copy and a max pass (cheap: no transcendental).
     """
     z = student_logits.astype(mx.float32)
     if temperature != 1.0:
@@ -84,11 +96,14 @@ def student_buckets_proposed(student_logits: mx.array, topk_ids: mx.array, tempe
 
 
 class patched:
-    """Context manager: losses.student_buckets replaced by the proposal."""
+    """Context manager: losses.student_buckets replaced by `fn`."""
+
+    def __init__(self, fn):
+        self.fn = fn
 
     def __enter__(self):
         self.original = losses.student_buckets
-        losses.student_buckets = student_buckets_proposed
+        losses.student_buckets = self.fn
 
     def __exit__(self, *exc):
         losses.student_buckets = self.original
@@ -182,12 +197,14 @@ def run(args, tmp: Path) -> None:
         mx.eval(model.parameters(), opt_ours.state)
         float(grad_norm.item())
 
-    def distill_proposed() -> None:
-        with patched():
-            distill_step()
+    def with_buckets(fn):
+        def step() -> None:
+            with patched(fn):
+                distill_step()
+        return step
 
     # --- our step compiled the way mlx-lm compiles its step (teacher rows as inputs)
-    def make_compiled(proposed: bool):
+    def make_compiled():
         opt = new_optimizer()
         state = [model.state, opt.state, mx.random.state]
 
@@ -203,11 +220,7 @@ def run(args, tmp: Path) -> None:
         def step() -> None:
             tokens, mask, teachers = split.batch(next_idx(), pad_id, with_teachers=True)
             t = teachers[0]
-            if proposed:
-                with patched():
-                    out = compiled(tokens, mask, t.topk_ids, t.topk_logprobs, t.tail_logmass)
-            else:
-                out = compiled(tokens, mask, t.topk_ids, t.topk_logprobs, t.tail_logmass)
+            out = compiled(tokens, mask, t.topk_ids, t.topk_logprobs, t.tail_logmass)
             mx.eval(state, *out)
             out[0].item(), out[1].item(), out[2].item()
 
@@ -249,8 +262,9 @@ def run(args, tmp: Path) -> None:
 
     fns = {"mlx_lm_sft": make_mlx_lm(True), "distill_step": distill_step}
     if args.variants == "all":
-        fns.update({"mlx_lm_sft_nocompile": make_mlx_lm(False), "distill_compiled": make_compiled(False),
-                    "distill_proposed": distill_proposed, "distill_prop_compiled": make_compiled(True)})
+        fns.update({"mlx_lm_sft_nocompile": make_mlx_lm(False), "distill_compiled": make_compiled(),
+                    "distill_before": with_buckets(student_buckets_before),
+                    "distill_exact_tail": with_buckets(student_buckets_exact_tail)})
 
     print("\ntimed rounds (seconds per optimizer step):")
     rounds = _common.interleaved(fns, args.reps)
@@ -295,25 +309,31 @@ def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None
         return (nn.losses.cross_entropy(x, targets) * m).astype(mx.float32).sum() / m.sum()
 
     row("mlx-lm default_loss (cross_entropy)", sft_loss)
-    row("losses.distill_loss (sparse, forward KL)", lambda x: losses.distill_loss(x, targets, mask, teachers, weights, loss_cfg)[0])
-    with patched():
-        row("  ... with the proposed student_buckets", lambda x: losses.distill_loss(x, targets, mask, teachers, weights, loss_cfg)[0])
-    row("  student_buckets (log_softmax, put_along_axis, lse rest)", lambda x: losses.student_buckets(x, t.topk_ids, 1.0))
-    row("  proposed student_buckets", lambda x: student_buckets_proposed(x, t.topk_ids, 1.0))
-    row("  log_softmax_t alone", lambda x: losses.log_softmax_t(x, 1.0)[..., :1])
+
+    def distill(x):
+        return losses.distill_loss(x, targets, mask, teachers, weights, loss_cfg)[0]
+
+    row("losses.distill_loss (engine)", distill)
+    for name, fn in (("before e00ceb2", student_buckets_before), ("exact-tail alternative", student_buckets_exact_tail)):
+        with patched(fn):
+            row(f"  ... with student_buckets {name}", distill)
+    row("  engine student_buckets alone", lambda x: losses.student_buckets(x, t.topk_ids, 1.0))
+    row("  student_buckets before e00ceb2 alone", lambda x: student_buckets_before(x, t.topk_ids, 1.0))
+    row("  exact-tail student_buckets alone", lambda x: student_buckets_exact_tail(x, t.topk_ids, 1.0))
     row("  mx.logsumexp alone", lambda x: mx.logsumexp(x, axis=-1))
     row("  exp + sum alone", lambda x: mx.exp(x).sum(-1))
     row("  max alone (cheap pass)", lambda x: mx.max(x, axis=-1))
-    # same value?
-    a = losses.distill_loss(logits, targets, mask, teachers, weights, loss_cfg)[0]
-    with patched():
-        b = losses.distill_loss(logits, targets, mask, teachers, weights, loss_cfg)[0]
-    ga = mx.grad(lambda x: losses.distill_loss(x, targets, mask, teachers, weights, loss_cfg)[0])(logits)
-    with patched():
-        gb = mx.grad(lambda x: losses.distill_loss(x, targets, mask, teachers, weights, loss_cfg)[0])(logits)
-    print(f"  check: loss {a.item():.6f} vs proposed {b.item():.6f}; max |dgrad| "
-          f"{mx.abs(ga - gb).max().item():.2e} (max |grad| {mx.abs(ga).max().item():.2e})")
-    # Both against a float64 NumPy reference of the k + 1 student buckets.
+
+    # Loss and gradient of the variants, and the buckets against a float64 NumPy reference.
+    grads = {}
+    for name, fn in (("engine", losses.student_buckets), ("before", student_buckets_before),
+                     ("exact_tail", student_buckets_exact_tail)):
+        with patched(fn):
+            grads[name] = (distill(logits).item(), mx.grad(distill)(logits))
+    ga = grads["before"][1]
+    print("  loss / max |grad - before's grad| (max |grad| "
+          f"{mx.abs(ga).max().item():.2e}): " + ", ".join(
+              f"{n} {v:.6f} / {mx.abs(g - ga).max().item():.1e}" for n, (v, g) in grads.items()))
     z = np.array(logits).astype(np.float64).reshape(-1, logits.shape[-1])
     ids = np.array(t.topk_ids).astype(np.int64).reshape(len(z), -1)
     mz = z.max(-1, keepdims=True)
@@ -324,12 +344,30 @@ def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None
     mr = rest.max(-1, keepdims=True)
     ref = np.concatenate([top, np.log(np.exp(rest - mr).sum(-1, keepdims=True)) + mr], -1)
     sel = np.array(mask).reshape(-1).astype(bool)   # real positions (padding rows hold dummy ids)
-    cur = np.array(losses.student_buckets(logits, t.topk_ids, 1.0)).reshape(ref.shape)
-    new = np.array(student_buckets_proposed(logits, t.topk_ids, 1.0)).reshape(ref.shape)
-    print(f"  check vs float64 reference over target positions: max |error| current "
-          f"{np.abs(cur - ref)[sel].max():.1e}, proposed {np.abs(new - ref)[sel].max():.1e}; tail bucket: "
-          f"current {np.abs(cur - ref)[sel, -1].max():.1e}, proposed {np.abs(new - ref)[sel, -1].max():.1e}")
-
+    small = sel & (ref[:, -1] < np.log(1e-4))
+    print(f"  buckets vs float64 reference over {sel.sum()} target positions (student tail mass: median "
+          f"{np.exp(np.median(ref[sel, -1])):.2e}, min {np.exp(ref[sel, -1].min()):.2e}; {small.sum()} below 1e-4):")
+    for name, fn in (("engine", losses.student_buckets), ("before", student_buckets_before),
+                     ("exact_tail", student_buckets_exact_tail)):
+        got = np.array(fn(logits, t.topk_ids, 1.0)).reshape(ref.shape)
+        err = np.abs(got - ref)
+        tail_small = f"{err[small, -1].max():.1e}" if small.any() else "n/a"
+        print(f"    {name:10s} max |error| top-k {err[sel, :-1].max():.1e}, tail bucket {err[sel, -1].max():.1e} "
+              f"(where tail < 1e-4: {tail_small})")
+    # A confident student (logits scaled up): tails of 1e-6 and below, where log(1 - Σ q_topk) is coarse.
+    sharp = logits * 4.0
+    zs = z * 4.0
+    ms = zs.max(-1, keepdims=True)
+    lq = zs - (np.log(np.exp(zs - ms).sum(-1, keepdims=True)) + ms)
+    rs = lq.copy()
+    np.put_along_axis(rs, ids, -np.inf, -1)
+    mrs = rs.max(-1, keepdims=True)
+    ref_tail = (np.log(np.exp(rs - mrs).sum(-1)) + mrs[:, 0])
+    print(f"  a sharper student (logits x 4; tail mass median {np.exp(np.median(ref_tail[sel])):.1e}, "
+          f"min {np.exp(ref_tail[sel].min()):.1e}): max |tail bucket error| " + ", ".join(
+              f"{name} {np.abs(np.array(fn(sharp, t.topk_ids, 1.0)).reshape(ref.shape)[:, -1] - ref_tail)[sel].max():.1e}"
+              for name, fn in (("engine", losses.student_buckets), ("before", student_buckets_before),
+                               ("exact_tail", student_buckets_exact_tail))))
 
 if __name__ == "__main__":
     main()
