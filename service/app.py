@@ -20,7 +20,9 @@ from sqlalchemy.orm import sessionmaker
 from service.api.auth import ApiKeyMiddleware
 from service.api.deps import provide_caller, provide_session, provide_settings
 from service.api.metrics import AppMetrics, metrics_middleware
+from service.api.openapi import close_spec_schemas
 from service.api.problems import EXCEPTION_HANDLERS
+from service.api.schemas import request_models
 from service.artifacts.controller import ArtifactController
 from service.datasets.controller import DatasetController
 from service.db.session import engine_for
@@ -52,7 +54,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[DefineMiddleware(ApiKeyMiddleware)],
         security=[{"bearer": []}],
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[OpsController, v1],
         dependencies={
             "session": Provide(provide_session),
@@ -72,3 +74,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=state,
         debug=False,
     )
+    close_spec_schemas(app, request_models())
+    return app

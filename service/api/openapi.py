@@ -3,9 +3,13 @@ and multipart on one route), which Litestar cannot infer from a `data` parameter
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from litestar import Litestar
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
+from pydantic import BaseModel
 
 
 def _form_schema(fields: dict[str, str], required: list[str]) -> Schema:
@@ -28,3 +32,13 @@ def multipart_body(fields: dict[str, str], required: list[str], json_fields: dic
             self.request_body = RequestBody(content=content, required=True)
 
     return WithBody
+
+
+def close_spec_schemas(app: Litestar, models: Iterable[type[BaseModel]]) -> None:
+    """Mark the components of `extra="forbid"` models `additionalProperties: false`, which Litestar's pydantic
+    plugin leaves out: the published schema then rejects unknown fields exactly as the API does."""
+    openapi = app.plugins.get(OpenAPIPlugin).provide_openapi()
+    schemas = openapi.components.schemas or {}
+    for model in models:
+        if model.model_config.get("extra") == "forbid" and model.__name__ in schemas:
+            schemas[model.__name__].additional_properties = False

@@ -58,6 +58,15 @@ class JobCreate(BaseModel):
         return model.model_validate(value)
 
 
+def request_models() -> list[type[BaseModel]]:
+    """Every pydantic model a request body is validated with: the job specs and their parts, and the bodies."""
+    from worker.engine import spec as spec_module
+
+    parts = [v for v in vars(spec_module).values()
+             if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == spec_module.__name__]
+    return [*parts, JobCreate, ModelRegister]
+
+
 class ModelRegister(BaseModel):
     """`POST /v1/models` with JSON: a model folder (mlx-lm) or a .gguf file on the server."""
 

@@ -115,13 +115,21 @@ def _check_owner(factory: sessionmaker[Session], project_id: str, job_id: str) -
 
 async def _event_stream(factory: sessionmaker[Session], job_id: str, after: int,
                         poll_seconds: float) -> AsyncIterator[ServerSentEventMessage]:
-    """Poll the database for new events; stop after the job is terminal and everything up to that is sent."""
+    """Poll the database for new events; stop after the job is terminal and everything up to that is sent.
+
+    Stored events carry their id (resumable). Between them, a `state` message without an id reports the
+    job's status, progress and latest metrics whenever they change: a snapshot, so it needs no replay."""
     # an opening comment gets the headers through buffering proxies; `retry` paces client reconnects
     yield ServerSentEventMessage(comment="events of " + job_id, data=None, retry=RECONNECT_MS)
     quiet_since = time.monotonic()
+    last_state: dict | None = None
     with factory() as session:
         while True:
-            status, events = await anyio.to_thread.run_sync(service.poll_events, session, job_id, after)
+            state, events = await anyio.to_thread.run_sync(service.poll_events, session, job_id, after)
+            if state is not None and state != last_state:
+                last_state = state
+                yield ServerSentEventMessage(event="state", data=json.dumps(state, default=str))
+                quiet_since = time.monotonic()
             for event in events:
                 after = event.id
                 yield ServerSentEventMessage(id=str(event.id), event=event.kind,
@@ -129,7 +137,7 @@ async def _event_stream(factory: sessionmaker[Session], job_id: str, after: int,
             if events:
                 quiet_since = time.monotonic()
                 continue   # more may be waiting beyond this batch
-            if status is None or status in TERMINAL:
+            if state is None or state["status"] in TERMINAL:
                 return
             if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
                 yield ServerSentEventMessage(comment="keep-alive", data=None)

@@ -132,8 +132,8 @@ def read_sse(client: httpx.Client, path: str, last_event_id: int | None = None,
         fields: dict[str, list[str]] = {}
         for line in r.iter_lines():
             if line == "":   # dispatch
-                if "data" in fields:
-                    eid = fields.get("id", [None])[-1]
+                if "data" in fields and fields.get("event") != ["state"]:   # stored events only; states are
+                    eid = fields.get("id", [None])[-1]                      # snapshots, tested elsewhere
                     out.append(Sse(id=int(eid) if eid is not None else None, event=fields.get("event", ["message"])[-1],
                                    data=json.loads("\n".join(fields["data"]))))
                     if stop_after and out[-1].event == stop_after:

@@ -55,17 +55,25 @@ def test_sse_stream_delivers_events_until_the_job_ends(api):
     r = api.client.get(f"/v1/jobs/{job_id}/events/stream", headers=api.headers)
     thread.join()
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = parse_sse(r.text)
+    messages = parse_sse(r.text)
+    states = [e["data"] for e in messages if e["event"] == "state"]
+    events = [e for e in messages if e["event"] != "state"]
     assert [e["event"] for e in events] == ["progress"] * 5 + ["succeeded"]
+    # job state snapshots (no id: not replayed) when the state changes: first running, last succeeded
+    assert all("id" not in e for e in messages if e["event"] == "state")
+    assert states[0]["status"] == "running" and states[-1]["status"] == "succeeded", states
+    assert set(states[-1]) == {"status", "progress", "summary"}
     assert [int(e["id"]) for e in events] == [e["data"]["id"] for e in events]
     assert r.text.startswith(":")   # an opening comment flushes the headers through proxies
 
     # resuming: only what came after the last event seen
     third = events[2]["id"]
-    resumed = parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream",
-                                       headers={**api.headers, "Last-Event-ID": third}).text)
+    resumed = [e for e in parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream",
+                                                   headers={**api.headers, "Last-Event-ID": third}).text)
+               if e["event"] != "state"]
     assert [e["id"] for e in resumed] == [e["id"] for e in events[3:]]
-    by_query = parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream?after={third}", headers=api.headers).text)
+    by_query = [e for e in parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream?after={third}",
+                                                    headers=api.headers).text) if e["event"] != "state"]
     assert by_query == resumed
     r = api.client.get(f"/v1/jobs/{job_id}/events/stream", headers={**api.headers, "Last-Event-ID": "x"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "Last-Event-ID"

@@ -117,8 +117,11 @@ def test_api_over_a_socket(server):
                 received.append((time.monotonic(), event))
                 event = {}
     worker.join()
+    states = [json.loads(e["data"]) for _, e in received if e["event"] == "state"]
+    received = [(t, e) for t, e in received if e["event"] != "state"]
     kinds = [e["event"] for _, e in received]
     assert kinds == ["created", "progress", "succeeded"]
+    assert states[-1]["status"] == "succeeded" and all("id" not in e for e in states)
     progress_seen = received[1][0]
     assert progress_seen < finished_at[0]          # delivered live, not when the stream closed
 

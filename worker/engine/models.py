@@ -103,7 +103,10 @@ def vocab_of(tokenizer) -> dict[str, int]:
 
 
 def check_tokenizers(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
-    """Distillation matches distributions position by position: both sides must tokenize identically."""
+    """Distillation matches distributions position by position: both sides must tokenize identically.
+
+    The names go into the message as given, so they carry their role ("teacher X", "student Y").
+    """
     tv, sv = vocab_of(teacher_tok), vocab_of(student_tok)
     problems = []
     if len(tv) != len(sv):
@@ -124,7 +127,7 @@ def check_tokenizers(teacher_tok, student_tok, teacher_name: str, student_name: 
     if not problems and teacher_tok.encode(probe) != student_tok.encode(probe):
         problems.append("same vocabulary but the tokenizers split text differently (pre-tokenizer or normalizer)")
     if problems:
-        raise UserError(f"teacher {teacher_name} and student {student_name} are not tokenizer-compatible: "
+        raise UserError(f"{teacher_name} and {student_name} are not tokenizer-compatible: "
                         + "; ".join(problems))
 
 

@@ -187,12 +187,36 @@ class BenchmarkData(_Spec):
         return self
 
 
+class BenchmarkSpeed(_Spec):
+    """Generation speed and memory, each model measured alone (mlx-lm's `stream_generate`, greedy)."""
+
+    enabled: bool = Field(True, description="Measure prefill/decode tokens per second and peak memory.")
+    prompt_tokens: int = Field(128, ge=1, le=131072, description="Prompt length for the prefill measurement.")
+    decode_tokens: int = Field(64, ge=1, le=16384, description="Tokens generated for the decode measurement.")
+    repeats: int = Field(1, ge=1, le=20, description="Measured runs per model (after one warm-up); the median is kept.")
+
+
 class BenchmarkSpec(_Spec):
     """Candidates (e.g. a distilled student) measured against a reference model on held-out data."""
 
     reference: str = Field(description="The reference (teacher) model id or path.")
     candidates: list[BenchmarkCandidate] = Field(min_length=1, max_length=16)
     data: BenchmarkData
+    max_seq_len: int = Field(512, ge=8, le=131072, description="Longer texts are cut into windows; longer "
+                             "multiple-choice / preference prompts keep their last tokens.")
+    batch_size: int = Field(4, gt=0, le=1024, description="Sequences per forward pass.")
+    max_examples: int | None = Field(None, gt=0, description="Use at most the first N records of each dataset.")
+    speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_labels(cls, v: list[BenchmarkCandidate]) -> list[BenchmarkCandidate]:
+        seen: set[str] = set()
+        for c in v:
+            if c.label in seen:
+                raise ValueError(f"duplicate candidate label {c.label!r}; labels name the report's rows")
+            seen.add(c.label)
+        return v
 
 
 class JobFile(_Spec):

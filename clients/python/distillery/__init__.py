@@ -1,11 +1,26 @@
-"""Distillery SDK: `from distillery import Distillery`."""
+"""Distillery SDK: `from distillery import Distillery, AsyncDistillery`.
 
-from ._base import (APIError, AuthenticationError, BadRequestError, ConflictError, DistilleryError, JobFailedError,
-                    NotFoundError, RateLimitError, ServerError)
+    client = Distillery()                       # DISTILLERY_BASE_URL / DISTILLERY_API_KEY, or the config file
+    job = client.jobs.create("distill.yaml")
+    job = client.jobs.wait(job.id, progress=True)
+    client.artifacts.download(job.id, "adapter/")
+"""
+
+from ._async_client import AsyncDistillery
 from ._client import Distillery
-from .types import Artifact, Dataset, Event, Job, MetricPoint, Model
+from ._exceptions import (APIConnectionError, APIError, AuthenticationError, BadRequestError, ChecksumError,
+                          ConfigError, ConflictError, DistilleryError, JobFailedError, NotFoundError,
+                          PayloadTooLargeError, PermissionDeniedError, RateLimitError, ServerError, WaitTimeout)
+from ._jobfile import SpecError, job_body
+from .specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
+from .types import Artifact, Checkpoint, Dataset, Event, Job, JobState, MetricPoint, Model, Progress
 
-__all__ = ["Distillery", "DistilleryError", "APIError", "BadRequestError", "AuthenticationError", "NotFoundError",
-           "ConflictError", "RateLimitError", "ServerError", "JobFailedError", "Job", "Dataset", "Model", "Artifact",
-           "Event", "MetricPoint"]
+__all__ = [
+    "Distillery", "AsyncDistillery",
+    "DistillSpec", "TeacherCacheSpec", "BenchmarkSpec", "job_body",
+    "Job", "JobState", "Progress", "Dataset", "Model", "Artifact", "Event", "MetricPoint", "Checkpoint",
+    "DistilleryError", "ConfigError", "APIConnectionError", "APIError", "BadRequestError", "AuthenticationError",
+    "PermissionDeniedError", "NotFoundError", "ConflictError", "PayloadTooLargeError", "RateLimitError",
+    "ServerError", "JobFailedError", "WaitTimeout", "ChecksumError", "SpecError",
+]
 __version__ = "0.1.0"

@@ -1,166 +1,287 @@
-"""The synchronous client: `Distillery(base_url=None, api_key=None)` with resources datasets, models, jobs,
-artifacts."""
+"""The synchronous client: `Distillery()`, with resources `datasets`, `models`, `jobs`, `artifacts`."""
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
+import httpx
 
-from ._base import DistilleryError, JobFailedError, SyncTransport
-from .types import TERMINAL, Artifact, Dataset, Event, Job, MetricPoint, Model
-
-
-def load_job_spec(spec: Any) -> dict[str, Any]:
-    """A job body from a dict, a YAML string, or a path to a YAML/JSON file."""
-    if isinstance(spec, dict):
-        body = spec
-    else:
-        text = Path(spec).read_text() if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec
-                                                                    and Path(spec).is_file()) else str(spec)
-        body = yaml.safe_load(text)
-    if not isinstance(body, dict) or "kind" not in body:
-        raise DistilleryError("a job needs a mapping with `kind` and `spec`")
-    return body
+from . import _calls as calls
+from ._base import BaseClient, Call, PartialFile, artifact_target
+from ._exceptions import APIConnectionError, APIError, JobFailedError, WaitTimeout, error_for
+from ._progress import JobProgress
+from ._sse import Message, SSEDecoder
+from ._jobfile import job_body
+from .types import TERMINAL, Artifact, Checkpoint, Dataset, Event, Job, JobState, MetricPoint, Model
 
 
-class _Resource:
-    def __init__(self, client: Distillery) -> None:
-        self._t = client._transport
+class Distillery(BaseClient):
+    """`Distillery(base_url=None, api_key=None, *, profile=None, timeout=None, max_retries=None)`; unset
+    settings come from `DISTILLERY_*` variables, then the config file."""
 
-    def _pages(self, path: str, params: dict[str, Any], limit: int | None = None) -> Iterator[dict[str, Any]]:
-        params = {k: v for k, v in params.items() if v is not None}
-        if limit:
-            params["limit"] = limit
-        while True:
-            page = self._t.json("GET", path, params=params)
-            yield from page["data"]
-            if not page.get("has_more") or not page["data"]:
-                return
-            params["after"] = page["data"][-1]["id"]
+    _sleep = staticmethod(time.sleep)   # the backoff's wait (tests record it instead)
 
-
-class Datasets(_Resource):
-    def upload(self, path: str | Path, name: str | None = None, format: str | None = None) -> Dataset:
-        path = Path(path)
-        data = {k: v for k, v in {"name": name, "format": format}.items() if v}
-        with path.open("rb") as fh:
-            return Dataset(**self._t.json("POST", "/v1/datasets", files={"file": (path.name, fh)}, data=data))
-
-    def list(self, limit: int | None = None) -> list[Dataset]:
-        return [Dataset(**d) for d in self._pages("/v1/datasets", {}, limit)]
-
-    def get(self, id: str) -> Dataset:
-        return Dataset(**self._t.json("GET", f"/v1/datasets/{id}"))
-
-    def delete(self, id: str) -> None:
-        self._t.request("DELETE", f"/v1/datasets/{id}")
-
-
-class Models(_Resource):
-    def add(self, path: str | Path, name: str | None = None) -> Model:
-        body = {"path": str(path)} | ({"name": name} if name else {})
-        return Model(**self._t.json("POST", "/v1/models", json=body))
-
-    def list(self, limit: int | None = None) -> list[Model]:
-        return [Model(**d) for d in self._pages("/v1/models", {}, limit)]
-
-    def get(self, id: str) -> Model:
-        return Model(**self._t.json("GET", f"/v1/models/{id}"))
-
-
-class Jobs(_Resource):
-    def create(self, spec: Any, *, idempotency_key: str | None = None) -> Job:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return Job(**self._t.json("POST", "/v1/jobs", json=load_job_spec(spec), headers=headers))
-
-    def list(self, status: str | None = None, kind: str | None = None, limit: int | None = None) -> Iterator[Job]:
-        for d in self._pages("/v1/jobs", {"status": status, "kind": kind}, limit):
-            yield Job(**d)
-
-    def get(self, id: str) -> Job:
-        return Job(**self._t.json("GET", f"/v1/jobs/{id}"))
-
-    def cancel(self, id: str) -> Job:
-        return Job(**self._t.json("POST", f"/v1/jobs/{id}/cancel"))
-
-    def events(self, id: str, after: int | None = None) -> list[Event]:
-        out: list[Event] = []
-        params: dict[str, Any] = {} if after is None else {"after": after}
-        while True:
-            page = self._t.json("GET", f"/v1/jobs/{id}/events", params=params)
-            out += [Event(**e) for e in page["data"]]
-            if not page.get("has_more") or not page["data"]:
-                return out
-            params["after"] = page["data"][-1]["id"]
-
-    def metrics(self, id: str, name: str | None = None) -> list[MetricPoint]:
-        params = {"name": name} if name else {}
-        return [MetricPoint(**m) for m in self._t.json("GET", f"/v1/jobs/{id}/metrics", params=params)["data"]]
-
-    def wait(self, id: str, poll: float = 2.0, timeout: float | None = None, on_update: Any = None) -> Job:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get(id)
-            if on_update:
-                on_update(job)
-            if job.status in TERMINAL:
-                if job.status != "succeeded":
-                    raise JobFailedError(job)
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {id} still {job.status} after {timeout}s")
-            time.sleep(poll)
-
-
-class Artifacts(_Resource):
-    def list(self, job_id: str) -> list[Artifact]:
-        return [Artifact(**a) for a in self._t.json("GET", f"/v1/jobs/{job_id}/artifacts")["data"]]
-
-    def download(self, job_id: str, dest: str | Path) -> list[Path]:
-        """Write every artifact of the job into `dest` (sha256 checked against X-Content-SHA256)."""
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        written = []
-        for art in self.list(job_id):
-            target = dest / Path(art.name).name
-            tmp = target.with_name(target.name + ".part")
-            digest = hashlib.sha256()
-            response = self._t.request("GET", f"/v1/artifacts/{art.id}/content", stream=True)
-            try:
-                with tmp.open("wb") as fh:
-                    for chunk in response.iter_bytes():
-                        digest.update(chunk)
-                        fh.write(chunk)
-                expected = response.headers.get("X-Content-SHA256") or art.sha256
-            finally:
-                response.close()
-            if expected and digest.hexdigest() != expected.lower():
-                tmp.unlink(missing_ok=True)
-                raise DistilleryError(f"sha256 mismatch for {art.name}: got {digest.hexdigest()}, expected {expected}")
-            tmp.replace(target)
-            written.append(target)
-        return written
-
-
-class Distillery:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, **kw: Any) -> None:
-        self._transport = SyncTransport(base_url, api_key, **kw)
-        self.base_url = self._transport.base_url
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 http_client: httpx.Client | None = None, **kw: Any) -> None:
+        super().__init__(base_url, api_key, **kw)
+        self._http = http_client or httpx.Client(base_url=self.base_url, headers=self._default_headers(),
+                                                 timeout=self.timeout)
         self.datasets = Datasets(self)
         self.models = Models(self)
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
 
+    # -- transport
+    def send(self, call: Call, *, stream: bool = False,
+                   read_timeout: float | None = None) -> httpx.Response:
+        """Send with retries; a response below 400, else the typed error. Streamed responses must be closed."""
+        attempt = 0
+        while True:
+            response = None
+            for f in (call.files or {}).values():   # a retried upload starts its file again
+                if isinstance(f, tuple) and hasattr(f[1], "seek"):
+                    f[1].seek(0)
+            try:
+                request = self._http.build_request(call.method, call.path, params=call.params, json=call.json,
+                                                   data=call.data, files=call.files, headers=call.headers,
+                                                   timeout=self._timeout_for(stream, read_timeout))
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as e:
+                if not self._should_retry(attempt, None):
+                    raise APIConnectionError(f"{call.method} {self.base_url}{call.path}: {e or type(e).__name__}") from e
+            else:
+                if response.status_code < 400:
+                    return response
+                if not self._should_retry(attempt, response):
+                    response.read()
+                    raise error_for(response)
+                response.close()
+            self._sleep(self._delay(attempt, response))
+            attempt += 1
+
+    def call(self, call: Call) -> Any:
+        return call.result(self.send(call))
+
+    def pages(self, make: Callable[[str | None], Call]) -> Iterator[Any]:
+        """Every item across pages: `make(after)` builds the call for the page after a cursor."""
+        after = None
+        while True:
+            items, has_more = self.call(make(after))
+            yield from items
+            if not has_more or not items:
+                return
+            after = items[-1].id
+
+    @contextmanager
+    def stream(self, call: Call, read_timeout: float | None = None) -> Iterator[httpx.Response]:
+        response = self.send(call, stream=True, read_timeout=read_timeout)
+        try:
+            yield response
+        finally:
+            response.close()
+
     def close(self) -> None:
-        self._transport.close()
+        self._http.close()
 
     def __enter__(self) -> Distillery:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Resource:
+    def __init__(self, client: Distillery) -> None:
+        self._client = client
+
+
+class Datasets(_Resource):
+    def upload(self, path: str | Path, *, name: str | None = None, format: str | None = None) -> Dataset:
+        """Upload a JSONL file (formats: text, completions, chat, preference, mcq; detected unless given)."""
+        path = Path(path)
+        with path.open("rb") as fh:
+            return self._client.call(calls.upload_dataset(fh, path.name, name, format))
+
+    def list(self, *, limit: int | None = None) -> Iterator[Dataset]:
+        """Every dataset, newest first, fetched `limit` per page."""
+        return self._client.pages(lambda after: calls.list_datasets(limit, after))
+
+    def get(self, id: str) -> Dataset:
+        return self._client.call(calls.get_dataset(id))
+
+    def delete(self, id: str) -> None:
+        self._client.call(calls.delete_dataset(id))
+
+
+class Models(_Resource):
+    def add(self, path: str | Path, *, name: str | None = None) -> Model:
+        """Register a model folder or GGUF file that is on the server's disk."""
+        return self._client.call(calls.register_model(path, name))
+
+    def upload(self, path: str | Path, *, name: str | None = None) -> Model:
+        """Upload a local GGUF file; the server imports it."""
+        path = Path(path)
+        with path.open("rb") as fh:
+            return self._client.call(calls.upload_model(fh, path.name, name))
+
+    def list(self, *, limit: int | None = None) -> Iterator[Model]:
+        return self._client.pages(lambda after: calls.list_models(limit, after))
+
+    def get(self, id: str) -> Model:
+        return self._client.call(calls.get_model(id))
+
+
+class Jobs(_Resource):
+    def create(self, spec: Any, *, parent_id: str | None = None, idempotency_key: str | None = None) -> Job:
+        """Submit a job from a typed spec (`DistillSpec`...), a `{kind, spec}` dict, or a YAML/JSON file."""
+        return self._client.call(calls.create_job(job_body(spec, parent_id), idempotency_key))
+
+    def list(self, *, status: str | None = None, kind: str | None = None, limit: int | None = None) -> Iterator[Job]:
+        return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after))
+
+    def get(self, id: str) -> Job:
+        return self._client.call(calls.get_job(id))
+
+    def cancel(self, id: str) -> Job:
+        return self._client.call(calls.cancel_job(id))
+
+    def events(self, id: str, *, after: int | None = None) -> list[Event]:
+        """The job's stored events so far, oldest first."""
+        out: list[Event] = []
+        while True:
+            page, has_more = self._client.call(calls.list_events(id, after))
+            out += page
+            if not has_more or not page:
+                return out
+            after = page[-1].id
+
+    def metrics(self, id: str, *, name: str | None = None) -> list[MetricPoint]:
+        return self._client.call(calls.list_metrics(id, name))
+
+    def checkpoints(self, id: str) -> list[Checkpoint]:
+        return self._client.call(calls.list_checkpoints(id))
+
+    def artifacts(self, id: str) -> list[Artifact]:
+        return self._client.call(calls.list_artifacts(id))
+
+    def stream_events(self, id: str, *, after: int | None = None) -> Iterator[Event]:
+        """The job's events as they happen, until it ends. A dropped connection is resumed where it broke."""
+        for message in self._follow(id, after):
+            if message.id is not None:
+                yield Event.model_validate(message.data)
+
+    def _follow(self, id: str, after: int | None, deadline: float | None = None) -> Iterator[Message]:
+        """Every SSE message; reconnects with Last-Event-ID until a terminal state has been seen and the server
+        closed the stream. With a `deadline` (monotonic time) it stops quietly when that passes."""
+        client, failures, status = self._client, 0, None
+        while True:
+            read_timeout = None
+            if deadline is not None:
+                if time.monotonic() >= deadline:
+                    return
+                read_timeout = max(0.05, deadline - time.monotonic())
+            try:
+                with client.stream(calls.stream_events(id, after), read_timeout) as response:
+                    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                        raise APIConnectionError(f"{response.url} did not answer with an event stream")
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        message = decoder.feed(line)
+                        if message is None:
+                            continue
+                        failures = 0
+                        if message.id is not None:
+                            after = message.id
+                        if message.event == "state":
+                            status = message.data.get("status")
+                        yield message
+                if status in TERMINAL:
+                    return
+            except httpx.TransportError:   # the connection broke mid-stream
+                if deadline is not None and time.monotonic() >= deadline:
+                    return   # the caller's time is up, not the stream's fault
+            failures += 1    # broke, or closed before the job ended (a proxy's timeout): resume
+            if failures > client.max_retries:
+                raise APIConnectionError(f"lost the event stream of job {id} {failures} times")
+            client._sleep(client._delay(failures - 1, None))
+
+    def wait(self, id: str, *, timeout: float | None = None, progress: bool = False, poll: float = 2.0,
+             on_state: Callable[[JobState], None] | None = None, on_event: Callable[[Event], None] | None = None) -> Job:
+        """Follow the job to its end (over SSE, or by polling where streaming fails) and return it; raise
+        `JobFailedError` if it failed or was cancelled, `WaitTimeout` after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(id)
+        with JobProgress(job.id, job.kind, enabled=progress) as bar:
+            def state(s: JobState) -> None:
+                bar.update(s)
+                if on_state:
+                    on_state(s)
+
+            if not job.done:
+                try:
+                    for message in self._follow(id, None, deadline):
+                        if message.event == "state":
+                            state(JobState.model_validate(message.data))
+                        elif message.id is not None:
+                            event = Event.model_validate(message.data)
+                            bar.event(event)
+                            if on_event:
+                                on_event(event)
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise WaitTimeout(self.get(id), timeout)
+                except (APIConnectionError, APIError) as e:
+                    if isinstance(e, APIError) and e.status in (401, 403, 404):
+                        raise
+                    while True:                     # no event stream here: poll instead
+                        job = self.get(id)
+                        state(JobState(status=job.status, progress=job.progress, summary=job.summary))
+                        if job.done:
+                            break
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise WaitTimeout(job, timeout) from None
+                        time.sleep(poll)
+            job = self.get(id)
+            state(JobState(status=job.status, progress=job.progress, summary=job.summary))
+        if not job.done:
+            raise WaitTimeout(job, timeout)   # the stream stopped at the deadline
+        if job.status != "succeeded":
+            raise JobFailedError(job)
+        return job
+
+
+class Artifacts(_Resource):
+    def list(self, job_id: str) -> list[Artifact]:
+        return self._client.call(calls.list_artifacts(job_id))
+
+    def get(self, id: str) -> Artifact:
+        return self._client.call(calls.get_artifact(id))
+
+    def download(self, job_id: str, dest: str | Path, *, names: Callable[[str], bool] | None = None) -> list[Path]:
+        """Write the job's artifacts under `dest` (keeping folders such as `student/`), each checked against
+        its sha256. An interrupted download resumes from its `.part` file with an HTTP Range request."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        return [self.download_file(a, artifact_target(dest, a)) for a in self.list(job_id)
+                if names is None or names(a.name)]
+
+    def download_file(self, artifact: Artifact, target: str | Path) -> Path:
+        part = PartialFile(Path(target), artifact)
+        if part.already_done():
+            return part.target
+        attempt = 0
+        while True:
+            try:
+                with self._client.stream(calls.artifact_content(artifact.id, part.request_headers())) as response:
+                    with part.begin(response) as fh:
+                        for chunk in response.iter_bytes():
+                            part.write(fh, chunk)
+                    return part.finish(response)
+            except httpx.TransportError as e:   # broke mid-body: go on from what arrived
+                if attempt >= self._client.max_retries:
+                    raise APIConnectionError(f"download of {artifact.name} failed: {e}") from e
+            self._client._sleep(self._client._delay(attempt, None))
+            attempt += 1

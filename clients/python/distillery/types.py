@@ -1,10 +1,14 @@
-"""Small pydantic views of the API's objects (unknown fields are kept)."""
+"""Typed views of the API's objects. Unknown fields are kept (a newer server may add some)."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class _Obj(BaseModel):
@@ -13,36 +17,60 @@ class _Obj(BaseModel):
 
 class Dataset(_Obj):
     id: str
-    name: str | None = None
-    format: str | None = None
-    records: int | None = None
+    name: str
+    format: str
+    sha256: str | None = None
     size_bytes: int | None = None
+    records: int | None = None
+    created_at: datetime | None = None
 
 
 class Model(_Obj):
     id: str
-    name: str | None = None
+    name: str
     format: str | None = None
+    source: str | None = None
     path: str | None = None
+    fingerprint: str | None = None
+    info: dict[str, Any] = {}
+    created_at: datetime | None = None
 
 
 class Artifact(_Obj):
     id: str
-    job_id: str | None = None
+    job_id: str
     name: str
-    size_bytes: int | None = None
-    sha256: str | None = None
+    size_bytes: int
+    sha256: str
+    content_type: str | None = None
+    created_at: datetime | None = None
+
+
+class Progress(_Obj):
+    step: int = 0
+    total_steps: int | None = None
+    fraction: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobError(_Obj):
+    code: str | None = None      # user_error (the input must change) or internal_error
+    message: str | None = None
 
 
 class Job(_Obj):
     id: str
     kind: str
-    status: str
+    status: JobStatus
     spec: dict[str, Any] = {}
-    progress: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress = Progress()
     summary: dict[str, Any] = {}
-    error: dict[str, Any] | None = None
+    error: JobError | None = None
     parent_id: str | None = None
+    cancel_requested: bool = False
     artifacts: list[Artifact] = []
 
     @property
@@ -50,11 +78,20 @@ class Job(_Obj):
         return self.status in TERMINAL
 
 
+class JobState(_Obj):
+    """A job's changing state as the event stream reports it (no id: a snapshot, not a stored event)."""
+
+    status: JobStatus
+    progress: Progress = Progress()
+    summary: dict[str, Any] = {}
+
+
 class Event(_Obj):
     id: int
     kind: str
     message: str | None = None
     data: dict[str, Any] = {}
+    created_at: datetime | None = None
 
 
 class MetricPoint(_Obj):
@@ -64,4 +101,7 @@ class MetricPoint(_Obj):
     value: float
 
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+class Checkpoint(_Obj):
+    id: str
+    step: int
+    created_at: datetime | None = None

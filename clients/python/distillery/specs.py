@@ -1,0 +1,228 @@
+"""Typed job specs (SPEC §4): what `POST /v1/jobs` accepts, as pydantic models.
+
+They mirror the server's own models field for field (a test holds them to the API's OpenAPI schema), so a
+spec that validates here is one the API accepts. Unknown fields are rejected everywhere: a typo
+(`learning_rat`) is an error naming the field, never a silently ignored setting.
+
+    from distillery import DistillSpec
+    spec = DistillSpec(student={"model": student_id}, teachers=[{"model": teacher_id}], data={"train": ds_id})
+    client.jobs.create(spec)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentSpec(_Spec):
+    model: str = Field(description="Model id, or a local folder / GGUF path for `distill`.")
+    adapter: str | None = Field(None, description="Starting adapter (e.g. an earlier SFT adapter) folder or job id.")
+    keep_layers: list[int] | None = Field(
+        None, description="Depth pruning at init: indices of the transformer layers to keep, in order."
+    )
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _layers_sorted_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("keep_layers must name at least one layer")
+        if any(i < 0 for i in v):
+            raise ValueError("keep_layers indices must be >= 0")
+        if sorted(set(v)) != v:
+            raise ValueError("keep_layers must be strictly increasing layer indices")
+        return v
+
+
+class TeacherSpec(_Spec):
+    model: str
+    weight: float = Field(1.0, gt=0, description="Fixed mixing weight; weights are normalised to sum to 1.")
+
+
+class DataSpec(_Spec):
+    train: str
+    valid: str | float = Field(
+        0.05, description="A dataset (id or path), or the fraction of train held out for validation."
+    )
+
+    @field_validator("valid")
+    @classmethod
+    def _fraction_range(cls, v: str | float) -> str | float:
+        if isinstance(v, float) and not 0.0 < v < 0.5:
+            raise ValueError("a validation fraction must be in (0, 0.5)")
+        return v
+
+
+class LossSpec(_Spec):
+    kind: LossKind = "forward_kl"
+    temperature: float = Field(1.0, gt=0, le=20)
+    alpha: float = Field(1.0, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to CE on labels.")
+    top_k: int = Field(64, ge=1, le=4096, description="Teacher log-probs kept per position (offline mode).")
+    beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of generalised JSD.")
+    skew: float = Field(0.1, ge=0, lt=1, description="Skew of skew KL: KL(p || skew*p + (1-skew)*q).")
+
+
+class LossOverride(_Spec):
+    kind: LossKind | None = None
+    temperature: float | None = Field(None, gt=0, le=20)
+    alpha: float | None = Field(None, ge=0, le=1)
+    beta: float | None = Field(None, gt=0, lt=1)
+    skew: float | None = Field(None, ge=0, lt=1)
+
+
+class AdapterSpec(_Spec):
+    type: Literal["lora", "dora", "full"] = "lora"
+    rank: int = Field(16, ge=1, le=1024)
+    scale: float = Field(20.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    layers: int = Field(-1, ge=-1, description="Train the last N transformer layers; -1 = all.")
+    keys: list[str] | None = Field(None, description="Module keys to adapt (e.g. self_attn.q_proj); default: all linear.")
+
+    @field_validator("layers")
+    @classmethod
+    def _not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("layers must be -1 (all) or a positive count")
+        return v
+
+
+class ParamGroup(_Spec):
+    pattern: str = Field(description="Regex matched (re.search) against parameter names.")
+    lr_mult: float = Field(ge=0, description="Learning-rate multiplier; 0 freezes the matching parameters.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regex {v!r}: {e}") from None
+        return v
+
+
+class StageSpec(_Spec):
+    """One segment of a multi-stage schedule; unset fields inherit from `training` and `loss`."""
+
+    name: str | None = None
+    steps: int = Field(gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    loss: LossOverride | None = None
+    param_groups: list[ParamGroup] | None = None
+
+
+class TrainingSpec(_Spec):
+    steps: int = Field(1000, gt=0, le=10_000_000)
+    batch_size: int = Field(4, gt=0, le=4096)
+    grad_accum: int = Field(1, gt=0, le=1024)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of the peak.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Global-norm clipping; null disables it.")
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    seed: int = 42
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int | None = Field(None, gt=0, description="Cap on validation batches per evaluation.")
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept (the best is always kept).")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without val KL improvement.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val KL decrease that counts as improvement.")
+    param_groups: list[ParamGroup] = Field(default_factory=list)
+    stages: list[StageSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_fill_steps(self) -> TrainingSpec:
+        if self.stages:
+            total = sum(s.steps for s in self.stages)
+            if "steps" in self.model_fields_set and self.steps != total:
+                raise ValueError(f"steps ({self.steps}) must equal the sum of stage steps ({total}) or be omitted")
+            self.steps = total
+        return self
+
+
+class OutputSpec(_Spec):
+    fuse: bool = Field(False, description="Also write the student with the adapter fused in (`fused/`).")
+
+
+class DistillSpec(_Spec):
+    student: StudentSpec
+    teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
+    teacher_mode: Literal["offline", "online"] = "offline"
+    data: DataSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+class TeacherCacheSpec(_Spec):
+    teacher: str
+    data: str
+    top_k: int = Field(64, ge=1, le=4096)
+    max_seq_len: int = Field(512, ge=8, le=131072)
+
+
+class BenchmarkCandidate(_Spec):
+    label: str = Field(min_length=1, max_length=100)
+    model: str = Field(description="Model id, or a local folder / GGUF path.")
+    adapter: str | None = Field(None, description="A distill job id (or adapter folder) whose adapter is applied.")
+
+
+class BenchmarkData(_Spec):
+    text: str | None = Field(None, description="Dataset for KL, top-1/top-5 agreement and perplexity vs the reference.")
+    mcq: str | None = Field(None, description="Multiple-choice dataset (`mcq` format): accuracy.")
+    preference: str | None = Field(None, description="Preference dataset: how often `chosen` outscores `rejected`.")
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> BenchmarkData:
+        if self.text is None and self.mcq is None and self.preference is None:
+            raise ValueError("name at least one of text, mcq, preference")
+        return self
+
+
+class BenchmarkSpeed(_Spec):
+    """Generation speed and memory, each model measured alone (mlx-lm's `stream_generate`, greedy)."""
+
+    enabled: bool = Field(True, description="Measure prefill/decode tokens per second and peak memory.")
+    prompt_tokens: int = Field(128, ge=1, le=131072, description="Prompt length for the prefill measurement.")
+    decode_tokens: int = Field(64, ge=1, le=16384, description="Tokens generated for the decode measurement.")
+    repeats: int = Field(1, ge=1, le=20, description="Measured runs per model (after one warm-up); the median is kept.")
+
+
+class BenchmarkSpec(_Spec):
+    """Candidates (e.g. a distilled student) measured against a reference model on held-out data."""
+
+    reference: str = Field(description="The reference (teacher) model id or path.")
+    candidates: list[BenchmarkCandidate] = Field(min_length=1, max_length=16)
+    data: BenchmarkData
+    max_seq_len: int = Field(512, ge=8, le=131072, description="Longer texts are cut into windows; longer "
+                             "multiple-choice / preference prompts keep their last tokens.")
+    batch_size: int = Field(4, gt=0, le=1024, description="Sequences per forward pass.")
+    max_examples: int | None = Field(None, gt=0, description="Use at most the first N records of each dataset.")
+    speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_labels(cls, v: list[BenchmarkCandidate]) -> list[BenchmarkCandidate]:
+        seen: set[str] = set()
+        for c in v:
+            if c.label in seen:
+                raise ValueError(f"duplicate candidate label {c.label!r}; labels name the report's rows")
+            seen.add(c.label)
+        return v
+
+
+SPEC_MODELS: dict[str, type[_Spec]] = {"distill": DistillSpec, "teacher_cache": TeacherCacheSpec,
+                                       "benchmark": BenchmarkSpec}
