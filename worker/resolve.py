@@ -73,3 +73,19 @@ class Resolver:
         if not (path / "adapters.safetensors").is_file():
             raise UserError(f"{field}: job {ref} has no adapter in {path}")
         return path
+
+    def distill_job_dir(self, ref: str, field: str) -> tuple[Job, Path]:
+        """A succeeded distill job of the project and its output folder."""
+        row = self._row(Job, ref)
+        if row is None or row.kind != "distill":
+            raise UserError(f"{field}: {ref!r} is not a distill job of this project")
+        if row.status != "succeeded":
+            raise UserError(f"{field}: job {ref} is {row.status}; its output is there once it has succeeded")
+        return row, job_output_dir(self.settings.artifact_root, row)
+
+    def student_of(self, ref: str, field: str) -> Path:
+        """The student a distill job trained: the `student/` folder it built (e.g. pruned), or its student model."""
+        row, out = self.distill_job_dir(ref, field)
+        if (out / "student" / "config.json").is_file():
+            return out / "student"
+        return self.model(row.spec["student"]["model"], f"{field} (job {ref}'s student.model)")

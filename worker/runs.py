@@ -21,7 +21,8 @@ from worker.engine.cache import CacheStore
 from worker.engine.distill import Inputs, build_teacher_cache, run_distill
 from worker.engine.errors import UserError
 from worker.engine.local import format_validation_error
-from worker.engine.spec import DistillSpec, TeacherCacheSpec
+from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
+from worker.engine.spec import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from worker.engine.train import Hooks
 from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint
 from worker.resolve import Resolver
@@ -54,7 +55,7 @@ def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop) ->
     if job.kind == "distill":
         return distill(job, settings, recorder, hooks)
     if job.kind == "benchmark":
-        raise UserError("benchmark jobs are not available yet")
+        return benchmark(job, settings, recorder, hooks)
     raise UserError(f"unknown job kind {job.kind!r}")
 
 
@@ -107,4 +108,28 @@ def distill(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hook
     recorder.progress({"step": resumed_at or 0, "total_steps": spec.training.steps})
     recorder.flush()
     summary = run_distill(spec, inputs, out_dir, teacher_caches(settings), hooks, on_progress=recorder.progress)
+    return Result(summary=jsonable(summary), out_dir=out_dir)
+
+
+def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hooks) -> Result:
+    spec = _validate(BenchmarkSpec, job.spec)
+    r = Resolver(settings, job.project_id)
+    candidates = []
+    for i, c in enumerate(spec.candidates):
+        at = f"candidates.{i}"
+        if c.student_of:
+            candidates.append(CandidateInput(c.label, r.student_of(c.student_of, f"{at}.student_of")))
+            continue
+        adapter = metrics = None
+        if c.adapter:
+            _, out = r.distill_job_dir(c.adapter, f"{at}.adapter")
+            adapter, metrics = r.adapter(c.adapter, f"{at}.adapter"), out / "metrics.jsonl"
+        model = r.model(c.model, f"{at}.model") if c.model else r.student_of(c.adapter, f"{at}.adapter")
+        candidates.append(CandidateInput(c.label, model, adapter, metrics if metrics and metrics.is_file() else None))
+    data = {name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None
+            for name in ("text", "mcq", "preference")}
+    inputs = BenchmarkInputs(reference=r.model(spec.reference, "reference"), candidates=candidates, **data)
+    out_dir = job_output_dir(settings.artifact_root, job)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = run_benchmark(spec, inputs, out_dir, hooks, on_progress=recorder.progress)
     return Result(summary=jsonable(summary), out_dir=out_dir)

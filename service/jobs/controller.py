@@ -54,9 +54,10 @@ class JobController(Controller):
     @get("/", sync_to_thread=True, summary="List jobs, newest first")
     def list(self, session: SessionDep, caller: CallerDep, status: FromQuery[str | None] = None,
              kind: FromQuery[str | None] = None,
+             parent_id: str | None = Parameter(default=None, max_length=40),
              limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
              after: str | None = Parameter(default=None, max_length=40)) -> JobPage:
-        return service.list_jobs(session, caller.project_id, status, kind, limit, after)
+        return service.list_jobs(session, caller.project_id, status, kind, limit, after, parent_id)
 
     @get("/{job_id:str}", sync_to_thread=True, summary="Get a job")
     def retrieve(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> JobOut:

@@ -20,6 +20,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, JobDependency, JobEvent, utcnow
+from service.jobs.references import spec_references
 
 QUEUED, RUNNING, CANCEL_REQUESTED = "queued", "running", "cancel_requested"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -58,11 +59,21 @@ def get_or_create_cache_job(session: Session, project_id: str, teacher: str, dat
 
 def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_id: str | None = None,
                total_steps: int | None = None) -> tuple[Job, list[Job]]:
-    """Insert a job (and, for an offline distill, its teacher_cache jobs). Returns (job, new cache jobs)."""
+    """Insert a job (and, for an offline distill, its teacher_cache jobs; with `evaluate`, its benchmark child).
+    Returns (job, the new jobs that may start at once)."""
     job = Job(project_id=project_id, kind=kind, spec=spec, parent_id=parent_id, total_steps=total_steps)
     session.add(job)
     session.flush()
     add_event(session, job.id, "created", f"{kind} job created")
+    _wait_for_used_jobs(session, job, [r for r in spec_references(kind, spec) if not r.field.startswith("spec.evaluate.")])
+    if kind == "distill" and spec.get("evaluate"):
+        child = Job(project_id=project_id, kind="benchmark", spec=evaluation_spec(job.id, spec), parent_id=job.id)
+        session.add(child)
+        session.flush()
+        _wait_for_used_jobs(session, child, spec_references("benchmark", child.spec))
+        add_event(session, child.id, "created", f"benchmark job created to evaluate distill job {job.id}")
+        add_event(session, job.id, "evaluation", f"benchmark job {child.id} will evaluate the result",
+                  {"job_id": child.id})
     new_caches = []
     if kind == "distill" and spec.get("teacher_mode", "offline") == "offline":
         training, loss = spec.get("training", {}), spec.get("loss", {})
@@ -76,6 +87,27 @@ def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_
                     new_caches.append(cache_job)
         session.flush()
     return job, new_caches
+
+
+def _wait_for_used_jobs(session: Session, job: Job, refs) -> None:
+    """A job that uses another job's output (an adapter, a student) depends on it until it has succeeded."""
+    for other_id in dict.fromkeys(r.id for r in refs if r.target == "job"):
+        other = session.get(Job, other_id)
+        if other is not None and other.status != SUCCEEDED:
+            session.add(JobDependency(job_id=job.id, depends_on_id=other.id))
+    session.flush()
+
+
+def evaluation_spec(job_id: str, spec: dict) -> dict:
+    """The benchmark a distill spec's `evaluate` asks for: its first teacher as the reference, the student before
+    training, the distilled student, and any further candidates."""
+    ev = spec["evaluate"]
+    candidates = ([{"label": "student (before)", "student_of": job_id}] if ev.get("baseline", True) else []) + \
+        [{"label": "distilled", "adapter": job_id}] + list(ev.get("candidates") or [])
+    out = {"reference": spec["teachers"][0]["model"], "candidates": candidates, "data": ev["data"],
+           "max_seq_len": ev.get("max_seq_len") or spec.get("training", {}).get("max_seq_len", 512)}
+    out.update({k: ev[k] for k in ("batch_size", "max_examples", "speed") if ev.get(k) is not None})
+    return out
 
 
 def dependencies(session: Session, job_id: str) -> list[Job]:

@@ -25,18 +25,27 @@ def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
         refs.append(Reference("spec.data.train", "dataset", spec["data"]["train"]))
         if isinstance(spec["data"].get("valid"), str):
             refs.append(Reference("spec.data.valid", "dataset", spec["data"]["valid"]))
+        if spec.get("evaluate"):
+            refs += _benchmark_refs("spec.evaluate", spec["evaluate"])
     elif kind == "teacher_cache":
         refs.append(Reference("spec.teacher", "model", spec["teacher"]))
         refs.append(Reference("spec.data", "dataset", spec["data"]))
     elif kind == "benchmark":
         refs.append(Reference("spec.reference", "model", spec["reference"]))
-        for i, cand in enumerate(spec["candidates"]):
-            refs.append(Reference(f"spec.candidates.{i}.model", "model", cand["model"]))
-            if cand.get("adapter"):
-                refs.append(Reference(f"spec.candidates.{i}.adapter", "job", cand["adapter"]))
-        for name in ("text", "mcq", "preference"):
-            if spec["data"].get(name):
-                refs.append(Reference(f"spec.data.{name}", "dataset", spec["data"][name]))
+        refs += _benchmark_refs("spec", spec)
+    return refs
+
+
+def _benchmark_refs(at: str, spec: dict[str, Any]) -> list[Reference]:
+    """The candidates' models and jobs and the data of a benchmark spec, or of a distill spec's `evaluate`."""
+    refs = []
+    for i, cand in enumerate(spec.get("candidates") or []):
+        for name, target in (("model", "model"), ("adapter", "job"), ("student_of", "job")):
+            if cand.get(name):
+                refs.append(Reference(f"{at}.candidates.{i}.{name}", target, cand[name]))
+    for name in ("text", "mcq", "preference"):
+        if spec["data"].get(name):
+            refs.append(Reference(f"{at}.data.{name}", "dataset", spec["data"][name]))
     return refs
 
 

@@ -99,9 +99,11 @@ class Enqueuer:
         return sent
 
 
-_DATASET_FORMATS: dict[str, tuple[str, ...]] = {
+_DATASET_FORMATS: dict[str, tuple[str, ...]] = {   # by field (in a benchmark spec or a distill's `evaluate`)
     "spec.data.mcq": ("mcq",),
     "spec.data.preference": ("preference",),
+    "spec.evaluate.data.mcq": ("mcq",),
+    "spec.evaluate.data.preference": ("preference",),
 }
 
 
@@ -121,13 +123,13 @@ def _check_reference(session: Session, project_id: str, ref: Reference) -> dict[
             return {"field": ref.field,
                     "message": f"dataset {ref.id} is in format {row.format!r}; this needs {' or '.join(allowed)}"}
         return None
-    row = session.get(Job, ref.id)   # an adapter: the output of an earlier distill job
-    if row is None or row.project_id != project_id:
+    row = session.get(Job, ref.id)   # an adapter or a student: the output of a distill job (the new job waits
+    if row is None or row.project_id != project_id:                       # for it when it has not finished)
         return {"field": ref.field, "message": f"unknown job id {ref.id!r}{_path_hint(ref.id, 'jobs')}"}
-    if row.kind != "distill" or row.status != lifecycle.SUCCEEDED:
+    if row.kind != "distill" or row.status in (lifecycle.FAILED, lifecycle.CANCELLED):
         return {"field": ref.field,
-                "message": f"job {ref.id} is a {row.status} {row.kind} job; an adapter must come from a "
-                           "succeeded distill job"}
+                "message": f"job {ref.id} is a {row.status} {row.kind} job; this needs a distill job that "
+                           "succeeded or is still to run"}
     return None
 
 
@@ -161,8 +163,10 @@ def get_job_out(session: Session, project_id: str, job_id: str) -> JobOut:
 
 
 def list_jobs(session: Session, project_id: str, status: str | None, kind: str | None, limit: int,
-              after: str | None) -> JobPage:
+              after: str | None, parent_id: str | None = None) -> JobPage:
     stmt = select(Job).where(Job.project_id == project_id)
+    if parent_id is not None:
+        stmt = stmt.where(Job.parent_id == parent_id)
     if status is not None:
         if status not in JOB_STATUSES:
             raise invalid("status", f"unknown status {status!r}; expected one of {', '.join(JOB_STATUSES)}")

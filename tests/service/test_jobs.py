@@ -9,6 +9,7 @@ import time
 import pytest
 
 from service.db.models import IdempotencyRecord, Job, JobDependency
+from service.jobs import lifecycle
 from tests.service.conftest import closed_port, running_api
 from tests.service.factories import count, finish_job, insert_job, register_model, setup_distill, upload_dataset
 
@@ -123,19 +124,53 @@ def test_unknown_ids_paths_and_other_projects_ids_are_refused(api):
     assert {e["field"] for e in r.json()["errors"]} == {"spec.student.model", "spec.teachers.0.model"}
 
 
-def test_student_adapter_must_be_a_succeeded_distill_job_of_the_project(api):
+def test_student_adapter_must_be_a_live_distill_job_of_the_project(api):
     spec = setup_distill(api)
     _, other_project = api.other_project()
-    running = insert_job(api, status="running")
+    failed = insert_job(api, status="failed")
     foreign = insert_job(api, project_id=other_project, status="succeeded")
     cache = insert_job(api, status="succeeded", kind="teacher_cache")
     done = insert_job(api, status="succeeded")
-    for job_id, words in ((running, "running distill job"), ("job_missing", "unknown job id"),
+    for job_id, words in ((failed, "failed distill job"), ("job_missing", "unknown job id"),
                           (foreign, "unknown job id"), (cache, "succeeded teacher_cache job")):
         r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": job_id}})
         assert_refused(api, r, "spec.student.adapter", words, jobs=4)
     r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": done}}, parent_id=done)
     assert r.status_code == 201 and r.json()["parent_id"] == done
+    # a distill job still running: the new job waits for it
+    running = insert_job(api, status="running")
+    r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": running}})
+    assert r.status_code == 201
+    with api.db() as session:
+        assert running in {d.id for d in lifecycle.dependencies(session, r.json()["id"])}
+
+
+def test_evaluate_creates_a_benchmark_child_that_waits_for_its_parent(api):
+    spec = setup_distill(api)
+    valid = upload_dataset(api)["id"]
+    spec["evaluate"] = {"data": {"text": valid}, "speed": {"enabled": False},
+                        "candidates": [{"label": "teacher again", "model": spec["teachers"][0]["model"]}]}
+    r = post_job(api, "distill", spec)
+    assert r.status_code == 201, r.text
+    parent = r.json()["id"]
+    children = api.client.get("/v1/jobs", params={"parent_id": parent}, headers=api.headers).json()["data"]
+    assert [c["kind"] for c in children] == ["benchmark"] and children[0]["status"] == "queued"
+    child = children[0]
+    assert child["spec"]["reference"] == spec["teachers"][0]["model"]
+    assert [c["label"] for c in child["spec"]["candidates"]] == ["student (before)", "distilled", "teacher again"]
+    assert child["spec"]["candidates"][0] == {"label": "student (before)", "student_of": parent}
+    assert child["spec"]["max_seq_len"] == spec["training"]["max_seq_len"]
+    with api.db() as session:
+        assert [d.id for d in lifecycle.dependencies(session, child["id"])] == [parent]
+    events = api.client.get(f"/v1/jobs/{parent}/events", headers=api.headers).json()["data"]
+    assert any(e["kind"] == "evaluation" and e["data"]["job_id"] == child["id"] for e in events)
+    # the evaluation's data is checked like a benchmark's
+    spec["evaluate"] = {"data": {"mcq": valid}}
+    r = post_job(api, "distill", spec)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "spec.evaluate.data.mcq"
+    spec["evaluate"] = {"data": {"text": valid}, "candidates": [{"label": "distilled", "model": "x"}]}
+    r = post_job(api, "distill", spec)
+    assert r.status_code == 422 and "spec.evaluate.candidates" in r.json()["errors"][0]["field"]
 
 
 def test_idempotency_key(api):

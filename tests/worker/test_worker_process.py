@@ -256,3 +256,39 @@ def test_distill_continues_from_an_earlier_jobs_adapter(service, refs):
     spec["student"]["adapter"] = refs["train"]   # not a job: the user's to fix
     bad = wait_done(service, service.submit("distill", spec))
     assert (bad.status, bad.error_code) == ("failed", "user_error") and "student.adapter" in bad.error_message
+
+
+def test_distill_with_evaluate_runs_its_benchmark_child(service, refs, tiny_teacher):
+    """A pruned student (keep_layers) distilled with `evaluate`: after the distill job succeeds, its benchmark
+    child runs on the same worker and reports the teacher, the pruned student before training and after."""
+    spec = distill_spec(refs["teacher"], refs["teacher"], refs["train"], refs["valid"])
+    spec["student"]["keep_layers"] = [0, 2]
+    spec["evaluate"] = {"data": {"text": refs["valid"]}, "speed": {"prompt_tokens": 8, "decode_tokens": 4}}
+    parent_id = service.submit("distill", spec)
+    with session_scope(service.database_url) as s:
+        child_id = s.scalars(select(Job.id).where(Job.parent_id == parent_id)).one()
+    done = wait_done(service, child_id, timeout=180)
+    assert job(service, parent_id).status == "succeeded"
+    assert done.status == "succeeded", (done.error_code, done.error_message, service.logs())
+    with session_scope(service.database_url) as s:
+        arts = {a.name: Path(a.path) for a in s.scalars(select(Artifact).where(Artifact.job_id == child_id))}
+    assert {"report.json", "report.md", "quality.png", "training.png"} <= set(arts), sorted(arts)
+    report = json.loads(arts["report.json"].read_text())
+    rows = {c["label"]: c["metrics"] for c in report["candidates"]}
+    assert list(rows) == ["reference", "student (before)", "distilled"]
+    assert rows["reference"]["kl"] == 0 and rows["reference"]["top1_agreement"] == 1
+    # the pruned student keeps 2 of 3 layers; distillation brought it closer to the teacher
+    assert rows["student (before)"]["parameters"] < rows["reference"]["parameters"]
+    assert rows["distilled"]["kl"] < rows["student (before)"]["kl"]
+    assert rows["distilled"]["adapter_parameters"] > 0 and rows["distilled"]["decode_tokens_per_second"] > 0
+    assert done.summary["metrics"]["distilled"]["kl"] == rows["distilled"]["kl"]
+    assert "| distilled |" in arts["report.md"].read_text()
+
+
+def test_benchmark_user_error_names_the_field(service, refs):
+    spec = {"reference": refs["teacher"], "candidates": [{"label": "s", "model": refs["student"]}],
+            "data": {"mcq": refs["valid"]}}           # a text dataset in the mcq slot
+    job_id = service.submit("benchmark", spec)
+    done = wait_done(service, job_id)
+    assert done.status == "failed" and done.error_code == "user_error", done.error_message
+    assert "data.mcq" in done.error_message

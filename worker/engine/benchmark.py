@@ -343,7 +343,8 @@ def _rows(spec: BenchmarkSpec, inputs: BenchmarkInputs) -> list[Row]:
     ref = Row(REFERENCE_LABEL, spec.reference, None, inputs.reference, None, "reference", is_reference=True)
     rows = []
     for i, (c, ci) in enumerate(zip(spec.candidates, inputs.candidates)):
-        row = Row(c.label, c.model, c.adapter, ci.model, ci.adapter, f"candidates.{i}")
+        name = c.model or (f"student of {c.student_of}" if c.student_of else f"student of {c.adapter}")
+        row = Row(c.label, name, c.adapter, ci.model, ci.adapter, f"candidates.{i}")
         if ref.label == REFERENCE_LABEL and row.key == ref.key:
             ref.label = row.label
             continue
