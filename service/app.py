@@ -20,7 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from service.api.auth import ApiKeyMiddleware
 from service.api.deps import provide_caller, provide_session, provide_settings
 from service.api.metrics import AppMetrics, metrics_middleware
-from service.api.openapi import close_spec_schemas
+from service.api.openapi import publish_pydantic_schemas
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.schemas import request_models
 from service.artifacts.controller import ArtifactController
@@ -74,5 +74,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=state,
         debug=False,
     )
-    close_spec_schemas(app, request_models())
+    publish_pydantic_schemas(app, request_models())
     return app

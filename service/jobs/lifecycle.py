@@ -62,6 +62,9 @@ def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_
     """Insert a job (and, for an offline distill, its teacher_cache jobs; with `evaluate`, its benchmark child).
     Returns (job, the new jobs that may start at once)."""
     job = Job(project_id=project_id, kind=kind, spec=spec, parent_id=parent_id, total_steps=total_steps)
+    if kind == "teacher_cache":   # submitted by hand: offline distill jobs on the same inputs reuse it
+        job.cache_key = teacher_cache_key(spec["teacher"], spec["data"], spec.get("top_k", 64),
+                                          spec.get("max_seq_len", 512))
     session.add(job)
     session.flush()
     add_event(session, job.id, "created", f"{kind} job created")

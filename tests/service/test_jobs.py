@@ -263,3 +263,13 @@ def test_job_object_shows_progress_error_and_artifacts(api):
     body = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()
     assert body["status"] == "failed" and body["error"] == {"code": "user_error", "message": "bad data"}
     assert body["finished_at"].endswith("Z")
+
+
+def test_a_hand_submitted_teacher_cache_is_reused_by_distill_jobs(api):
+    spec = setup_distill(api)
+    r = post_job(api, "teacher_cache", {"teacher": spec["teachers"][0]["model"], "data": spec["data"]["train"],
+                                        "top_k": spec["loss"]["top_k"], "max_seq_len": spec["training"]["max_seq_len"]})
+    assert r.status_code == 201, r.text
+    r2 = post_job(api, "distill", spec)
+    with api.db() as session:
+        assert r.json()["id"] in {d.id for d in lifecycle.dependencies(session, r2.json()["id"])}

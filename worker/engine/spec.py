@@ -15,7 +15,7 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # no coercion: `top_k: true` is an error, not 1
 
 
 class StudentSpec(_Spec):

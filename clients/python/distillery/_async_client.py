@@ -131,9 +131,9 @@ class AsyncJobs(_Resource):
     async def create(self, spec: Any, *, parent_id: str | None = None, idempotency_key: str | None = None) -> Job:
         return await self._client.call(calls.create_job(job_body(spec, parent_id), idempotency_key))
 
-    def list(self, *, status: str | None = None, kind: str | None = None,
+    def list(self, *, status: str | None = None, kind: str | None = None, parent_id: str | None = None,
              limit: int | None = None) -> AsyncIterator[Job]:
-        return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after))
+        return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after, parent_id))
 
     async def get(self, id: str) -> Job:
         return await self._client.call(calls.get_job(id))
@@ -165,7 +165,7 @@ class AsyncJobs(_Resource):
                 yield Event.model_validate(message.data)
 
     async def _follow(self, id: str, after: int | None, deadline: float | None = None) -> AsyncIterator[Message]:
-        client, failures, status = self._client, 0, None
+        client, failures, status, snapshot = self._client, 0, None, None
         while True:
             read_timeout = None
             if deadline is not None:
@@ -181,11 +181,12 @@ class AsyncJobs(_Resource):
                         message = decoder.feed(line)
                         if message is None:
                             continue
-                        failures = 0
+                        if message.event != "state" or message.data != snapshot:
+                            failures = 0   # progress (the same snapshot on each reconnection is none)
                         if message.id is not None:
                             after = message.id
                         if message.event == "state":
-                            status = message.data.get("status")
+                            snapshot, status = message.data, message.data.get("status")
                         yield message
                 if status in TERMINAL:
                     return

@@ -62,8 +62,10 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> Call:
     return Call("POST", "/v1/jobs", json=body, headers=headers, parse=Job.model_validate)
 
 
-def list_jobs(status: str | None, kind: str | None, limit: int | None, after: str | None = None) -> Call:
-    return Call("GET", "/v1/jobs", params={"status": status, "kind": kind, "limit": limit, "after": after},
+def list_jobs(status: str | None, kind: str | None, limit: int | None, after: str | None = None,
+              parent_id: str | None = None) -> Call:
+    return Call("GET", "/v1/jobs", params={"status": status, "kind": kind, "parent_id": parent_id, "limit": limit,
+                                           "after": after},
                 parse=_page_of(Job))
 
 

@@ -140,8 +140,10 @@ class Jobs(_Resource):
         """Submit a job from a typed spec (`DistillSpec`...), a `{kind, spec}` dict, or a YAML/JSON file."""
         return self._client.call(calls.create_job(job_body(spec, parent_id), idempotency_key))
 
-    def list(self, *, status: str | None = None, kind: str | None = None, limit: int | None = None) -> Iterator[Job]:
-        return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after))
+    def list(self, *, status: str | None = None, kind: str | None = None, parent_id: str | None = None,
+             limit: int | None = None) -> Iterator[Job]:
+        """Every job, newest first; `parent_id` lists a job's children (e.g. its evaluation)."""
+        return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after, parent_id))
 
     def get(self, id: str) -> Job:
         return self._client.call(calls.get_job(id))
@@ -177,7 +179,7 @@ class Jobs(_Resource):
     def _follow(self, id: str, after: int | None, deadline: float | None = None) -> Iterator[Message]:
         """Every SSE message; reconnects with Last-Event-ID until a terminal state has been seen and the server
         closed the stream. With a `deadline` (monotonic time) it stops quietly when that passes."""
-        client, failures, status = self._client, 0, None
+        client, failures, status, snapshot = self._client, 0, None, None
         while True:
             read_timeout = None
             if deadline is not None:
@@ -193,11 +195,12 @@ class Jobs(_Resource):
                         message = decoder.feed(line)
                         if message is None:
                             continue
-                        failures = 0
+                        if message.event != "state" or message.data != snapshot:
+                            failures = 0   # progress (the same snapshot on each reconnection is none)
                         if message.id is not None:
                             after = message.id
                         if message.event == "state":
-                            status = message.data.get("status")
+                            snapshot, status = message.data, message.data.get("status")
                         yield message
                 if status in TERMINAL:
                     return

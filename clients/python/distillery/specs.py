@@ -20,7 +20,7 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # no coercion: `top_k: true` is an error, not 1
 
 
 class StudentSpec(_Spec):
@@ -156,17 +156,6 @@ class OutputSpec(_Spec):
     fuse: bool = Field(False, description="Also write the student with the adapter fused in (`fused/`).")
 
 
-class DistillSpec(_Spec):
-    student: StudentSpec
-    teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
-    teacher_mode: Literal["offline", "online"] = "offline"
-    data: DataSpec
-    loss: LossSpec = Field(default_factory=LossSpec)
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
-
-
 class TeacherCacheSpec(_Spec):
     teacher: str
     data: str
@@ -175,9 +164,22 @@ class TeacherCacheSpec(_Spec):
 
 
 class BenchmarkCandidate(_Spec):
+    """One row of a benchmark: a model, a model + adapter, or the student of a distill job (before or after)."""
+
     label: str = Field(min_length=1, max_length=100)
-    model: str = Field(description="Model id, or a local folder / GGUF path.")
+    model: str | None = Field(None, description="Model id, or a local folder / GGUF path. Leave it out with "
+                              "`adapter: <distill job id>` to use that job's own student (its pruned `student/`).")
     adapter: str | None = Field(None, description="A distill job id (or adapter folder) whose adapter is applied.")
+    student_of: str | None = Field(None, description="A distill job id: its student as it was before training "
+                                   "(the `student/` folder it built, or its student model).")
+
+    @model_validator(mode="after")
+    def _one_base(self) -> BenchmarkCandidate:
+        if self.student_of is not None and (self.model is not None or self.adapter is not None):
+            raise ValueError("student_of names the whole candidate; leave model and adapter out")
+        if self.model is None and self.adapter is None and self.student_of is None:
+            raise ValueError("name a model, an adapter (distill job), or student_of")
+        return self
 
 
 class BenchmarkData(_Spec):
@@ -222,6 +224,43 @@ class BenchmarkSpec(_Spec):
                 raise ValueError(f"duplicate candidate label {c.label!r}; labels name the report's rows")
             seen.add(c.label)
         return v
+
+
+class EvaluateSpec(_Spec):
+    """A benchmark run as a child job once the distillation succeeds: the distilled student ("distilled") and,
+    unless `baseline` is false, the student before training ("student (before)"), against the first teacher."""
+
+    data: BenchmarkData
+    baseline: bool = Field(True, description="Also measure the student as it was before training.")
+    candidates: list[BenchmarkCandidate] = Field(default_factory=list, max_length=14,
+                                                 description="More rows, e.g. an SFT job's adapter.")
+    max_seq_len: int | None = Field(None, ge=8, le=131072, description="Default: the training max_seq_len.")
+    batch_size: int = Field(4, gt=0, le=1024)
+    max_examples: int | None = Field(None, gt=0)
+    speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
+
+    @field_validator("candidates")
+    @classmethod
+    def _free_labels(cls, v: list[BenchmarkCandidate]) -> list[BenchmarkCandidate]:
+        for c in v:
+            if c.label in EVALUATE_LABELS:
+                raise ValueError(f"label {c.label!r} is taken by the evaluation's own rows")
+        return v
+
+
+EVALUATE_LABELS = ("distilled", "student (before)", "reference")
+
+
+class DistillSpec(_Spec):
+    student: StudentSpec
+    teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
+    teacher_mode: Literal["offline", "online"] = "offline"
+    data: DataSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    evaluate: EvaluateSpec | None = Field(None, description="Benchmark the result in a child job when it succeeds.")
 
 
 SPEC_MODELS: dict[str, type[_Spec]] = {"distill": DistillSpec, "teacher_cache": TeacherCacheSpec,

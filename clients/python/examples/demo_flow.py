@@ -55,9 +55,9 @@ def run(client: Distillery, gguf: Path, data: Path, out: Path, *, steps: int = 6
         f"evaluation job {bench.id}")
     for job in (sft, distilled, bench):
         done = client.jobs.wait(job.id, progress=progress)
-        say(f"{job.kind} {job.id} succeeded: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in done.summary.items() if isinstance(v, float) and k in (
-                "val_kl", "val_ppl", "val_top1_agreement", "wall_seconds")))
+        final = done.summary.get("final") or {}
+        say(f"{job.kind} {job.id} succeeded" + "".join(f", {k} {final[k]:.4g}" for k in (
+            "val_kl", "val_ppl", "val_top1_agreement") if isinstance(final.get(k), (int, float))))
 
     adapter_dir = out / "distilled"
     client.artifacts.download(distilled.id, adapter_dir, names=lambda n: not n.startswith("checkpoints/"))
