@@ -62,8 +62,7 @@ class AsyncDistillery(BaseClient):
     async def call(self, call: Call) -> Any:
         return call.result(await self.send(call))
 
-    async def pages(self, make: Callable[[str | None], Call]) -> AsyncIterator[Any]:
-        after = None
+    async def pages(self, make: Callable[[Any], Call], after: Any = None) -> AsyncIterator[Any]:
         while True:
             items, has_more = await self.call(make(after))
             for item in items:
@@ -142,13 +141,7 @@ class AsyncJobs(_Resource):
         return await self._client.call(calls.cancel_job(id))
 
     async def events(self, id: str, *, after: int | None = None) -> list[Event]:
-        out: list[Event] = []
-        while True:
-            page, has_more = await self._client.call(calls.list_events(id, after))
-            out += page
-            if not has_more or not page:
-                return out
-            after = page[-1].id
+        return [e async for e in self._client.pages(lambda cursor: calls.list_events(id, cursor), after)]
 
     async def metrics(self, id: str, *, name: str | None = None) -> list[MetricPoint]:
         return await self._client.call(calls.list_metrics(id, name))

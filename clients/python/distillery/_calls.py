@@ -78,8 +78,7 @@ def cancel_job(id: str) -> Call:
 
 
 def list_events(id: str, after: int | None) -> Call:
-    return Call("GET", f"/v1/jobs/{path_id(id)}/events", params={"after": after},
-                parse=lambda body: ([Event.model_validate(x) for x in body["data"]], bool(body.get("has_more"))))
+    return Call("GET", f"/v1/jobs/{path_id(id)}/events", params={"after": after}, parse=_page_of(Event))
 
 
 def stream_events(id: str, after: int | None) -> Call:

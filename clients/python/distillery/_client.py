@@ -66,9 +66,8 @@ class Distillery(BaseClient):
     def call(self, call: Call) -> Any:
         return call.result(self.send(call))
 
-    def pages(self, make: Callable[[str | None], Call]) -> Iterator[Any]:
+    def pages(self, make: Callable[[Any], Call], after: Any = None) -> Iterator[Any]:
         """Every item across pages: `make(after)` builds the call for the page after a cursor."""
-        after = None
         while True:
             items, has_more = self.call(make(after))
             yield from items
@@ -153,13 +152,7 @@ class Jobs(_Resource):
 
     def events(self, id: str, *, after: int | None = None) -> list[Event]:
         """The job's stored events so far, oldest first."""
-        out: list[Event] = []
-        while True:
-            page, has_more = self._client.call(calls.list_events(id, after))
-            out += page
-            if not has_more or not page:
-                return out
-            after = page[-1].id
+        return list(self._client.pages(lambda cursor: calls.list_events(id, cursor), after))
 
     def metrics(self, id: str, *, name: str | None = None) -> list[MetricPoint]:
         return self._client.call(calls.list_metrics(id, name))
