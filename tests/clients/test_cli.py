@@ -184,3 +184,24 @@ def test_console_script(server):
     assert isinstance(json.loads(r.stdout), list)
     r = subprocess.run([str(exe), "--help"], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "exit codes" in r.stdout
+
+
+def test_a_job_that_shipped_its_start_says_so(cli, server):
+    """A run whose trained steps never beat the starting student succeeds, and every surface warns about it."""
+    import warnings
+
+    from distillery import JobWarningIssued
+
+    message = "no trained step beat the starting student (val KL 0.4080 at step 0): the run ships it unchanged"
+    job_id = server.insert_job()
+    server.finish(job_id, "succeeded", summary={"best": {"step": 0, "val_kl": 0.408}, "shipped": "start",
+                                                "warnings": [{"code": "no_improvement", "message": message}]})
+    code, out, _ = cli("status", job_id)
+    assert code == 0 and "warning" in out and "starting student" in " ".join(out.split())
+    code, out, err = cli("wait", job_id)
+    assert code == 0 and err.startswith("warning: no trained step beat the starting student")
+    with server.client() as c, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        job = c.jobs.wait(job_id)
+    assert [w.code for w in job.warnings] == ["no_improvement"]
+    assert [str(w.message) for w in seen if w.category is JobWarningIssued] == [f"job {job_id}: {message}"]

@@ -38,7 +38,7 @@ def test_offline_distill_creates_cache_jobs_and_enqueues_them(api):
     assert r.status_code == 201, r.text
     job = r.json()
     assert job["kind"] == "distill" and job["status"] == "queued" and job["id"].startswith("job_")
-    assert job["spec"]["training"]["steps"] == 10 and job["spec"]["training"]["learning_rate"] == 1e-4  # defaults
+    assert job["spec"]["training"]["steps"] == 10 and job["spec"]["training"]["learning_rate"] == "auto"  # defaults
     assert job["progress"] == {"step": 0, "total_steps": 10, "fraction": 0.0, "eta_seconds": None}
     assert job["error"] is None and job["artifacts"] == [] and job["started_at"] is None
     with api.db() as session:

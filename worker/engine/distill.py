@@ -6,7 +6,7 @@ local paths (the caller resolves ids); the run writes into `out_dir`:
     adapters.safetensors, adapter_config.json   the adapter (the best one by val KL), as mlx-lm reads it
     student/                                    the pruned student, when keep_layers was given
     summary.json, metrics.jsonl                 SPEC §5
-    checkpoints/                                step-N/ (resumable) and best/
+    checkpoints/                                step-N/ (resumable) and best-N/ (the best so far)
     fused/                                      the student with the adapter merged, when output.fuse
 """
 
@@ -172,21 +172,31 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     weights = [t.weight for t in spec.teachers]
     state = train(student, train_split, valid_split, spec, weights, out_dir, hooks, on_progress=on_progress)
 
-    # -- outputs: the best adapter by val KL, the summary, an optional fused model
-    best = out_dir / "checkpoints" / "best"
+    # -- outputs: the best adapter by val KL (the starting student's own when no trained step beat it)
+    best = out_dir / "checkpoints" / f"best-{state.best_step:07d}"
     for name in ("adapters.safetensors", "adapter_config.json"):
         shutil.copy(best / name, out_dir / name)
+    warnings = run_warnings(state)
+    for w in warnings:
+        hooks.event("warning", w["message"], code=w["code"])
     final = state.best_eval or state.last_eval
     summary = {
         "initial": state.initial,
         "final": final,
         "last": state.last_eval,
         "best": {"step": state.best_step, "val_kl": state.best_val_kl},
+        "shipped": "start" if state.best_step == 0 else "trained",
+        "warnings": warnings,
+        "learning_rate": state.learning_rate,
+        "lr_search": state.lr_search,
+        "rollbacks": state.rollbacks,
         "train": {"steps": state.step, "tokens": state.tokens,
                   "tokens_per_second": state.tokens / state.wall_seconds if state.wall_seconds else None,
                   "peak_memory_bytes": mx.get_peak_memory(), "wall_seconds": time.perf_counter() - t_start,
-                  "stopped_early": state.stopped_early},
+                  "stopped_early": state.stopped_early, "stop_reason": state.stop_reason,
+                  "skipped_steps": state.skipped_steps},
         "teacher_mode": spec.teacher_mode,
+        "preset": spec.preset,
         "student": str(student.path),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -195,6 +205,28 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
         student_mod.fuse(student, out_dir / "fused")
     hooks.event("done", f"val KL {summary['initial']['val_kl']:.4f} -> {final['val_kl']:.4f}", summary=summary)
     return summary
+
+
+def run_warnings(state) -> list[dict]:
+    """What the user must hear about the result: `{"code", "message"}` each, in `summary.warnings`."""
+    out = []
+    if state.best_step == 0:
+        trained = state.last_eval.get("val_kl") if state.last_eval.get("step", 0) > 0 else None
+        seen = f"; the last evaluation (step {state.last_eval['step']}) had {trained:.4f}" if trained is not None else ""
+        out.append({"code": "no_improvement", "message":
+                    f"no trained step beat the starting student (val KL {state.initial['val_kl']:.4f} at step 0"
+                    f"{seen}): the run ships the starting student unchanged. Try a lower learning rate "
+                    "(or `learning_rate: auto`), more data, or check that the teacher is better than the student."})
+    if state.rollbacks:
+        out.append({"code": "diverged" if state.stop_reason == "diverged" else "rolled_back", "message":
+                    f"training diverged {len(state.rollbacks)} time(s) and was rolled back to its best checkpoint "
+                    f"(learning rate now x{state.lr_scale:g})"
+                    + ("; it stopped early, out of rollbacks" if state.stop_reason == "diverged" else "")
+                    + ": the learning rate is probably too high for this student."})
+    elif state.stop_reason == "diverged":
+        out.append({"code": "diverged", "message": "training diverged and stopped (rollbacks are disabled); "
+                    f"the best checkpoint (step {state.best_step}) is shipped."})
+    return out
 
 
 def _holdout(examples: list[data_mod.Example], fraction: float) -> tuple[np.ndarray, np.ndarray]:

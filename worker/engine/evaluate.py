@@ -18,7 +18,6 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from . import data as data_mod
 from . import losses
 from .batches import Split
 
@@ -39,12 +38,11 @@ def _teacher_view(teacher, logits: mx.array):
     return log_p, log_q, teacher.topk_ids[..., 0].astype(mx.int32), entropy
 
 
-def evaluate(model, split: Split, weights: losses.FixedWeights, batch_size: int, pad_id: int,
-             max_batches: int | None = None) -> dict:
+def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, batches: list[np.ndarray]) -> dict:
+    """The metrics above over `batches` (index arrays into the split, e.g. `data.eval_batches(...)`)."""
     w = np.array(weights.weights).reshape(-1)
     sums = dict.fromkeys(("kl", "js", "top1", "top5", "s_ent", "t_ent", "ce"), 0.0)
     count = 0
-    batches = data_mod.eval_batches(split.lengths, batch_size)[: max_batches or None]
     dense = False
     for idx in batches:
         tokens, mask, teachers = split.batch(idx, pad_id)

@@ -24,17 +24,24 @@ class Stage:
         return self.start + self.steps
 
 
-def stages(training: TrainingSpec, loss: LossSpec) -> list[Stage]:
-    """The run as a list of stages; a spec without `stages` is one stage covering every step."""
+def stages(training: TrainingSpec, loss: LossSpec, learning_rate: float | None = None) -> list[Stage]:
+    """The run as a list of stages; a spec without `stages` is one stage covering every step.
+
+    `learning_rate` is the run's peak rate when the spec says `auto` (the one the search chose).
+    """
+    if learning_rate is None:
+        if training.learning_rate == "auto":
+            raise ValueError("learning_rate is 'auto': pass the rate the search chose")
+        learning_rate = float(training.learning_rate)
     if not training.stages:
-        return [Stage(0, "main", 0, training.steps, training.learning_rate, training.warmup_steps, loss,
+        return [Stage(0, "main", 0, training.steps, learning_rate, training.warmup_steps, loss,
                       training.param_groups)]
     out, start = [], 0
     for i, s in enumerate(training.stages):
         overrides = s.loss.model_dump(exclude_none=True) if s.loss else {}
         out.append(Stage(
             index=i, name=s.name or f"stage{i + 1}", start=start, steps=s.steps,
-            learning_rate=s.learning_rate or training.learning_rate,
+            learning_rate=s.learning_rate or learning_rate,
             warmup_steps=s.warmup_steps if s.warmup_steps is not None else (training.warmup_steps if i == 0 else 0),
             loss=loss.model_copy(update=overrides),
             param_groups=s.param_groups if s.param_groups is not None else training.param_groups,

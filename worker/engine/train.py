@@ -1,19 +1,26 @@
-"""The training loop: one short loop over optimizer steps, with evaluation, checkpoints and exact resume.
+"""The training loop: one short loop around `Trainer.step`, with evaluation, guards, checkpoints and exact resume.
 
-Each step: take `grad_accum` micro-batches (length-bucketed, order fixed by seed and epoch), compute the
-distillation loss against the teachers, average the gradients, clip, and apply AdamW with the stage's
-learning rate. Everything needed to continue identically — adapter weights, optimizer moments, the data
-position, the best score — goes into each checkpoint; the random key is reseeded from (seed, step) each step.
+Each step takes `grad_accum` micro-batches (length-bucketed, order fixed by seed and epoch), computes the
+distillation loss against the teachers, averages the gradients, clips them, and applies AdamW with the stage's
+learning rate. Before any training:
+
+- the starting student is evaluated and is the first candidate for best (step 0): a run in which no trained
+  step beats it ships it unchanged, and says so;
+- with `learning_rate: auto` a short search picks the rate (`lr_search.py`).
+
+While training, the divergence guard (`guard.py`) skips the update of a lone spiking step and rolls the run
+back to its best checkpoint, with a lower rate, when it diverges. Everything needed to continue identically —
+weights, optimizer moments, the data position, the best score, the guard's window and rate scale, the chosen
+rate — is in each checkpoint; the random key is reseeded from (seed, step) each step.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,11 +30,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import data as data_mod
-from . import evaluate, losses, schedule
+from . import evaluate, guard as guard_mod, losses, lr_search, schedule
 from . import student as student_mod
 from .batches import Split
+from .checkpoints import Checkpoints
 from .errors import Cancelled
-from .spec import DistillSpec
+from .spec import DistillSpec, TrainingSpec
 
 
 @dataclass
@@ -55,6 +63,8 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens: int = 0
     wall_seconds: float = 0.0
+    learning_rate: float | None = None       # the peak rate: the spec's, or the one the search chose
+    lr_search: dict | None = None
     best_step: int | None = None
     best_val_kl: float = math.inf
     evals_since_best: int = 0
@@ -62,6 +72,13 @@ class TrainState:
     last_eval: dict = field(default_factory=dict)
     best_eval: dict = field(default_factory=dict)
     stopped_early: bool = False
+    stop_reason: str | None = None           # None while running; "early_stopping" or "diverged" when cut short
+    lr_scale: float = 1.0                    # lowered by each rollback
+    rollbacks: list = field(default_factory=list)
+    skipped_steps: int = 0
+    recent_losses: list = field(default_factory=list)
+    recent_grad_norms: list = field(default_factory=list)
+    guard_spikes: int = 0
 
 
 class BatchOrder:
@@ -80,43 +97,73 @@ class BatchOrder:
         return idx
 
 
-class Checkpoints:
-    """`checkpoints/step-NNNNNNN/` folders (the newest `keep` are kept) and `checkpoints/best/`."""
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float          # before clipping
+    target_tokens: int
+    tokens: int
+    grads: dict               # averaged and clipped, not yet applied
 
-    def __init__(self, root: Path, keep: int):
-        self.root, self.keep = root, keep
 
-    def latest(self) -> Path | None:
-        done = sorted(p for p in self.root.glob("step-*") if (p / "state.json").is_file())
-        return done[-1] if done else None
+class Trainer:
+    """The model, its data and its loss: computes a step's gradients, applies them, evaluates."""
 
-    def save(self, model, optimizer, acfg: dict, state: TrainState) -> Path:
-        path = self.root / f"step-{state.step:07d}"
-        tmp = self.root / f".tmp-{state.step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student_mod.save_adapter(model, acfg, tmp)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        for old in sorted(self.root.glob("step-*"))[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
+    def __init__(self, student: student_mod.Student, train_split: Split, valid_split: Split, tr: TrainingSpec,
+                 weights: losses.FixedWeights):
+        self.model, self.acfg = student.model, student.adapter_config
+        self.train_split, self.valid_split, self.tr, self.weights = train_split, valid_split, tr, weights
+        self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
+        self.order = BatchOrder(train_split.lengths, tr.batch_size, tr.seed)
+        self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
 
-    def save_best(self, model, acfg: dict, state: TrainState) -> None:
-        tmp = self.root / ".tmp-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student_mod.save_adapter(model, acfg, tmp)
-        (tmp / "best.json").write_text(json.dumps({"step": state.step, "val_kl": state.best_val_kl}))
-        shutil.rmtree(self.root / "best", ignore_errors=True)
-        tmp.rename(self.root / "best")
+    def _loss(self, model, tokens, mask, teachers, loss_cfg):
+        logits = model(tokens[:, :-1])
+        return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, self.weights, loss_cfg)
 
-    @staticmethod
-    def restore(path: Path, model, optimizer, with_optimizer: bool = True) -> TrainState:
-        model.load_weights(str(path / "adapters.safetensors"), strict=False)
-        if with_optimizer:  # not at a stage boundary, where the next stage starts a fresh optimizer anyway
-            optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-        return TrainState(**json.loads((path / "state.json").read_text()))
+    def step(self, state: TrainState, loss_cfg) -> StepResult:
+        """Gradients of one optimizer step (its micro-batches taken from `state`'s data position)."""
+        grads, loss_sum, ntoks, n_in = None, 0.0, 0, 0
+        for _ in range(self.tr.grad_accum):
+            idx = self.order.next(state)
+            tokens, mask, teachers = self.train_split.batch(idx, self.pad_id, with_teachers=loss_cfg.alpha > 0)
+            (loss, ntok), g = self._loss_and_grad(self.model, tokens, mask, teachers, loss_cfg)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, ntok, grads)
+            loss_sum += loss.item()
+            ntoks += int(ntok.item())
+            n_in += int(sum(min(len(self.train_split.examples[i].tokens), tokens.shape[1]) for i in idx))
+        if self.tr.grad_accum > 1:
+            grads = tree_map(lambda g: g / self.tr.grad_accum, grads)
+        norm = _global_norm(grads)
+        if self.tr.max_grad_norm is not None:
+            grads = tree_map(lambda g: g * mx.minimum(self.tr.max_grad_norm / (norm + 1e-6), 1.0), grads)
+        return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads)
+
+    def apply(self, optimizer, grads: dict) -> None:
+        optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), optimizer.state)
+
+    def evaluate(self, max_batches: int | None = None, spread: bool = False) -> dict:
+        """Validation metrics; `spread` takes `max_batches` batches across the split, not the shortest ones."""
+        batches = data_mod.eval_batches(self.valid_split.lengths, self.tr.batch_size)
+        if max_batches and spread and len(batches) > max_batches:
+            batches = [batches[i] for i in np.linspace(0, len(batches) - 1, max_batches).round().astype(int)]
+        elif max_batches:
+            batches = batches[:max_batches]
+        return evaluate.evaluate(self.model, self.valid_split, self.weights, self.pad_id, batches)
+
+    def trainable(self) -> list[tuple[str, mx.array]]:
+        """The trainable arrays as they are now (MLX arrays are immutable: holding them is a snapshot)."""
+        return tree_flatten(self.model.trainable_parameters())
+
+    def set_trainable(self, snapshot: list[tuple[str, mx.array]]) -> None:
+        self.model.update(tree_unflatten(snapshot))
+        mx.eval(self.model.parameters())
+
+
+def _global_norm(grads: dict) -> mx.array:
+    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
 def make_optimizer(mults: dict[str, float], weight_decay: float) -> optim.Optimizer:
@@ -143,100 +190,162 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
           teacher_weights: list[float], out_dir: Path, hooks: Hooks,
           on_progress: Callable[[dict], None] | None = None) -> TrainState:
     tr = spec.training
-    model, acfg = student.model, student.adapter_config
-    pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
-    weights = losses.FixedWeights(teacher_weights)
-    all_stages = schedule.stages(tr, spec.loss)
-    order = BatchOrder(train_split.lengths, tr.batch_size, tr.seed)
+    trainer = Trainer(student, train_split, valid_split, tr, losses.FixedWeights(teacher_weights))
+    model, acfg = trainer.model, trainer.acfg
+    guard = guard_mod.DivergenceGuard(tr.divergence_guard)
     ckpts = Checkpoints(out_dir / "checkpoints", tr.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
-
-    def run_eval(step: int) -> dict:
-        t0 = time.perf_counter()
-        result = evaluate.evaluate(model, valid_split, weights, tr.batch_size, pad_id, tr.eval_batches)
-        record = {"step": step, "kind": "eval", **result, "eval_seconds": time.perf_counter() - t0}
-        log(record)
-        return record
 
     def log(record: dict) -> None:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         hooks.metrics(record)
 
-    def loss_fn(model, tokens, mask, teachers, loss_cfg):
-        logits = model(tokens[:, :-1])
-        return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, weights, loss_cfg)
+    def run_eval(step: int) -> dict:
+        t0 = time.perf_counter()
+        record = {"step": step, "kind": "eval", **trainer.evaluate(tr.eval_batches),
+                  "eval_seconds": time.perf_counter() - t0}
+        log(record)
+        return record
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-
-    stage = schedule.stage_at(all_stages, 0)
-    optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
-    state = TrainState()
     latest = ckpts.latest()
     if latest is not None:
-        at = json.loads((latest / "state.json").read_text())["step"]
-        stage = schedule.stage_at(all_stages, at)
+        state = TrainState(**Checkpoints.read_state(latest))
+        stages = schedule.stages(tr, spec.loss, state.learning_rate)
+        stage = schedule.stage_at(stages, state.step)
         optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
-        state = Checkpoints.restore(latest, model, optimizer, with_optimizer=at != stage.start)
+        Checkpoints.restore(latest, model, optimizer if state.step != stage.start else None)
+        ckpts.drop_after(state.step)
         _truncate_metrics(metrics_path, state.step)
         hooks.event("resumed", f"resumed from checkpoint at step {state.step}", step=state.step)
     else:
         metrics_path.unlink(missing_ok=True)
-        state.initial = run_eval(0)
-        state.last_eval = state.initial
+        state = TrainState()
+        state.initial = state.last_eval = run_eval(0)
+        state.learning_rate, state.lr_search = _peak_rate(trainer, spec, state, hooks)
+        stages = schedule.stages(tr, spec.loss, state.learning_rate)
+        stage = schedule.stage_at(stages, 0)
+        optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
+        # the starting student is the first candidate for best: a run that never beats it ships it
+        state.best_step, state.best_val_kl, state.best_eval = 0, state.initial["val_kl"], state.initial
+        ckpts.save_best(model, optimizer, acfg, state, stage.index)
 
-    while state.step < tr.steps and not state.stopped_early:
+    def roll_back(reason: str):
+        """Back to the best checkpoint with a lower rate; None when the rollbacks are used up (stop)."""
+        if len(state.rollbacks) >= tr.divergence_guard.max_rollbacks:
+            state.stop_reason = "diverged"
+            hooks.event("diverged", f"training diverged at step {state.step} ({reason}) after "
+                        f"{len(state.rollbacks)} rollbacks; stopping, the best checkpoint (step {state.best_step}) "
+                        "is kept", step=state.step, reason=reason)
+            return None
+        best = ckpts.best_path(state.best_step)
+        fresh = _setup_stage(model, acfg, stage, tr.weight_decay)
+        same_stage = json.loads((best / "best.json").read_text())["stage"] == stage.index
+        Checkpoints.restore(best, model, fresh if same_stage else None)
+        state.lr_scale *= tr.divergence_guard.lr_factor
+        guard.forget(state)
+        state.rollbacks.append({"step": state.step, "to_step": state.best_step, "reason": reason,
+                                "lr_scale": state.lr_scale})
+        hooks.event("rollback", f"step {state.step}: {reason}; rolled back to step {state.best_step} and the "
+                    f"learning rate scaled to x{state.lr_scale:g} (rollback {len(state.rollbacks)} of "
+                    f"{tr.divergence_guard.max_rollbacks})", **state.rollbacks[-1])
+        return fresh
+
+    while state.step < tr.steps and state.stop_reason is None:
         if hooks.should_stop and hooks.should_stop():
             ckpts.save(model, optimizer, acfg, state)
             raise Cancelled(f"cancelled at step {state.step}")
-        new_stage = schedule.stage_at(all_stages, state.step)
+        new_stage = schedule.stage_at(stages, state.step)
         if new_stage.index != stage.index:
             stage = new_stage
             optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
             hooks.event("stage", f"stage {stage.name} starts at step {state.step}", stage=stage.name)
         mx.random.seed(tr.seed * 1_000_003 + state.step)  # dropout's randomness: a function of (seed, step)
-        lr = schedule.learning_rate(stage, state.step, tr.lr_schedule, tr.min_lr_ratio)
+        lr = schedule.learning_rate(stage, state.step, tr.lr_schedule, tr.min_lr_ratio) * state.lr_scale
         set_learning_rate(optimizer, lr)
 
         t0 = time.perf_counter()
-        grads, loss_sum, ntoks, n_in = None, 0.0, 0, 0
-        for _ in range(tr.grad_accum):
-            idx = order.next(state)
-            tokens, mask, teachers = train_split.batch(idx, pad_id, with_teachers=stage.loss.alpha > 0)
-            (loss, ntok), g = loss_and_grad(model, tokens, mask, teachers, stage.loss)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, ntok, grads)
-            loss_sum += loss.item()
-            ntoks += int(ntok.item())
-            n_in += int(sum(min(len(train_split.examples[i].tokens), tokens.shape[1]) for i in idx))
-        if tr.grad_accum > 1:
-            grads = tree_map(lambda g: g / tr.grad_accum, grads)
-        grad_norm = None
-        if tr.max_grad_norm is not None:
-            grads, grad_norm = optim.clip_grad_norm(grads, tr.max_grad_norm)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
+        result = trainer.step(state, stage.loss)
+        verdict = guard.check_step(state, result.loss, result.grad_norm)
+        if verdict.action == guard_mod.OK:
+            trainer.apply(optimizer, result.grads)
         dt = time.perf_counter() - t0
 
         state.step += 1
-        state.tokens += n_in
+        state.tokens += result.tokens
         state.wall_seconds += dt
-        record = {"step": state.step, "kind": "train", "stage": stage.name, "loss": loss_sum / tr.grad_accum,
-                  "lr": lr, "target_tokens": ntoks, "tokens": n_in, "tokens_per_second": n_in / dt,
-                  "grad_norm": float(grad_norm.item()) if grad_norm is not None else None}
+        record = {"step": state.step, "kind": "train", "stage": stage.name, "loss": result.loss, "lr": lr,
+                  "target_tokens": result.target_tokens, "tokens": result.tokens,
+                  "tokens_per_second": result.tokens / dt, "grad_norm": result.grad_norm}
+        if verdict.action != guard_mod.OK:
+            record["guard"] = verdict.action
         log(record)
+        if verdict.action == guard_mod.SKIP:
+            state.skipped_steps += 1
+            hooks.event("guard", f"step {state.step}: {verdict.reason}; its update is skipped", step=state.step,
+                        reason=verdict.reason)
+        elif verdict.action == guard_mod.ROLLBACK:
+            optimizer = roll_back(verdict.reason) or optimizer
         if on_progress:
             rate = state.wall_seconds / state.step if state.step else 0
             on_progress({**record, "total_steps": tr.steps, "eta_seconds": rate * (tr.steps - state.step)})
 
-        if state.step % tr.eval_every == 0 or state.step == tr.steps:
+        if state.stop_reason is None and (state.step % tr.eval_every == 0 or state.step == tr.steps):
             state.last_eval = run_eval(state.step)
-            _track_best(state, model, acfg, ckpts, tr.early_stopping_patience, tr.early_stopping_min_delta, hooks)
-        if state.step % tr.checkpoint_every == 0 or state.step == tr.steps or state.stopped_early:
+            if not _track_best(state, tr, hooks):
+                verdict = guard.check_eval(state.last_eval["val_kl"], state.best_val_kl)
+                if verdict.action == guard_mod.ROLLBACK:
+                    optimizer = roll_back(verdict.reason) or optimizer
+            if state.best_step == state.step:
+                ckpts.save_best(model, optimizer, acfg, state, stage.index)
+        if state.step % tr.checkpoint_every == 0 or state.step == tr.steps or state.stop_reason:
             path = ckpts.save(model, optimizer, acfg, state)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(state.step, path)
     return state
+
+
+def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Hooks) -> tuple[float, dict | None]:
+    """The spec's learning rate, or with `auto` the one a short search chooses (and its record)."""
+    tr = spec.training
+    if tr.learning_rate != "auto":
+        return float(tr.learning_rate), None
+    if tr.stages and all(s.learning_rate is not None for s in tr.stages):
+        hooks.event("lr_search", "every stage sets its own learning rate: no search")
+        return float(min(s.learning_rate for s in tr.stages)), None
+    kind = trainer.acfg.get("fine_tune_type", "lora")
+    n_params = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
+    rates = list(tr.lr_search.rates or lr_search.default_rates(kind, n_params))
+    steps = lr_search.trial_steps(tr.steps, tr.lr_search.steps)
+    stage = schedule.stages(tr, spec.loss, rates[0])[0]
+    start_weights = trainer.trainable()
+    start_score = trainer.evaluate(tr.lr_search.eval_batches, spread=True)["val_kl"]
+    hooks.event("lr_search", f"searching the learning rate: {len(rates)} trials of {steps} steps "
+                f"({', '.join(f'{r:g}' for r in sorted(rates))})", rates=sorted(rates), steps=steps)
+
+    def run_trial(rate: float) -> dict:
+        optimizer = _setup_stage(trainer.model, trainer.acfg, stage, tr.weight_decay)
+        set_learning_rate(optimizer, rate)
+        position, losses_seen = TrainState(), []
+        for i in range(steps):
+            mx.random.seed(tr.seed * 1_000_003 + i)
+            result = trainer.step(position, stage.loss)
+            losses_seen.append(result.loss)
+            if not math.isfinite(result.loss) or not math.isfinite(result.grad_norm):
+                break
+            trainer.apply(optimizer, result.grads)
+        finite = all(math.isfinite(x) for x in losses_seen)
+        val_kl = trainer.evaluate(tr.lr_search.eval_batches, spread=True)["val_kl"] if finite else math.inf
+        trainer.set_trainable(start_weights)
+        return {"val_kl": val_kl if math.isfinite(val_kl) else math.inf, "last_loss": losses_seen[-1]}
+
+    def on_trial(t: dict) -> None:
+        hooks.event("lr_trial", f"learning rate {t['learning_rate']:g}: val KL {t['val_kl']:.4f} after {steps} "
+                    f"steps (start {start_score:.4f})", **t)
+
+    result = lr_search.search(rates, steps, start_score, run_trial, on_trial)
+    hooks.event("lr_search", f"learning rate {result['chosen']:g} chosen ({result['reason']})", **result)
+    return result["chosen"], result
 
 
 def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) -> optim.Optimizer:
@@ -246,19 +355,20 @@ def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) 
     return make_optimizer(mults, weight_decay)
 
 
-def _track_best(state: TrainState, model, acfg: dict, ckpts: Checkpoints, patience: int | None, min_delta: float,
-                hooks: Hooks) -> None:
+def _track_best(state: TrainState, tr: TrainingSpec, hooks: Hooks) -> bool:
+    """Whether the last evaluation is the new best; counts evaluations without improvement for early stopping."""
     val_kl = state.last_eval["val_kl"]
-    if val_kl < state.best_val_kl - min_delta:
+    if val_kl < state.best_val_kl - tr.early_stopping_min_delta:
         state.best_val_kl, state.best_step, state.evals_since_best = val_kl, state.step, 0
         state.best_eval = state.last_eval
-        ckpts.save_best(model, acfg, state)
-    else:
-        state.evals_since_best += 1
-        if patience is not None and state.evals_since_best >= patience:
-            state.stopped_early = True
-            hooks.event("early_stopping", f"val KL did not improve for {patience} evaluations; stopping at step "
-                        f"{state.step} (best {state.best_val_kl:.4f} at step {state.best_step})", step=state.step)
+        return True
+    state.evals_since_best += 1
+    patience = tr.early_stopping_patience
+    if patience is not None and state.evals_since_best >= patience:
+        state.stopped_early, state.stop_reason = True, "early_stopping"
+        hooks.event("early_stopping", f"val KL did not improve for {patience} evaluations; stopping at step "
+                    f"{state.step} (best {state.best_val_kl:.4f} at step {state.best_step})", step=state.step)
+    return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

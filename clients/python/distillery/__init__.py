@@ -10,17 +10,18 @@ from ._async_client import AsyncDistillery
 from ._client import Distillery
 from ._exceptions import (APIConnectionError, APIError, AuthenticationError, BadRequestError, ChecksumError,
                           ConfigError, ConflictError, DistilleryError, JobFailedError, NotFoundError,
-                          PayloadTooLargeError, PermissionDeniedError, RateLimitError, ServerError, WaitTimeout)
+                          JobWarningIssued, PayloadTooLargeError, PermissionDeniedError, RateLimitError, ServerError,
+                          WaitTimeout)
 from ._jobfile import SpecError, job_body
 from .specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
-from .types import Artifact, Checkpoint, Dataset, Event, Job, JobState, MetricPoint, Model, Progress
+from .types import Artifact, Checkpoint, Dataset, Event, Job, JobState, JobWarning, MetricPoint, Model, Progress
 
 __all__ = [
     "Distillery", "AsyncDistillery",
     "DistillSpec", "TeacherCacheSpec", "BenchmarkSpec", "job_body",
-    "Job", "JobState", "Progress", "Dataset", "Model", "Artifact", "Event", "MetricPoint", "Checkpoint",
+    "Job", "JobState", "JobWarning", "Progress", "Dataset", "Model", "Artifact", "Event", "MetricPoint", "Checkpoint",
     "DistilleryError", "ConfigError", "APIConnectionError", "APIError", "BadRequestError", "AuthenticationError",
     "PermissionDeniedError", "NotFoundError", "ConflictError", "PayloadTooLargeError", "RateLimitError",
-    "ServerError", "JobFailedError", "WaitTimeout", "ChecksumError", "SpecError",
+    "ServerError", "JobFailedError", "JobWarningIssued", "WaitTimeout", "ChecksumError", "SpecError",
 ]
 __version__ = "0.1.0"

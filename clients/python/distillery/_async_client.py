@@ -12,7 +12,7 @@ import anyio
 import httpx
 
 from . import _calls as calls
-from ._base import BaseClient, Call, PartialFile, artifact_target
+from ._base import BaseClient, Call, PartialFile, artifact_target, warn_about
 from ._exceptions import APIConnectionError, APIError, JobFailedError, WaitTimeout, error_for
 from ._progress import JobProgress
 from ._sse import Message, SSEDecoder
@@ -231,6 +231,7 @@ class AsyncJobs(_Resource):
             raise WaitTimeout(job, timeout)   # the stream stopped at the deadline
         if job.status != "succeeded":
             raise JobFailedError(job)
+        warn_about(job)
         return job
 
 

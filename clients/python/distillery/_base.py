@@ -7,6 +7,7 @@ import hashlib
 import random
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -17,8 +18,8 @@ from urllib.parse import quote
 import httpx
 
 from ._config import resolve_config
-from ._exceptions import ChecksumError, DistilleryError
-from .types import Artifact
+from ._exceptions import ChecksumError, DistilleryError, JobWarningIssued
+from .types import Artifact, Job
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 60.0
@@ -186,3 +187,9 @@ class PartialFile:
                                 "the partial file was removed, download again")
         self.part.replace(self.target)
         return self.target
+
+
+def warn_about(job: Job) -> None:
+    """`wait` says out loud what the finished job warns about (e.g. it shipped the starting student)."""
+    for w in job.warnings:
+        warnings.warn(f"job {job.id}: {w.message}", JobWarningIssued, stacklevel=3)

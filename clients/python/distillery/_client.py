@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from . import _calls as calls
-from ._base import BaseClient, Call, PartialFile, artifact_target
+from ._base import BaseClient, Call, PartialFile, artifact_target, warn_about
 from ._exceptions import APIConnectionError, APIError, JobFailedError, WaitTimeout, error_for
 from ._progress import JobProgress
 from ._sse import Message, SSEDecoder
@@ -246,6 +246,7 @@ class Jobs(_Resource):
             raise WaitTimeout(job, timeout)   # the stream stopped at the deadline
         if job.status != "succeeded":
             raise JobFailedError(job)
+        warn_about(job)
         return job
 
 

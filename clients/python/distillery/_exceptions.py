@@ -111,3 +111,8 @@ class WaitTimeout(DistilleryError, TimeoutError):
 
 class ChecksumError(DistilleryError):
     """A downloaded file's sha256 differs from the server's; the partial file was removed."""
+
+
+class JobWarningIssued(UserWarning):
+    """Issued by `jobs.wait` when the finished job carries warnings (`Job.warnings`), e.g. that the run shipped
+    the starting student because training did not improve it."""

@@ -6,9 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .types import Event, JobState
+
+# events about the result the user must not miss
+_EVENT_STYLES = {"warning": "bold yellow", "rollback": "yellow", "diverged": "bold red", "guard": "yellow"}
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -58,4 +62,6 @@ class JobProgress:
 
     def event(self, event: Event) -> None:
         if self._progress and event.message:
-            self._progress.console.print(f"[dim]{event.kind:<14}[/dim] {event.message}", highlight=False)
+            style = _EVENT_STYLES.get(event.kind)
+            message = f"[{style}]{escape(event.message)}[/{style}]" if style else escape(event.message)
+            self._progress.console.print(f"[dim]{event.kind:<14}[/dim] {message}", highlight=False)

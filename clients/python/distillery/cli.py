@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ._client import Distillery
-from ._exceptions import APIConnectionError, APIError, DistilleryError, JobFailedError, WaitTimeout
+from ._exceptions import (APIConnectionError, APIError, DistilleryError, JobFailedError, JobWarningIssued,
+                          WaitTimeout)
 from .types import Job
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -139,6 +142,8 @@ def _job_detail(job: Job) -> Table:
             rows.append([name.replace("_at", ""), getattr(job, name).isoformat(timespec="seconds")])
     if job.error:
         rows.append(["error", f"{job.error.code}: {job.error.message}"])
+    for w in job.warnings:
+        rows.append(["[bold yellow]warning[/bold yellow]", f"[bold yellow]{escape(w.message)}[/bold yellow]"])
     for key, value in job.summary.items():
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             rows.append([key, f"{value:.6g}" if isinstance(value, float) else value])
@@ -227,7 +232,9 @@ def _run(args: argparse.Namespace, client: Distillery) -> int:
 
 def _wait(args: argparse.Namespace, client: Distillery, job_id: str) -> int:
     try:
-        job = client.jobs.wait(job_id, timeout=args.timeout, progress=not args.json and sys.stderr.isatty())
+        with warnings.catch_warnings():   # the job's warnings are printed below, as this CLI prints things
+            warnings.simplefilter("ignore", JobWarningIssued)
+            job = client.jobs.wait(job_id, timeout=args.timeout, progress=not args.json and sys.stderr.isatty())
     except JobFailedError as e:
         _show(args, e.job, _job_detail(e.job))
         err.print(f"error: {e}", markup=False)
@@ -237,6 +244,8 @@ def _wait(args: argparse.Namespace, client: Distillery, job_id: str) -> int:
         err.print(f"error: {e}", markup=False)
         return EXIT_TIMEOUT
     _show(args, job, _job_detail(job))
+    for w in job.warnings:
+        err.print(f"warning: {w.message}", style="bold yellow", markup=False)
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ spec that validates here is one the API accepts. Unknown fields are rejected eve
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,11 +23,23 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)   # no coercion: `top_k: true` is an error, not 1
 
 
+class QuantizeSpec(_Spec):
+    """Quantization-aware distillation: the student is quantized (MLX affine quantization) before training and
+    a LoRA / DoRA adapter learns, on the quantized weights, to recover the full-precision teacher."""
+
+    bits: Literal[2, 3, 4, 5, 6, 8] = Field(4, description="Bits per weight.")
+    group_size: Literal[32, 64, 128] = Field(64, description="Weights sharing one scale and bias.")
+
+
 class StudentSpec(_Spec):
     model: str = Field(description="Model id, or a local folder / GGUF path for `distill`.")
     adapter: str | None = Field(None, description="Starting adapter (e.g. an earlier SFT adapter) folder or job id.")
     keep_layers: list[int] | None = Field(
         None, description="Depth pruning at init: indices of the transformer layers to keep, in order."
+    )
+    quantize: QuantizeSpec | None = Field(
+        None, description="Quantize the student (after any pruning) and train the adapter on the quantized "
+        "model; the run writes the quantized model as `student/`, which the adapter loads onto."
     )
 
     @field_validator("keep_layers")
@@ -121,11 +133,46 @@ class StageSpec(_Spec):
     param_groups: list[ParamGroup] | None = None
 
 
+Rate = Annotated[float, Field(gt=0, le=1.0)]
+
+
+class LRSearchSpec(_Spec):
+    """How `learning_rate: auto` searches: a few short trials from the starting student, judged on held-out
+    batches; the best rate (lowest val KL) trains the run. The trials' steps are not part of `steps`."""
+
+    rates: list[Rate] | None = Field(None, min_length=2, max_length=12, description="Rates tried; default: "
+                                     "five log-spaced rates suited to the adapter type and the model's size.")
+    steps: int | None = Field(None, ge=1, le=200, description="Steps per trial; default: steps / 10, "
+                              "at least 4 and at most 20.")
+    eval_batches: int = Field(2, ge=1, le=64, description="Validation batches each trial is judged on.")
+
+
+class DivergenceGuardSpec(_Spec):
+    """Rolls the run back to its best checkpoint, with a lower learning rate, when training diverges: a train
+    loss or gradient norm far above its recent median, a non-finite loss, or a validation KL clearly above the
+    best one. Steps after a rollback continue the count (the step budget includes rolled-back steps)."""
+
+    enabled: bool = True
+    max_rollbacks: int = Field(3, ge=0, le=20, description="Rollbacks before the run stops and ships its best.")
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="Learning-rate multiplier applied at each rollback.")
+    loss_spike: float = Field(3.0, gt=1, le=1e6, description="A train loss above this multiple of the median "
+                              "of the recent window is a spike.")
+    grad_norm_spike: float = Field(10.0, gt=1, le=1e9, description="A gradient norm (before clipping) above "
+                                   "this multiple of the recent median is a spike.")
+    window: int = Field(16, ge=2, le=10_000, description="Recent train steps the medians are taken over; "
+                        "spikes are looked for once a quarter of it (at least 3 steps) is filled.")
+    val_tolerance: float = Field(0.05, ge=0, le=100, description="An evaluation whose val KL is above the best "
+                                 "by more than this fraction of it rolls back.")
+
+
 class TrainingSpec(_Spec):
     steps: int = Field(1000, gt=0, le=10_000_000)
     batch_size: int = Field(4, gt=0, le=4096)
     grad_accum: int = Field(1, gt=0, le=1024)
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    learning_rate: Rate | Literal["auto"] = Field(
+        "auto", description="Peak learning rate, or `auto`: a short search picks it (see `lr_search`).")
+    lr_search: LRSearchSpec = Field(default_factory=LRSearchSpec)
+    divergence_guard: DivergenceGuardSpec = Field(default_factory=DivergenceGuardSpec)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of the peak.")
@@ -251,7 +298,53 @@ class EvaluateSpec(_Spec):
 EVALUATE_LABELS = ("distilled", "student (before)", "reference")
 
 
+PresetName = Literal["fast", "quality", "memory"]
+
+# What a preset fills in (only fields the spec leaves out). Costs, relative to the defaults, are in the README.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {      # fewer adapter weights, a shorter context, a smaller cache, a quick rate search
+        "adapter": {"rank": 8, "scale": 20.0},
+        "loss": {"top_k": 32},
+        "training": {"batch_size": 8, "max_seq_len": 256, "learning_rate": "auto",
+                     "lr_search": {"rates": [3e-5, 1e-4, 3e-4], "steps": 4}},
+    },
+    "quality": {   # a larger adapter, more of the teacher's distribution, longer contexts, a wider search
+        "adapter": {"rank": 32, "scale": 20.0},
+        "loss": {"top_k": 128},
+        "training": {"batch_size": 4, "grad_accum": 2, "max_seq_len": 512, "learning_rate": "auto",
+                     "lr_search": {"rates": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4]}},
+    },
+    "memory": {    # one sequence at a time (gradients accumulated), short contexts, a small adapter and cache
+        "adapter": {"rank": 8, "scale": 20.0},
+        "loss": {"top_k": 32},
+        "training": {"batch_size": 1, "grad_accum": 8, "max_seq_len": 256, "learning_rate": "auto"},
+    },
+}
+
+
+def apply_preset(raw: dict) -> dict:
+    """The raw spec with its preset's values filled in wherever the spec leaves a field out."""
+    preset = raw.get("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        return raw
+    out = dict(raw)
+    for section, values in PRESETS[preset].items():
+        given = out.get(section, {})
+        if not isinstance(given, dict):
+            continue   # a wrong type is reported by validation
+        merged = dict(given)
+        for key, value in values.items():
+            if key not in merged:
+                merged[key] = dict(value) if isinstance(value, dict) else value
+            elif isinstance(value, dict) and isinstance(merged[key], dict):
+                merged[key] = {**value, **merged[key]}
+        out[section] = merged
+    return out
+
+
 class DistillSpec(_Spec):
+    preset: PresetName | None = Field(None, description="Defaults for the adapter, loss and training fields the "
+                                      "spec leaves out: `fast`, `quality` or `memory` (README: Presets).")
     student: StudentSpec
     teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
     teacher_mode: Literal["offline", "online"] = "offline"
@@ -261,6 +354,11 @@ class DistillSpec(_Spec):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     evaluate: EvaluateSpec | None = Field(None, description="Benchmark the result in a child job when it succeeds.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        return apply_preset(data) if isinstance(data, dict) else data
 
 
 SPEC_MODELS: dict[str, type[_Spec]] = {"distill": DistillSpec, "teacher_cache": TeacherCacheSpec,

@@ -58,6 +58,14 @@ class JobError(_Obj):
     message: str | None = None
 
 
+class JobWarning(_Obj):
+    """Something about a finished job's result the user must know, e.g. `no_improvement`: no trained step
+    beat the starting student, so the run shipped the student unchanged."""
+
+    code: str
+    message: str
+
+
 class Job(_Obj):
     id: str
     kind: str
@@ -76,6 +84,12 @@ class Job(_Obj):
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def warnings(self) -> list[JobWarning]:
+        """The run's warnings about its result (`summary.warnings`); empty while running or when all is well."""
+        raw = self.summary.get("warnings") or []
+        return [JobWarning.model_validate(w) for w in raw if isinstance(w, dict) and "message" in w]
 
 
 class JobState(_Obj):
