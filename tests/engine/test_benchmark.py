@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,8 +15,12 @@ from mlx.utils import tree_flatten
 
 from tests.helpers import tiny
 from worker.engine import benchmark as bm
+from worker.engine import benchmark_store
 from worker.engine import data as data_mod
 from worker.engine import models
+from worker.engine import benchmark_metrics as metrics
+from worker.engine.benchmark_metrics import PairScores
+from worker.engine.benchmark_store import SCRATCH_DIR, ReferenceStore
 from worker.engine.errors import Cancelled, UserError
 from worker.engine.spec import BenchmarkSpec
 from worker.engine.train import Hooks
@@ -115,17 +120,68 @@ def spec_of(reference: Path, candidates: list[dict], **kw) -> BenchmarkSpec:
     return BenchmarkSpec.model_validate(doc)
 
 
-def bench(out: Path, reference: Path, candidates: list[dict], hooks: Hooks | None = None, on_progress=None,
-          **kw) -> tuple[dict, dict]:
-    """Run a benchmark of paths; returns (summary, report.json as dict)."""
-    spec = spec_of(reference, candidates, **kw)
-    inputs = bm.BenchmarkInputs(
+def inputs_of(reference: Path, candidates: list[dict], **kw) -> bm.BenchmarkInputs:
+    return bm.BenchmarkInputs(
         reference=reference,
         candidates=[bm.CandidateInput(c["label"], Path(c["model"]), Path(c["adapter"]) if c.get("adapter") else None,
                                       c.get("metrics")) for c in candidates],
         text=kw.get("text"), mcq=kw.get("mcq"), preference=kw.get("preference"))
-    summary = bm.run_benchmark(spec, inputs, out, hooks, on_progress)
+
+
+def bench(out: Path, reference: Path, candidates: list[dict], hooks: Hooks | None = None, on_progress=None,
+          **kw) -> tuple[dict, dict]:
+    """Run a benchmark of paths; returns (summary, report.json as dict)."""
+    spec = spec_of(reference, candidates, **kw)
+    summary = bm.run_benchmark(spec, inputs_of(reference, candidates, **kw), out, hooks, on_progress)
     return summary, json.loads((out / "report.json").read_text())
+
+
+def continuation_loglik(model, tok, prompt: str, response: str) -> tuple[float, int]:
+    """(Σ log p(response token | everything before it), response tokens), in float64 numpy from the logits."""
+    p, c = tok.encode(prompt), tok.encode(response, add_special_tokens=False)
+    ids = p + c
+    lp = np_log_softmax(np.array(model(mx.array([ids[:-1]]))[0]))
+    picked = lp[np.arange(len(ids) - 1), ids[1:]]  # position i predicts ids[i + 1]
+    return float(picked[len(p) - 1 :].sum()), len(c)
+
+
+def all_at_once(reference: Path, candidates: list[dict], **kw) -> dict[str, dict]:
+    """The benchmark's previous computation, as an oracle: every model loaded together, each text batch's
+    reference logits kept in memory in float32 and every model compared with them, every model run on each
+    mcq / preference batch in turn. Returns each label's text, mcq and preference metrics."""
+    from worker.engine.benchmark_passes import batches
+
+    spec, inputs = spec_of(reference, candidates, **kw), inputs_of(reference, candidates, **kw)
+    rows = bm._rows(spec, inputs)
+    tok = bm._check_models(rows)
+    datasets = bm._load_data(spec, inputs, tok)
+    loaded = [(r, bm._load(r)[0]) for r in rows]
+    pad = tok.pad_token_id
+    text_totals = {r.label: {} for r in rows}
+    for b in batches(bm._text_examples(datasets, tok, spec), spec.batch_size, pad):
+        ref_logits = loaded[0][1](b.tokens[:, :-1])
+        ref = metrics.reference_view(ref_logits)
+        for r, model in loaded:
+            sums = metrics.text_sums(ref, model(b.tokens[:, :-1]), b.tokens[:, 1:], b.target_mask[:, 1:])
+            for k, v in sums.items():
+                text_totals[r.label][k] = text_totals[r.label].get(k, 0.0) + float(v.item())
+
+    def logliks(examples):
+        out = {r.label: (np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)) for r in rows}
+        for b in batches(examples, spec.batch_size, pad):
+            for r, model in loaded:
+                ll, n = metrics.sequence_logprobs(model, b.tokens, b.target_mask)
+                out[r.label][0][b.example_ids], out[r.label][1][b.example_ids] = np.array(ll), np.array(n)
+        return out
+
+    mcq = logliks(bm._mcq_examples(datasets, tok, spec))
+    pref = logliks(bm._pref_examples(datasets, tok, spec))
+    subjects = [r.get("subject") for r in datasets["preference"].records]
+    ref_pairs = PairScores.from_examples(*pref[rows[0].label])
+    return {r.label: {**metrics.text_metrics(text_totals[r.label]),
+                      **bm._mcq_result(datasets["mcq"].records, *mcq[r.label]),
+                      **metrics.pref_metrics(PairScores.from_examples(*pref[r.label]), ref_pairs, subjects)}
+            for r in rows}
 
 
 def row(rep: dict, label: str) -> dict:
@@ -161,8 +217,8 @@ def test_text_metrics_match_hand_computation():
     targets = np.array([[0, 2, 5]], dtype=np.int32)
     mask = np.array([[True, True, False]])  # the last position is not a target
 
-    sums = bm.text_sums(bm.reference_view(mx.array(ref)), mx.array(cand), mx.array(targets), mx.array(mask))
-    got = bm.text_metrics({k: float(v.item()) for k, v in sums.items()})
+    sums = metrics.text_sums(metrics.reference_view(mx.array(ref)), mx.array(cand), mx.array(targets), mx.array(mask))
+    got = metrics.text_metrics({k: float(v.item()) for k, v in sums.items()})
 
     lp, lq = np_log_softmax(ref[0, :2]), np_log_softmax(cand[0, :2])
     p, q = np.exp(lp), np.exp(lq)
@@ -178,35 +234,50 @@ def test_text_metrics_match_hand_computation():
     assert got["top1_agreement"] == 0.5 and got["top5_agreement"] == 1.0
 
     # all three positions: the third has top-1 and top-5 both wrong
-    sums = bm.text_sums(bm.reference_view(mx.array(ref)), mx.array(cand), mx.array(targets), mx.ones((1, 3)))
-    got = bm.text_metrics({k: float(v.item()) for k, v in sums.items()})
+    sums = metrics.text_sums(metrics.reference_view(mx.array(ref)), mx.array(cand), mx.array(targets), mx.ones((1, 3)))
+    got = metrics.text_metrics({k: float(v.item()) for k, v in sums.items()})
     assert got["top1_agreement"] == pytest.approx(1 / 3) and got["top5_agreement"] == pytest.approx(2 / 3)
 
 
 def test_reference_against_itself_is_exact():
     logits = mx.array(np.random.default_rng(0).normal(size=(2, 7, 50)).astype(np.float32) * 4)
     targets = mx.array(np.random.default_rng(1).integers(0, 50, (2, 7)), dtype=mx.int32)
-    sums = bm.text_sums(bm.reference_view(logits), logits, targets, mx.ones((2, 7)))
-    got = bm.text_metrics({k: float(v.item()) for k, v in sums.items()})
+    sums = metrics.text_sums(metrics.reference_view(logits), logits, targets, mx.ones((2, 7)))
+    got = metrics.text_metrics({k: float(v.item()) for k, v in sums.items()})
     assert got["kl"] == 0.0 and got["js"] == 0.0
     assert got["top1_agreement"] == 1.0 and got["top5_agreement"] == 1.0
 
 
-def test_mcq_and_pref_metric_functions():
-    got = bm.mcq_metrics(scores=[[-1.0, -5.0], [-6.0, -4.0, -9.0], [-3.0, -2.0]],
+def test_mcq_metric_function():
+    got = metrics.mcq_metrics(scores=[[-1.0, -5.0], [-6.0, -4.0, -9.0], [-3.0, -2.0]],
                          n_tokens=[[1, 10], [6, 2, 9], [1, 4]], answers=[0, 0, 1], subjects=["a", "a", "b"])
     # summed: argmax 0, 1, 1 -> right, wrong, right
     # per token: (-1, -0.5) -> 1 wrong; (-1, -2, -1) -> 0 right; (-3, -0.5) -> 1 right
     assert got["mcq_accuracy"] == pytest.approx(2 / 3) and got["mcq_accuracy_norm"] == pytest.approx(2 / 3)
-    assert got["mcq_by_subject"] == {"a": {"accuracy": 0.5, "n": 2}, "b": {"accuracy": 1.0, "n": 1}}
+    assert got["mcq_by_subject"] == {"a": {"accuracy": 0.5, "accuracy_norm": 0.5, "n": 2},
+                                     "b": {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 1}}
     assert got["mcq_n"] == 3
-    assert "mcq_by_subject" not in bm.mcq_metrics([[0.0, -1.0]], [[1, 1]], [0], [None])
+    assert "mcq_by_subject" not in metrics.mcq_metrics([[0.0, -1.0]], [[1, 1]], [0], [None])
 
-    c, r = np.array([-1.0, -5.0, -2.0, -3.0]), np.array([-2.0, -4.0, -2.0, -9.0])
-    rc, rr = np.array([-1.0, -1.0, -1.0, -1.0]), np.array([-3.0, -3.0, -3.0, -0.5])
-    got = bm.pref_metrics(c, r, rc, rr)
-    assert got == {"pref_accuracy": 0.5, "pref_agreement": 0.25, "pref_n": 4}  # a tie is not a win
-    assert bm.pref_metrics(c, r, c, r)["pref_agreement"] == 1.0
+
+def test_pref_metrics_summed_vs_per_token_ties_and_subjects():
+    # chosen means per token: -1 each; rejected: -2, -2, -2, -3
+    model = PairScores(chosen=np.array([-1.0, -10.0, -2.0, -3.0]), rejected=np.array([-2.0, -4.0, -2.0, -9.0]),
+                       chosen_tokens=np.array([1, 10, 2, 3]), rejected_tokens=np.array([1, 2, 1, 3]))
+    # the reference prefers chosen, chosen, chosen, rejected (both scorings: one token each)
+    ref = PairScores(np.array([-1.0, -1.0, -1.0, -1.0]), np.array([-3.0, -3.0, -3.0, -0.5]), np.ones(4), np.ones(4))
+    got = metrics.pref_metrics(model, ref, ["x", "x", "y", None])
+    # summed margins 1, -6, 0 (a tie: half), 6 -> 1 + 0 + 0.5 + 1; per token 1, 1, 1, 2 -> all won
+    assert got["pref_accuracy"] == 2.5 / 4 and got["pref_accuracy_norm"] == 1.0
+    assert got["pref_ties"] == 1 and got["pref_ties_norm"] == 0 and got["pref_n"] == 4
+    # orders vs the reference's (+ + + -): summed (+ - = +) -> 1, 0, 0.5, 0; per token (+ + + +) -> 1, 1, 1, 0
+    assert got["pref_agreement"] == 1.5 / 4 and got["pref_agreement_norm"] == 3 / 4
+    assert got["pref_by_subject"] == {  # the pair without a subject counts only overall
+        "x": {"accuracy": 0.5, "accuracy_norm": 1.0, "agreement": 0.5, "agreement_norm": 1.0, "n": 2},
+        "y": {"accuracy": 0.5, "accuracy_norm": 1.0, "agreement": 0.5, "agreement_norm": 1.0, "n": 1}}
+    itself = metrics.pref_metrics(model, model)
+    assert itself["pref_agreement"] == 1.0 and itself["pref_agreement_norm"] == 1.0  # a tie agrees with a tie
+    assert "pref_by_subject" not in itself
 
 
 # ------------------------------------------------------------------------------------ phases on tiny models
@@ -246,7 +317,8 @@ def test_mcq_known_answers_shuffled_key_and_subjects(tiny_teacher, mcq_file, tmp
     _, rep = bench(tmp_path / "mixed", tiny_teacher, cands, mcq=tiny.write_jsonl(tmp_path / "mixed.jsonl", mixed))
     m = row(rep, "teacher")
     assert m["mcq_accuracy"] == 0.5
-    assert m["mcq_by_subject"] == {"right": {"accuracy": 1.0, "n": 3}, "shifted": {"accuracy": 0.0, "n": 3}}
+    assert m["mcq_by_subject"] == {"right": {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 3},
+                                   "shifted": {"accuracy": 0.0, "accuracy_norm": 0.0, "n": 3}}
     assert "Multiple choice by subject" in (tmp_path / "mixed" / "report.md").read_text()
 
 
@@ -255,9 +327,11 @@ def test_preference_known_order(tiny_teacher, tiny_student, pref_file, tmp_path)
     _, rep = bench(tmp_path / "right", tiny_teacher, cands, preference=pref_file)
     ref = row(rep, "reference")
     assert ref["pref_accuracy"] == 1.0 and ref["pref_agreement"] == 1.0 and ref["pref_n"] == 5
+    assert ref["pref_accuracy_norm"] == 1.0 and ref["pref_agreement_norm"] == 1.0
     student = row(rep, "student")
     # agreement is the share of pairs ordered as the reference orders them, here: as chosen > rejected
     assert student["pref_agreement"] == student["pref_accuracy"]
+    assert student["pref_agreement_norm"] == student["pref_accuracy_norm"]
 
     records = [json.loads(x) for x in pref_file.read_text().splitlines()]
     swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in records]
@@ -267,11 +341,144 @@ def test_preference_known_order(tiny_teacher, tiny_student, pref_file, tmp_path)
     assert row(rep, "student")["pref_accuracy"] == pytest.approx(1.0 - student["pref_accuracy"])
 
 
+def test_length_normalised_preference_and_subjects_by_hand(tiny_teacher, tmp_path):
+    """chosen: the model's own 12-token greedy continuation; rejected: one random token. Summed, the short
+    rejected response tends to win (fewer log-probs added up); per token, the model's own words do."""
+    model, tok, _ = models.load_model(tiny_teacher)
+    rng = np.random.default_rng(3)
+    records = [{"prompt": q, "chosen": greedy_continuation(model, tok, q, max_new=12),
+                "rejected": random_text(tok, rng, n=1), "subject": "even" if i % 2 == 0 else "odd"}
+               for i, q in enumerate(questions(6))]
+
+    # the expected numbers, from the model's logits by numpy
+    chosen = np.array([continuation_loglik(model, tok, r["prompt"], r["chosen"]) for r in records])
+    rejected = np.array([continuation_loglik(model, tok, r["prompt"], r["rejected"]) for r in records])
+    summed_win = chosen[:, 0] > rejected[:, 0]
+    per_token_win = chosen[:, 0] / chosen[:, 1] > rejected[:, 0] / rejected[:, 1]
+    assert (summed_win != per_token_win).any()  # the case the two scorings exist for
+    even = np.arange(6) % 2 == 0
+
+    _, rep = bench(tmp_path / "out", tiny_teacher, [{"label": "teacher", "model": tiny_teacher}],
+                   preference=tiny.write_jsonl(tmp_path / "pref.jsonl", records))
+    m = row(rep, "teacher")
+    assert m["pref_accuracy"] == pytest.approx(summed_win.mean())
+    assert m["pref_accuracy_norm"] == pytest.approx(per_token_win.mean())
+    assert m["pref_ties"] == 0 and m["pref_ties_norm"] == 0 and m["pref_n"] == 6
+    for subject, pick in (("even", even), ("odd", ~even)):
+        got = m["pref_by_subject"][subject]
+        assert got["n"] == 3
+        assert got["accuracy"] == pytest.approx(summed_win[pick].mean())
+        assert got["accuracy_norm"] == pytest.approx(per_token_win[pick].mean())
+        assert got["agreement"] == 1.0 and got["agreement_norm"] == 1.0  # the reference agrees with itself
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Preference by subject" in md
+    acc = m["pref_by_subject"]["even"]
+    assert f"| even | {100 * acc['accuracy']:.1f}% / {100 * acc['accuracy_norm']:.1f}% (n=3) |" in md
+
+
+def test_models_are_loaded_one_at_a_time_and_score_as_all_at_once(
+        tiny_teacher, tiny_student, tiny_text, mcq_file, pref_file, adapter_dir, tmp_path, monkeypatch):
+    import gc
+
+    refs, alive_at_load, loaded = [], [], []  # weak references: models are dicts, not hashable
+    real_load = models.load_model
+
+    def load_and_track(path, **kw):
+        gc.collect()
+        alive_at_load.append(sum(r() is not None for r in refs))  # models still alive when the next one loads
+        model, tok, config = real_load(path, **kw)
+        refs.append(weakref.ref(model))
+        loaded.append(Path(path).name)
+        return model, tok, config
+
+    monkeypatch.setattr(models, "load_model", load_and_track)
+    cands = [{"label": "student", "model": tiny_student},
+             {"label": "distilled", "model": tiny_student, "adapter": adapter_dir},
+             {"label": "student again", "model": tiny_student}]  # the same model as "student": loaded once
+    data = {"text": tiny_text["valid"], "mcq": mcq_file, "preference": pref_file, "max_examples": 4}
+    _, rep = bench(tmp_path / "out", tiny_teacher, cands, **data)
+    assert loaded == ["teacher", "student", "student"] and alive_at_load == [0, 0, 0]
+    assert not (tmp_path / "out" / SCRATCH_DIR).exists()
+    monkeypatch.undo()
+
+    oracle = all_at_once(tiny_teacher, cands, **data)
+    assert set(oracle) == {"reference", "student", "distilled", "student again"}
+    for label, expected in oracle.items():
+        got = row(rep, label)
+        for key in ("top1_agreement", "top5_agreement", "tokens"):  # the reference's argmax is stored exactly
+            assert got[key] == expected[key], (label, key)
+        for key in ("kl", "js"):  # from the float16 store: within its precision
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (label, key)
+        for key in ("ce", "ppl"):  # the model's own logits, summed over the target positions in another order
+            assert got[key] == pytest.approx(expected[key], rel=1e-6), (label, key)
+        mcq_pref = {k: v for k, v in expected.items() if k.startswith(("mcq_", "pref_"))}
+        assert {k: got[k] for k in mcq_pref} == mcq_pref, label
+    assert row(rep, "reference")["kl"] == 0.0 and row(rep, "student again") == row(rep, "student")
+
+
+def test_stored_float16_reference_matches_float32(tiny_teacher, tiny_student, tiny_text, tmp_path):
+    from worker.engine.benchmark_passes import batches
+
+    teacher, tok, _ = models.load_model(tiny_teacher)
+    student, _, _ = models.load_model(tiny_student)
+    examples = data_mod.tokenize(data_mod.load_jsonl(tiny_text["valid"]), tok, 64)
+    batch = next(batches(examples, 8, tok.pad_token_id))
+
+    def at_targets(model):
+        logits = model(batch.tokens[:, :-1])
+        return logits.reshape(-1, logits.shape[-1])[batch.positions]
+
+    def compared(ref, logits):
+        sums = metrics.text_sums(ref, logits, batch.targets, mx.ones(batch.targets.shape))
+        return metrics.text_metrics({k: float(v.item()) for k, v in sums.items()})
+
+    ref_logits, student_logits = at_targets(teacher), at_targets(student)
+    in_memory = metrics.reference_view(ref_logits)
+    n = int(batch.positions.size)
+    with ReferenceStore(tmp_path / "scratch", n) as store:
+        store.append(*in_memory)
+        store.seal()
+        assert store.path.stat().st_size == n * 512 * 2  # float16, target positions only (no padding, no prompt)
+        stored = store.read(0)
+    assert not (tmp_path / "scratch").exists()
+
+    exact, from_disk = compared(in_memory, student_logits), compared(stored, student_logits)
+    assert exact["kl"] > 0.5
+    assert from_disk["kl"] != exact["kl"]  # float16 storage does change the figure (~1e-6 here), within:
+    assert from_disk["kl"] == pytest.approx(exact["kl"], rel=1e-5)
+    assert from_disk["js"] == pytest.approx(exact["js"], rel=1e-5)
+    for key in ("top1_agreement", "top5_agreement", "ce", "tokens"):
+        assert from_disk[key] == exact[key], key
+    itself = compared(stored, ref_logits)  # the teacher against its own stored distribution
+    assert abs(itself["kl"]) < 2e-6 and abs(itself["js"]) < 2e-6 and itself["top1_agreement"] == 1.0
+
+
+def test_refuses_when_the_reference_store_would_not_fit(tiny_teacher, tiny_student, tiny_text, tmp_path,
+                                                        monkeypatch):
+    tok = models.load_tokenizer(tiny_teacher)
+    n = sum(int(e.target_mask[1:].sum()) for e in data_mod.tokenize(data_mod.load_jsonl(tiny_text["valid"]), tok, 64))
+    needed = n * 512 * 2  # target tokens × vocabulary × float16
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(benchmark_store, "free_bytes", lambda folder: needed + benchmark_store.HEADROOM_BYTES - 1)
+    message = (rf"^data\.text: .*: {n} target tokens × 512 vocabulary entries × 2 bytes \(float16\) = .* but only "
+               r".* is free there; lower max_examples or max_seq_len")
+    with pytest.raises(UserError, match=message):
+        bench(tmp_path / "out", tiny_teacher, [{"label": "s", "model": tiny_student}], text=tiny_text["valid"])
+    assert loads == []  # refused in pre-flight, before any weights are read
+    assert not (tmp_path / "out" / SCRATCH_DIR).exists() and not (tmp_path / "out" / "report.json").exists()
+
+    # and again when the store opens, with the width of the reference's real logits
+    monkeypatch.setattr(benchmark_store, "free_bytes", lambda folder: 0)
+    with ReferenceStore(tmp_path / "scratch", 3) as store, pytest.raises(UserError, match="3 target tokens × 7"):
+        store.append(mx.zeros((3, 7)), mx.zeros((3,), dtype=mx.int32))
+
+
 def test_measure_speed_decodes_every_token_and_reports_memory(tiny_student):
     model, tok, _ = models.load_model(tiny_student)
     from mlx_lm.utils import get_total_parameters
 
-    got = bm.measure_speed(model, tok, prompt_tokens=12, decode_tokens=6, repeats=2)
+    got = metrics.measure_speed(model, tok, prompt_tokens=12, decode_tokens=6, repeats=2)
     assert got["speed_prompt_tokens"] == 12 and got["speed_decode_tokens"] == 6  # end-of-sequence suppressed
     assert got["prefill_tokens_per_second"] > 0 and got["decode_tokens_per_second"] > 0
     assert got["peak_memory_bytes"] >= 4 * get_total_parameters(model)  # float32 weights are part of the peak
@@ -325,15 +532,25 @@ def test_run_benchmark_end_to_end(tiny_teacher, tiny_student, tiny_text, mcq_fil
     assert set(summary) == {"reference", "metrics"} and set(summary["metrics"]) == {"reference", "student", "distilled"}
     assert summary["metrics"]["student"]["kl"] == student["kl"]
 
-    assert (out / "report.md").read_text().count("| distilled |") == 1
+    md = (out / "report.md").read_text()
+    assert md.count("| distilled |") == 2  # the comparison table and the preference table
+    assert "## Preference" in md and "pref acc (summed)" in md and "pref acc (per token)" in md
     assert set(rep["charts"]) == {"quality.png", "tasks.png", "speed.png", "size.png", "training.png"}
     for name in rep["charts"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert [p["step"] for p in progress] == list(range(1, progress[-1]["total_steps"] + 1))
-    assert {p["phase"] for p in progress} == {"text", "mcq", "preference", "speed"}
-    assert sum(p["phase"] == "speed" for p in progress) == 3
+    # progress counts every model's batches and speed test, reported after each: 0, 1, ..., total
+    text_batches = math.ceil(rep["data"]["text"]["sequences"] / 4)
+    per_model = {"text": text_batches, "mcq": 4, "preference": 2, "speed": 1}  # 4 x 4 choices, 4 x 2 responses
+    total = 3 * sum(per_model.values())
+    assert [p["step"] for p in progress] == list(range(total + 1))
+    assert {p["total_steps"] for p in progress} == {total} and progress[0]["phase"] == "preflight"
+    for phase, n in per_model.items():
+        assert sum(p["phase"] == phase for p in progress) == 3 * n, phase
+    labels = [p["label"] for p in progress[1:]]  # one model after the other, the reference first
+    assert labels == ["reference"] * (total // 3) + ["student"] * (total // 3) + ["distilled"] * (total // 3)
     assert events[0] == "preflight" and events[-1] == "done" and "phase" in events
+    assert not (out / SCRATCH_DIR).exists()
 
 
 def test_cancellation(tiny_teacher, tiny_student, tiny_text, tmp_path):
@@ -342,6 +559,7 @@ def test_cancellation(tiny_teacher, tiny_student, tiny_text, tmp_path):
     with pytest.raises(Cancelled, match="text"):
         bench(tmp_path, tiny_teacher, [{"label": "s", "model": tiny_student}], hooks, text=tiny_text["valid"])
     assert not (tmp_path / "report.json").exists()
+    assert not (tmp_path / SCRATCH_DIR).exists()  # the reference's first batch was stored, then removed
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -72,7 +72,7 @@ RECORDS = {
     "text": {"text": "Hello world."},
     "completions": {"prompt": "Q: 2+2?", "completion": " 4"},
     "chat": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-    "preference": {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away."},
+    "preference": {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away.", "subject": "greetings"},
     "mcq": {"question": "2+2?", "choices": ["3", "4"], "answer": 1, "subject": "math"},
 }
 
@@ -144,6 +144,12 @@ ERROR_CASES = [
     ([{"question": "q", "choices": ["only"], "answer": 0}], None, 1, "at least 2 choices, got 1"),
     ([{"question": "q", "choices": ["a", "b"], "answer": True}], None, 1, "must be an integer index"),
     ([{"prompt": "p", "chosen": "same", "rejected": "same"}], None, 1, "'chosen' and 'rejected' are identical"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b", "subject": 3}], None, 1,
+     "field 'subject' must be a string, got a number"),
+    ([{"question": "q", "choices": ["a", "b"], "answer": 0, "subject": ["x"]}], None, 1,
+     "field 'subject' must be a string, got a list"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b", "topic": "x"}], None, 1,
+     "unknown field {'topic'} for format 'preference' (allowed: {'prompt', 'chosen', 'rejected', 'subject'})"),
     ([{"foo": 1}], None, 1, "record has fields {'foo'}, which match no format"),
     (["[1, 2]"], None, 1, "expected a JSON object, got a list"),
 ]

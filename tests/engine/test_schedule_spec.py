@@ -58,3 +58,26 @@ def test_defaults():
     spec = DistillSpec.model_validate(MIN)
     assert spec.teacher_mode == "offline" and spec.loss.top_k == 64 and spec.adapter.type == "lora"
     assert spec.data.valid == 0.05
+
+
+def test_presets_fill_what_the_spec_leaves_out():
+    from worker.engine.spec import PRESETS, DistillSpec
+
+    base = {"student": {"model": "s"}, "teachers": [{"model": "t"}], "data": {"train": "d"}}
+    fast = DistillSpec.model_validate({**base, "preset": "fast"})
+    assert (fast.adapter.rank, fast.loss.top_k, fast.training.batch_size, fast.training.max_seq_len) == (8, 32, 8, 256)
+    assert fast.training.learning_rate == "auto" and fast.training.lr_search.rates == [3e-5, 1e-4, 3e-4]
+    # what the spec says wins, also inside a nested section
+    mine = DistillSpec.model_validate({**base, "preset": "quality", "adapter": {"rank": 4},
+                                       "training": {"learning_rate": 2e-4, "lr_search": {"steps": 3}}})
+    assert mine.adapter.rank == 4 and mine.loss.top_k == 128 and mine.training.grad_accum == 2
+    assert mine.training.learning_rate == 2e-4
+    assert mine.training.lr_search.steps == 3 and mine.training.lr_search.rates == PRESETS["quality"]["training"][
+        "lr_search"]["rates"]
+    memory = DistillSpec.model_validate({**base, "preset": "memory"})
+    assert (memory.training.batch_size, memory.training.grad_accum) == (1, 8)
+    # a stored spec (every field filled in) validates to itself: the API stores the dump, the worker reads it
+    assert DistillSpec.model_validate(mine.model_dump(mode="json")) == mine
+    with pytest.raises(Exception, match="preset"):
+        DistillSpec.model_validate({**base, "preset": "turbo"})
+    assert DistillSpec.model_validate(base).training.learning_rate == "auto"   # the default

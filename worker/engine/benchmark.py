@@ -9,24 +9,28 @@ Every model gets one row of `report.json`, the reference included (under its own
   mcq         each choice scored by the summed log-likelihood of " " + choice after `MCQ_PROMPT` (plain text,
               never the chat template); the highest score is the model's answer. `mcq_accuracy_norm` divides
               each score by the choice's token count first.
-  preference  log p(chosen | prompt) vs log p(rejected | prompt), summed over the continuation's tokens (prompt
-              and continuation concatenated as they are, like `completions`). `pref_accuracy`: chosen scores
-              strictly higher; `pref_agreement`: the candidate orders the pair as the reference does.
-  speed       each model loaded alone once the quality phases have released the others: mlx-lm's
-              `stream_generate` (greedy, end-of-sequence suppressed so every run decodes the same number of
-              tokens) on a fixed random prompt; prefill and decode tokens per second, and MLX's peak memory.
+  preference  log p(response | prompt) of `chosen` and of `rejected` (prompt and response concatenated as they
+              are, like `completions`), scored two ways: summed over the response's tokens (`pref_accuracy`,
+              `pref_agreement`), which favours short responses, and as the mean per response token
+              (`pref_accuracy_norm`, `pref_agreement_norm`). Accuracy: chosen scores higher; agreement: the
+              model orders the pair as the reference does. A tie (equal scores) is worth ½ (see
+              `benchmark_metrics.pair_credit` / `pair_agreement`). Per subject when records have one.
+  speed       mlx-lm's `stream_generate` (greedy, end-of-sequence suppressed so every run decodes the same
+              number of tokens) on a fixed random prompt; prefill and decode tokens per second, and MLX's peak
+              memory.
   size        parameters of the base model (adapter parameters apart), bytes on disk, compression ratios.
 
-The engine only sees local paths (`BenchmarkInputs`); the caller resolves ids. Writes `report.json`,
-`report.md` and PNG charts into `out_dir`.
+Models are loaded one at a time, the reference first: each model runs every phase, its speed test included,
+and is freed before the next is loaded, so peak memory is the largest model plus one batch, never the sum.
+The candidates' text phase compares with the reference's distributions kept in a scratch file under `out_dir`
+(`benchmark_store`), removed when the run ends. The engine only sees local paths (`BenchmarkInputs`); the
+caller resolves ids. Writes `report.json`, `report.md` and PNG charts into `out_dir`.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,8 +41,11 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as data_mod
-from . import losses, models, preflight, report
-from .errors import Cancelled, UserError
+from . import models, preflight, report
+from .benchmark_metrics import PairScores, continuation_examples, mcq_metrics, pref_metrics, text_metrics
+from .benchmark_passes import ModelScores, Progress, Workload, score_model
+from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
+from .errors import UserError
 from .spec import BenchmarkSpec
 from .train import Hooks
 
@@ -47,12 +54,14 @@ MCQ_PROMPT = "Question: {question}\nAnswer:"
 when the tokenizer has a chat template: one fixed format for every model, base or instruction-tuned."""
 
 REFERENCE_LABEL = "reference"
-HEADLINE = ("ppl", "kl", "top1_agreement", "mcq_accuracy", "pref_accuracy", "prefill_tokens_per_second",
-            "decode_tokens_per_second", "peak_memory_bytes", "compression_ratio_params")
+HEADLINE = ("ppl", "kl", "top1_agreement", "mcq_accuracy", "pref_accuracy", "pref_accuracy_norm",
+            "prefill_tokens_per_second", "decode_tokens_per_second", "peak_memory_bytes", "compression_ratio_params")
 TEXT_FORMATS = data_mod.TRAINABLE_FORMATS
 
+_TIE = "a tie (equal scores) counts as half a pair"
 DEFINITIONS = {
-    "kl": "forward KL(reference || model) per target token, full vocabulary, T = 1 (nats)",
+    "kl": "forward KL(reference || model) per target token, full vocabulary, T = 1 (nats); candidates are "
+          "compared with the reference's log-probs stored as float16 and renormalised (off by ~1e-6 relative)",
     "js": "Jensen-Shannon divergence between reference and model per target token (nats)",
     "top1_agreement": "share of target tokens where the model's argmax equals the reference's",
     "top5_agreement": "share of target tokens where the reference's argmax is among the model's 5 highest logits",
@@ -60,9 +69,14 @@ DEFINITIONS = {
     "mcq_accuracy": "share of questions whose answer has the highest summed log-likelihood of ' ' + choice "
                     "after 'Question: ...\\nAnswer:'",
     "mcq_accuracy_norm": "as mcq_accuracy, each choice's log-likelihood divided by its token count",
-    "pref_accuracy": "share of pairs with log p(chosen | prompt) > log p(rejected | prompt), summed over tokens "
-                     "(a tie counts as wrong)",
-    "pref_agreement": "share of pairs the model orders (chosen vs rejected) as the reference does",
+    "pref_accuracy": "share of pairs with log p(chosen | prompt) > log p(rejected | prompt), each summed over the "
+                     f"response's tokens (longer responses score lower); {_TIE}",
+    "pref_accuracy_norm": "as pref_accuracy, each response scored by its mean log-prob per response token "
+                          f"(length-normalised); {_TIE}",
+    "pref_agreement": "share of pairs the model orders (chosen vs rejected, summed scores) as the reference does; "
+                      "both tying counts as the same order, one tying as half",
+    "pref_agreement_norm": "as pref_agreement, with the per-token mean scores",
+    "pref_ties": "pairs whose summed scores are exactly equal (pref_ties_norm: whose per-token means are)",
     "prefill_tokens_per_second": "prompt tokens / time to the first generated token (mlx-lm stream_generate)",
     "decode_tokens_per_second": "generated tokens / seconds since the first one appeared (mlx-lm's generation_tps)",
     "peak_memory_bytes": "peak of MLX-allocated memory while generating (weights, KV cache, activations; "
@@ -112,156 +126,7 @@ class Row:
         return self.path.resolve(), self.adapter.resolve() if self.adapter else None
 
 
-# --------------------------------------------------------------------------------------------- metrics
-
-
-def reference_view(ref_logits: mx.array) -> tuple[mx.array, mx.array]:
-    """(log p, argmax) of the reference's logits [..., V]: computed once per batch, shared by every candidate."""
-    return losses.log_softmax_t(ref_logits), mx.argmax(ref_logits, axis=-1)
-
-
-def js_divergence(log_p: mx.array, log_q: mx.array) -> mx.array:
-    """JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = (p + q) / 2, over the last axis.
-
-    Each term is taken as exactly 0 where log p == log q, so a model compared with itself scores exactly 0.
-    """
-    log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
-    same = log_p == log_q
-    p_term = mx.where(same, 0.0, mx.exp(log_p) * (log_p - log_m))
-    q_term = mx.where(same, 0.0, mx.exp(log_q) * (log_q - log_m))
-    return 0.5 * (p_term + q_term).sum(axis=-1)
-
-
-def text_sums(ref: tuple[mx.array, mx.array], logits: mx.array, targets: mx.array, mask: mx.array) -> dict:
-    """Sums over the masked positions of ce, kl, js, top1, top5, and their count `tokens`.
-
-    ref: `reference_view` of the reference's logits; logits [B, L, V]; targets, mask [B, L].
-    """
-    log_p, ref_top = ref
-    logits = logits.astype(mx.float32)
-    log_q = losses.log_softmax_t(logits)
-    m = mask.astype(mx.float32)
-    at_ref_top = mx.take_along_axis(logits, ref_top[..., None], axis=-1)
-    rank = (logits > at_ref_top).sum(axis=-1)  # logits strictly above the one at the reference's argmax
-    per_position = {
-        "kl": losses.divergence("forward_kl", log_p, log_q),
-        "js": js_divergence(log_p, log_q),
-        "top1": (mx.argmax(logits, axis=-1) == ref_top).astype(mx.float32),
-        "top5": (rank < 5).astype(mx.float32),
-    }
-    sums = {k: (v * m).sum() for k, v in per_position.items()}
-    sums["ce"] = losses.masked_cross_entropy_sum(logits, targets, mask != 0)
-    sums["tokens"] = m.sum()
-    return sums
-
-
-def text_metrics(sums: dict[str, float]) -> dict:
-    """Means per target token from accumulated `text_sums`; ppl = exp(ce)."""
-    n = max(sums["tokens"], 1.0)
-    ce = sums["ce"] / n
-    return {"ppl": math.exp(min(ce, 50.0)), "ce": ce, "kl": sums["kl"] / n, "js": sums["js"] / n,
-            "top1_agreement": sums["top1"] / n, "top5_agreement": sums["top5"] / n, "tokens": int(sums["tokens"])}
-
-
-def sequence_logprobs(model, tokens: mx.array, target_mask: mx.array) -> tuple[mx.array, mx.array]:
-    """(Σ log p(token) over each row's target positions, number of targets) for tokens [B, L].
-
-    target_mask [B, L] is aligned with `tokens` like `data.Example.target_mask` (True: a scored token).
-    """
-    logits = model(tokens[:, :-1])
-    log_q = losses.log_softmax_t(logits)
-    picked = mx.take_along_axis(log_q, tokens[:, 1:, None].astype(mx.int32), axis=-1)[..., 0]
-    m = target_mask[:, 1:]
-    return mx.where(m, picked, 0.0).sum(axis=-1), m.astype(mx.int32).sum(axis=-1)
-
-
-def mcq_metrics(scores: list[list[float]], n_tokens: list[list[int]], answers: list[int],
-                subjects: list[str | None]) -> dict:
-    """Accuracy (argmax of summed log-likelihood), length-normalised accuracy, and per-subject accuracy."""
-    right = np.array([int(np.argmax(s)) == a for s, a in zip(scores, answers)])
-    right_norm = np.array([int(np.argmax(np.asarray(s) / np.maximum(np.asarray(n), 1))) == a
-                           for s, n, a in zip(scores, n_tokens, answers)])
-    out = {"mcq_accuracy": float(right.mean()), "mcq_accuracy_norm": float(right_norm.mean()), "mcq_n": len(answers)}
-    if any(s is not None for s in subjects):
-        by = {}
-        for subject in sorted({s for s in subjects if s is not None}):
-            pick = np.array([s == subject for s in subjects])
-            by[subject] = {"accuracy": float(right[pick].mean()), "n": int(pick.sum())}
-        out["mcq_by_subject"] = by
-    return out
-
-
-def pref_metrics(chosen: np.ndarray, rejected: np.ndarray, ref_chosen: np.ndarray, ref_rejected: np.ndarray) -> dict:
-    """pref_accuracy: chosen strictly above rejected; pref_agreement: same ordering (sign) as the reference."""
-    mine, theirs = np.sign(chosen - rejected), np.sign(ref_chosen - ref_rejected)
-    return {"pref_accuracy": float((mine > 0).mean()), "pref_agreement": float((mine == theirs).mean()),
-            "pref_n": len(chosen)}
-
-
-def continuation_examples(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[data_mod.Example]:
-    """prompt + continuation with the continuation's tokens as targets, at most the last `max_seq_len` tokens.
-
-    Encoded in two parts (the prompt with the tokenizer's special tokens, the continuation without), as
-    `completions` data is, so the boundary is exact in tokens.
-    """
-    examples = []
-    for i, (prompt, continuation) in enumerate(pairs):
-        p = tokenizer.encode(prompt)
-        c = tokenizer.encode(continuation, add_special_tokens=False)
-        tokens = np.array(p + c, dtype=np.int32)[-max_seq_len:]
-        mask = np.array([False] * len(p) + [True] * len(c))[-max_seq_len:]
-        mask[0] = False
-        examples.append(data_mod.Example(tokens, mask, i))
-    return examples
-
-
-def measure_speed(model, tokenizer, prompt_tokens: int, decode_tokens: int, repeats: int = 1) -> dict:
-    """Prefill / decode tokens per second (medians over `repeats`, after a warm-up) and MLX's peak memory.
-
-    The prompt is `prompt_tokens` fixed pseudo-random token ids; end-of-sequence tokens are suppressed so
-    every run decodes exactly `decode_tokens` tokens.
-    """
-    from mlx_lm.generate import stream_generate
-
-    vocab = len(tokenizer.get_vocab())
-    prompt = mx.array(np.random.default_rng(0).integers(0, vocab, prompt_tokens), dtype=mx.int32)
-    eos = mx.array(sorted(tokenizer.eos_token_ids or []), dtype=mx.int32)[None]
-
-    def no_eos(_tokens, logits):
-        return mx.put_along_axis(logits, eos, mx.array(-mx.inf, logits.dtype), axis=-1) if eos.size else logits
-
-    def once(n: int):
-        last = None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=n, logits_processors=[no_eos]):
-            pass
-        return last
-
-    once(min(decode_tokens, 2))  # warm-up: first-call allocations and kernel setup
-    gc.collect()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    runs = [once(decode_tokens) for _ in range(repeats)]
-    return {"prefill_tokens_per_second": statistics.median(r.prompt_tps for r in runs),
-            "decode_tokens_per_second": statistics.median(r.generation_tps for r in runs),
-            "peak_memory_bytes": int(mx.get_peak_memory()),
-            "speed_prompt_tokens": prompt_tokens, "speed_decode_tokens": runs[-1].generation_tokens}
-
-
 # ------------------------------------------------------------------------------------------- the run
-
-
-class _Steps:
-    """Progress over work units (a batch of one phase, or one model's speed test), with cancellation."""
-
-    def __init__(self, total: int, hooks: Hooks, on_progress: Callable[[dict], None] | None):
-        self.total, self.hooks, self.on_progress, self.step = total, hooks, on_progress, 0
-
-    def __call__(self, phase: str) -> None:
-        if self.hooks.should_stop and self.hooks.should_stop():
-            raise Cancelled(f"benchmark cancelled during the {phase} phase")
-        self.step += 1
-        if self.on_progress:
-            self.on_progress({"step": self.step, "total_steps": self.total, "phase": phase})
 
 
 def run_benchmark(spec: BenchmarkSpec, inputs: BenchmarkInputs, out_dir: Path, hooks: Hooks | None = None,
@@ -271,56 +136,30 @@ def run_benchmark(spec: BenchmarkSpec, inputs: BenchmarkInputs, out_dir: Path, h
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # -- pre-flight: tokenizers and data only, no weights loaded
+    # -- pre-flight: tokenizers, data and scratch space, no weights loaded
     rows = _rows(spec, inputs)
     tokenizer = _check_models(rows)
     datasets = _load_data(spec, inputs, tokenizer)
-    text_ex = _text_examples(datasets, tokenizer, spec)
-    mcq_ex, pref_ex = _mcq_examples(datasets, tokenizer, spec), _pref_examples(datasets, tokenizer, spec)
-    n_batches = [len(data_mod.eval_batches([len(e.tokens) for e in ex], spec.batch_size)) if ex else 0
-                 for ex in (text_ex, mcq_ex, pref_ex)]
-    timed = list({r.key: r for r in rows}.values()) if spec.speed.enabled else []
-    steps = _Steps(sum(n_batches) + len(timed), hooks, on_progress)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    work = Workload(_text_examples(datasets, tokenizer, spec), _mcq_examples(datasets, tokenizer, spec),
+                    _pref_examples(datasets, tokenizer, spec), spec.batch_size, pad_id)
+    scratch = out_dir / SCRATCH_DIR
+    vocab = _config_vocab_size(rows[0].path)
+    if work.text and vocab is not None:
+        ensure_free_space(scratch, work.text_positions, vocab)
+    distinct = _distinct_models(rows)
+    progress = Progress(len(distinct) * (work.batches_per_model + int(spec.speed.enabled)), hooks, on_progress)
     hooks.event("preflight", f"benchmark of {len(rows)} models on {', '.join(datasets)}",
                 models=[r.label for r in rows], datasets={k: len(d.records) for k, d in datasets.items()})
+    progress.start()
 
-    # -- quality: every model loaded at once (fine at this product's sizes: a teacher and a few small students),
-    #    so each batch runs the reference once and every candidate against those same logits
-    loaded = _load_all(rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if text_ex:
-        hooks.event("phase", f"text: {len(text_ex)} sequences", phase="text")
-        for row, m in _text_phase(loaded, text_ex, spec.batch_size, pad_id, steps).items():
-            row.metrics.update(m)
-    if mcq_ex:
-        hooks.event("phase", f"mcq: {len(datasets['mcq'].records)} questions", phase="mcq")
-        scores = _loglik_phase(loaded, mcq_ex, spec.batch_size, pad_id, steps, "mcq")
-        recs = datasets["mcq"].records
-        for row, (ll, n) in scores.items():
-            row.metrics.update(_mcq_result(recs, ll, n))
-    if pref_ex:
-        hooks.event("phase", f"preference: {len(datasets['preference'].records)} pairs", phase="preference")
-        scores = _loglik_phase(loaded, pref_ex, spec.batch_size, pad_id, steps, "preference")
-        ref_ll = scores[rows[0]][0]
-        for row, (ll, _) in scores.items():
-            row.metrics.update(pref_metrics(ll[0::2], ll[1::2], ref_ll[0::2], ref_ll[1::2]))
-    del loaded
-    _release()
-
-    # -- speed and memory: each model alone
-    for row in timed:
-        steps("speed")
-        hooks.event("phase", f"speed: {row.label}", phase="speed", label=row.label)
-        model, tok, _ = _load(row)
-        result = measure_speed(model, tok, spec.speed.prompt_tokens, spec.speed.decode_tokens, spec.speed.repeats)
-        del model
-        _release()
-        for other in rows:
-            if other.key == row.key:
-                other.metrics.update(result)
+    # -- every phase, one model at a time, the reference first
+    with ReferenceStore(scratch, work.text_positions) as store:
+        scores = _score_one_at_a_time(distinct, work, store, spec, progress, hooks)
+    _apply_scores(rows, scores, datasets)
     _sizes(rows)
 
-    rep = _report(spec, rows, datasets, text_ex)
+    rep = _report(spec, rows, datasets, work.text)
     curves = {c.label: c.metrics for c in inputs.candidates if c.metrics is not None and c.metrics.is_file()}
     rep["charts"] = report.write_charts(rep, out_dir, curves)
     rep["wall_seconds"] = time.perf_counter() - t_start
@@ -424,7 +263,25 @@ def _pref_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_
     return continuation_examples(tokenizer, pairs, spec.max_seq_len)
 
 
-# ------------------------------------------------------------------------------------ models and phases
+# ------------------------------------------------------------------------------------ models and results
+
+
+def _config_vocab_size(path: Path) -> int | None:
+    """The vocabulary size config.json declares (top level or `text_config`), for the pre-flight disk check."""
+    config = json.loads((path / "config.json").read_text())
+    for where in (config, config.get("text_config") or {}):
+        if isinstance(where.get("vocab_size"), int):
+            return where["vocab_size"]
+    return None
+
+
+def _distinct_models(rows: list[Row]) -> list[Row]:
+    """The first row of each model (rows with the same key are loaded, scored and timed once, and share the
+    numbers), the reference first."""
+    first: dict = {}
+    for r in rows:
+        first.setdefault(r.key, r)
+    return list(first.values())
 
 
 def _load(row: Row):
@@ -446,69 +303,50 @@ def _load(row: Row):
             raise UserError(f"{row.field}.adapter: {row.adapter_name} does not fit model {row.name}: "
                             + "\n".join(lines)) from None
     model.eval()  # LoRA dropout off
+    if mx.default_device() == mx.cpu:   # quality passes at OpenBLAS speed; the speed test switches back
+        models.dequantized_compute(model)
     mx.eval(model.parameters())
     return model, tokenizer, n_params
 
 
-def _load_all(rows: list[Row]) -> list[tuple[Row, object]]:
-    """Every row with its model (rows with the same key share one); records the base parameter counts."""
-    by_key: dict = {}
-    out = []
-    for row in rows:
-        if row.key not in by_key:
-            model, _, n = _load(row)
-            by_key[row.key] = (model, n)
-        model, n = by_key[row.key]
-        row.metrics["parameters"] = int(n)
-        out.append((row, model))
-    return out
+def _score_one_at_a_time(distinct: list[Row], work: Workload, store: ReferenceStore, spec: BenchmarkSpec,
+                         progress: Progress, hooks: Hooks) -> dict[tuple, ModelScores]:
+    """Each model loaded, run through every phase and freed before the next is loaded: peak memory is the
+    largest model plus one batch. `distinct[0]`, the reference, fills `store` for the others."""
+    scores = {}
+    for i, row in enumerate(distinct):
+        model, tok, n_params = _load(row)
+        try:
+            scores[row.key] = score_model(model, tok, n_params, row.label, work, store, is_reference=i == 0,
+                                          speed=spec.speed, progress=progress, hooks=hooks)
+        finally:
+            del model
+            _release()
+    return scores
 
 
 def _release() -> None:
+    """Give a freed model's memory back: Python's references first, then MLX's buffer cache."""
     gc.collect()
     mx.clear_cache()
 
 
-def _batches(examples: list[data_mod.Example], batch_size: int, pad_id: int):
-    for idx in data_mod.eval_batches([len(e.tokens) for e in examples], batch_size):
-        tokens, mask = data_mod.collate([examples[i] for i in idx], pad_id)
-        yield idx, mx.array(tokens), mx.array(mask)
-
-
-def _text_phase(loaded, examples, batch_size: int, pad_id: int, steps: _Steps) -> dict[Row, dict]:
-    ref_model = loaded[0][1]
-    totals = {row: {} for row, _ in loaded}
-    for _, tokens, mask in _batches(examples, batch_size, pad_id):
-        steps("text")
-        ref_logits = ref_model(tokens[:, :-1])
-        ref = reference_view(ref_logits)
-        mx.eval(ref_logits, ref)
-        done: dict = {}
-        for row, model in loaded:
-            if id(model) not in done:  # rows sharing a model share its numbers
-                logits = ref_logits if model is ref_model else model(tokens[:, :-1])
-                sums = text_sums(ref, logits, tokens[:, 1:], mask[:, 1:])
-                mx.eval(sums)
-                done[id(model)] = {k: float(v.item()) for k, v in sums.items()}
-            for k, v in done[id(model)].items():
-                totals[row][k] = totals[row].get(k, 0.0) + v
-    return {row: text_metrics(s) for row, s in totals.items()}
-
-
-def _loglik_phase(loaded, examples, batch_size: int, pad_id: int, steps: _Steps, phase: str) -> dict:
-    """Per row: (summed log-likelihood, target count) of every example, in example order."""
-    n = len(examples)
-    out = {row: (np.zeros(n), np.zeros(n, dtype=np.int64)) for row, _ in loaded}
-    for idx, tokens, mask in _batches(examples, batch_size, pad_id):
-        steps(phase)
-        done: dict = {}
-        for row, model in loaded:
-            if id(model) not in done:
-                ll, cnt = sequence_logprobs(model, tokens, mask)
-                mx.eval(ll, cnt)
-                done[id(model)] = (np.array(ll, dtype=np.float64), np.array(cnt))
-            out[row][0][idx], out[row][1][idx] = done[id(model)]
-    return out
+def _apply_scores(rows: list[Row], scores: dict[tuple, ModelScores], datasets: dict) -> None:
+    """Each row's metrics from its model's scores (and, for preference agreement, the reference's)."""
+    ref = scores[rows[0].key]
+    pref_subjects = [r.get("subject") for r in datasets["preference"].records] if "preference" in datasets else []
+    for row in rows:
+        s = scores[row.key]
+        m = row.metrics
+        m["parameters"] = int(s.parameters)
+        if s.text is not None:
+            m.update(text_metrics(s.text))
+        if s.mcq is not None:
+            m.update(_mcq_result(datasets["mcq"].records, *s.mcq))
+        if s.preference is not None:
+            m.update(pref_metrics(PairScores.from_examples(*s.preference), PairScores.from_examples(*ref.preference),
+                                  pref_subjects))
+        m.update(s.speed)
 
 
 def _mcq_result(records: list[dict], ll: np.ndarray, n: np.ndarray) -> dict:
@@ -556,7 +394,9 @@ def _report(spec: BenchmarkSpec, rows: list[Row], datasets: dict, text_ex: list)
         "kl_method": "full",
         "settings": {**spec.model_dump(mode="json", include={"max_seq_len", "batch_size", "max_examples", "speed"}),
                      "mcq_prompt": MCQ_PROMPT + " {choice}", "device": "cpu" if cpu else "gpu",
-                     "compute_dtype": "float32" if cpu else "as stored"},
+                     "compute_dtype": "float32" if cpu else "as stored",
+                     "reference_logprobs": "float16 on disk, renormalised (candidates' kl, js)",
+                     "preference_tie": "half a pair"},
         "data": data_info,
         "candidates": [{"label": r.label, "model": r.name, "adapter": r.adapter_name, "is_reference": r.is_reference,
                         "metrics": r.metrics} for r in rows],

@@ -9,7 +9,7 @@ Formats, one JSON object per line (blank lines are skipped):
     text         {"text": str}
     completions  {"prompt": str, "completion": str}
     chat         {"messages": [{"role", "content"}, ...], "tools"?: [...]}   (as mlx-lm)
-    preference   {"prompt": str, "chosen": str, "rejected": str}            (benchmarks only)
+    preference   {"prompt": str, "chosen": str, "rejected": str, "subject"?: str}  (benchmarks only)
     mcq          {"question": str, "choices": [str, ...], "answer": int, "subject"?: str}  (benchmarks only)
 
 Masks: `Example.target_mask[i]` says whether `tokens[i]` is a token the student is trained to predict (from
@@ -47,7 +47,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "text": (),
     "completions": (),
     "chat": ("tools",),  # passed to the chat template, as mlx-lm does
-    "preference": (),
+    "preference": ("subject",),  # results are reported per subject, as mcq's are
     "mcq": ("subject",),
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -183,7 +183,7 @@ def _check_preference(r: dict) -> str | None:
     problem = _nonempty_string(r, "prompt") or _nonempty_string(r, "chosen") or _nonempty_string(r, "rejected")
     if problem is None and r["chosen"] == r["rejected"]:
         problem = "'chosen' and 'rejected' are identical"
-    return problem
+    return problem or _check_subject(r)
 
 
 def _check_mcq(r: dict) -> str | None:
@@ -201,6 +201,10 @@ def _check_mcq(r: dict) -> str | None:
         return f"field 'answer' must be an integer index into 'choices', got {_json_type(answer)}"
     if not 0 <= answer < len(choices):
         return f"field 'answer' is {answer}, out of range for {len(choices)} choices (0..{len(choices) - 1})"
+    return _check_subject(r)
+
+
+def _check_subject(r: dict) -> str | None:
     if "subject" in r and not isinstance(r["subject"], str):
         return f"field 'subject' must be a string, got {_json_type(r['subject'])}"
     return None

@@ -4,7 +4,7 @@ This is the function both `distillery-server distill` and the worker call. Model
 local paths (the caller resolves ids); the run writes into `out_dir`:
 
     adapters.safetensors, adapter_config.json   the adapter (the best one by val KL), as mlx-lm reads it
-    student/                                    the pruned student, when keep_layers was given
+    student/                                    the pruned and/or quantized student (keep_layers, quantize)
     summary.json, metrics.jsonl                 SPEC §5
     checkpoints/                                step-N/ (resumable) and best-N/ (the best so far)
     fused/                                      the student with the adapter merged, when output.fuse
@@ -73,6 +73,8 @@ def ensure_cache(teacher_dir: Path, dataset: data_mod.Dataset, examples: list[da
                 f"({len(todo)} of {len(examples)} sequences, {sum(len(e.tokens) for e in todo)} tokens, k={top_k})",
                 key=key, hit=False)
     model = models.load_model(teacher_dir)[0]
+    if mx.default_device() == mx.cpu:   # a quantized teacher at OpenBLAS speed (see models.DequantizedLinear)
+        models.dequantized_compute(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     built = cache_mod.build(
         model, todo, store.path(key), key=key, top_k=top_k, batch_size=CACHE_BATCH_SIZE, pad_id=pad_id,
@@ -111,6 +113,7 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
 
     # -- pre-flight: no weights loaded yet
     tokenizer = preflight.check_models(inputs.student, inputs.teachers)
+    preflight.check_student(spec, inputs.student, inputs.student_adapter)
     train_ds = data_mod.load_jsonl(inputs.train)
     valid_ds = data_mod.load_jsonl(inputs.valid) if isinstance(inputs.valid, Path) else None
     for ds in filter(None, (train_ds, valid_ds)):
@@ -144,7 +147,10 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     train_split, valid_split = Split(train_ex), Split(valid_ex)
     for teacher_dir in inputs.teachers:
         if spec.teacher_mode == "online":
-            teacher = OnlineTeacher(models.load_model(teacher_dir)[0])
+            model = models.load_model(teacher_dir)[0]
+            if mx.default_device() == mx.cpu:
+                models.dequantized_compute(model)
+            teacher = OnlineTeacher(model)
             train_split.teachers.append(teacher)
             valid_split.teachers.append(teacher)
             continue
@@ -166,8 +172,10 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     student = student_mod.build_student(spec.student, spec.adapter, inputs.student, out_dir,
                                         adapter_path=inputs.student_adapter,
                                         adapter_fields_set=spec.adapter.model_fields_set)
-    hooks.event("student", f"student ready: {len(student.model.layers)} layers, "
-                f"{student.adapter_config['fine_tune_type']} adapter", path=str(student.path))
+    q = spec.student.quantize
+    hooks.event("student", f"student ready: {len(student.model.layers)} layers"
+                + (f", {q.bits}-bit quantized (group {q.group_size})" if q else "")
+                + f", {student.adapter_config['fine_tune_type']} adapter", path=str(student.path))
     mx.reset_peak_memory()
     weights = [t.weight for t in spec.teachers]
     state = train(student, train_split, valid_split, spec, weights, out_dir, hooks, on_progress=on_progress)

@@ -103,6 +103,8 @@ def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progre
     print(f"val KL {i['val_kl']:.4f} -> {f['val_kl']:.4f}, perplexity {i['val_ppl']:.2f} -> {f['val_ppl']:.2f}, "
           f"top-1 agreement {i['val_top1_agreement']:.3f} -> {f['val_top1_agreement']:.3f}; "
           f"{summary['train']['tokens_per_second']:.0f} tokens/s; adapter in {out_dir}")
+    for w in summary.get("warnings", []):
+        print(f"WARNING: {w['message']}", file=sys.stderr, flush=True)
     return summary
 
 

@@ -7,7 +7,9 @@ into a cache folder. Nothing here reaches a model hub: a reference that is not a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -86,10 +88,157 @@ def load_model(path: Path, *, dtype: mx.Dtype | None = None):
     model, config = _load_model(path)
     floats = [v for _, v in _leaves(model) if mx.issubdtype(v.dtype, mx.floating)]
     target = dtype or compute_dtype(floats[0].dtype if floats else mx.float32)
-    if "quantization" not in config:
-        model.set_dtype(target)
+    # Floating leaves only: a quantized model's packed uint32 weights stay as they are, its scales, biases and
+    # norms follow the compute dtype (on the CPU, MLX's quantized matmul is ~9x slower in bfloat16 than float32).
+    model.set_dtype(target)
     mx.eval(model.parameters())
     return model, load_tokenizer(path), config
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def quantization_of(config: dict) -> dict | None:
+    """An mlx-lm folder's quantization (`bits`, `group_size`, `mode`, maybe per-layer entries), or None."""
+    q = config.get("quantization")
+    if q is None and isinstance(config.get("quantization_config"), dict) and "bits" in config["quantization_config"]:
+        q = config["quantization_config"]
+    return q if isinstance(q, dict) else None
+
+
+def _quantize_targets(model: nn.Module) -> list[tuple[str, nn.Module, dict | bool]]:
+    """(path, module, what the model's own predicate says) for every leaf mlx-lm's `quantize_model` may quantize."""
+    from mlx.utils import tree_flatten
+
+    predicate = getattr(model, "quant_predicate", None)
+    out = []
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if not hasattr(m, "to_quantized") or "weight" not in m:
+            continue
+        verdict = predicate(path, m) if predicate is not None else True
+        if verdict:
+            out.append((path, m, verdict))
+    return out
+
+
+def skeleton(path: Path) -> nn.Module:
+    """The folder's model built from its config alone (MLX arrays are lazy: no weight is read or computed), for
+    checks on the model's structure before anything is loaded."""
+    from mlx_lm.utils import _get_classes, load_config
+
+    config = load_config(path)
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def check_group_size(model: nn.Module, group_size: int, field: str = "student.quantize") -> list:
+    """Every layer mlx-lm would quantize must split its rows into groups of `group_size` (mlx-lm would silently
+    leave the others in float); returns those layers as (path, module, predicate verdict)."""
+    targets = _quantize_targets(model)
+    dims = {path: m.weight.shape[-1] for path, m, _ in targets}
+    bad = [(p, dims[p]) for p, _, v in targets
+           if dims[p] % (v.get("group_size", group_size) if isinstance(v, dict) else group_size)]
+    if bad:
+        fits = [g for g in (32, 64, 128) if all(d % g == 0 for d in dims.values())]
+        hint = (f"use {' or '.join(map(str, fits))}" if fits else
+                "no group size (32, 64 or 128) divides all of them")
+        raise UserError(f"{field}.group_size: {group_size} does not divide the input size of {len(bad)} of the "
+                        f"model's {len(targets)} linear/embedding layers (e.g. {bad[0][0]}: {bad[0][1]}); {hint}")
+    if not targets:
+        raise UserError(f"{field}: the model has no layer mlx-lm can quantize")
+    return targets
+
+
+def quantize(model: nn.Module, config: dict, *, bits: int, group_size: int, storage_dtype: mx.Dtype,
+             field: str = "student.quantize") -> dict:
+    """Affine-quantize `model` in place with mlx-lm's own `quantize_model` (same layers, same predicate, so the
+    result saves as a folder `mlx_lm.load` rebuilds). Returns the config with its `quantization` entry.
+
+    The weights are quantized in `storage_dtype` (the dtype the folder is saved in), exactly what
+    `mlx_lm.convert -q` makes of the source; the scales and biases then return to the compute dtype (a lossless
+    cast), so the model in memory holds the very values that are saved.
+    """
+    from mlx_lm.utils import quantize_model
+
+    targets = check_group_size(model, group_size, field)
+    compute = targets[0][1].weight.dtype
+    for _, m, _ in targets:
+        if mx.issubdtype(m.weight.dtype, mx.floating):
+            m.weight = m.weight.astype(storage_dtype)
+    with contextlib.redirect_stdout(io.StringIO()):   # it prints bits per weight
+        _, qconfig = quantize_model(model, config, group_size, bits, mode="affine")
+    _cast_quantized(model, compute)
+    mx.eval(model.parameters())
+    return qconfig
+
+
+def _cast_quantized(model: nn.Module, dtype: mx.Dtype) -> None:
+    for _, m in model.named_modules():
+        if "scales" in m and not m.children():
+            m.update({k: v.astype(dtype) for k, v in m.items()
+                      if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)})
+
+
+def requantize(module: nn.Module, like: nn.Module, storage_dtype: mx.Dtype) -> nn.Module:
+    """A float Linear/Embedding (e.g. a fused adapter layer) quantized like `like`, in the storage dtype (as
+    `mlx_lm fuse` does on the saved model), its scales and biases back in the compute dtype."""
+    compute = module.weight.dtype
+    module.weight = module.weight.astype(storage_dtype)
+    q = module.to_quantized(group_size=like.group_size, bits=like.bits, mode=like.mode)
+    q.update({k: v.astype(compute) for k, v in q.items()
+              if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)})
+    return q
+
+
+class DequantizedLinear(nn.QuantizedLinear):
+    """A QuantizedLinear computing `x @ dequantize(W).T`: the same parameters and the same function (up to float
+    summation order), but on the CPU MLX's quantized matmul is 20-40x slower than OpenBLAS's sgemm on the
+    dequantized matrix. Only the forward differs; the layer saves and fuses as the QuantizedLinear it is. The
+    price: backward keeps each layer's dequantized matrix (float32 weights' memory, as without quantization)."""
+
+    def __call__(self, x):
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode)
+        x = x @ w.T.astype(x.dtype)
+        if "bias" in self:
+            x = x + self["bias"]
+        return x
+
+
+class DequantizedEmbedding(nn.QuantizedEmbedding):
+    """QuantizedEmbedding whose tied output projection (`as_linear`) multiplies by the dequantized matrix."""
+
+    def as_linear(self, x):
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                          bits=self.bits, mode=self.mode)
+        return x @ w.T.astype(x.dtype)
+
+
+def dequantized_compute(model: nn.Module) -> int:
+    """Switch the quantized layers to dequantize-then-matmul (for CPU training); returns how many were switched."""
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear and m.mode == "affine":
+            m.__class__ = DequantizedLinear
+            n += 1
+        elif type(m) is nn.QuantizedEmbedding and m.mode == "affine":
+            m.__class__ = DequantizedEmbedding
+            n += 1
+    return n
+
+
+def quantized_compute(model: nn.Module) -> int:
+    """Undo `dequantized_compute`: MLX's own quantized kernels again (what a user's generation runs on)."""
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is DequantizedLinear:
+            m.__class__ = nn.QuantizedLinear
+            n += 1
+        elif type(m) is DequantizedEmbedding:
+            m.__class__ = nn.QuantizedEmbedding
+            n += 1
+    return n
 
 
 def _leaves(module: nn.Module):
@@ -156,11 +305,22 @@ def save_model_folder(out: Path, model: nn.Module, config: dict, source: Path, d
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_config(config, out)
+    copy_tokenizer(source, out)
+    return out
+
+
+def save_config(config: dict, out: Path) -> None:
+    """config.json as mlx-lm writes it (`quantization` mirrored as `quantization_config`, keys sorted)."""
+    from mlx_lm.utils import save_config as _save_config
+
+    _save_config(dict(config), out / "config.json")
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, out / name)
-    return out
 
 
 def source_dtype(path: Path) -> mx.Dtype:

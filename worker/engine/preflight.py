@@ -20,20 +20,40 @@ from .spec import DistillSpec
 GiB = 1 << 30
 
 
-def count_parameters(model_dir: Path) -> int:
-    """Parameter count from the safetensors headers (no tensor is read)."""
-    total = 0
+def _tensor_shapes(model_dir: Path, with_dtype: bool = False):
+    """(name, shape[, dtype]) of every tensor, from the safetensors headers (no tensor is read)."""
     for f in model_dir.glob("*.safetensors"):
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         for name, info in header.items():
             if name != "__metadata__":
-                size = 1
-                for d in info["shape"]:
-                    size *= d
-                total += size
-    return total
+                yield (name, info["shape"], info["dtype"]) if with_dtype else (name, info["shape"])
+
+
+def _size(shape) -> int:
+    size = 1
+    for d in shape:
+        size *= d
+    return size
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameter count from the safetensors headers (no tensor is read)."""
+    return sum(_size(shape) for _, shape in _tensor_shapes(model_dir))
+
+
+def count_unpacked_quantized(model_dir: Path, bits: int) -> int:
+    """Weights held in an already-quantized folder's packed uint32 matrices."""
+    return sum(_size(shape) * 32 // bits for name, shape, dtype in _tensor_shapes(model_dir, with_dtype=True)
+               if dtype == "U32" and name.endswith(".weight"))
+
+
+def count_quantizable(model_dir: Path, group_size: int) -> int:
+    """Weights `student.quantize` quantizes: the matrices (linear and embedding weights) whose rows split into
+    groups of `group_size`."""
+    return sum(_size(shape) for name, shape in _tensor_shapes(model_dir)
+               if name.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0)
 
 
 def available_memory() -> int:
@@ -60,27 +80,49 @@ def memory_estimate(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Pat
     """A deliberately simple upper-ish estimate of peak bytes during training (float32 compute)."""
     cfg = json.loads((student_dir / "config.json").read_text())
     p_student = count_parameters(student_dir)
+    q = spec.student.quantize
+    p_quant = count_quantizable(student_dir, q.group_size) if q is not None else 0
+    embed = cfg.get("vocab_size", 0) * cfg.get("hidden_size", 0) * (1 if cfg.get("tie_word_embeddings", True) else 2)
     if spec.student.keep_layers:
         keep = len(spec.student.keep_layers) / max(cfg.get("num_hidden_layers", 1), 1)
-        embed = cfg.get("vocab_size", 0) * cfg.get("hidden_size", 0) * (1 if cfg.get("tie_word_embeddings", True) else 2)
         p_student = embed + int((p_student - embed) * keep)
+        p_quant = min(embed, p_quant) + int(max(p_quant - embed, 0) * keep) if p_quant else 0
     b, seq = spec.training.batch_size, spec.training.max_seq_len
     hidden, layers, vocab = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0), cfg.get("vocab_size", 0)
     if spec.student.keep_layers:
         layers = len(spec.student.keep_layers)
     trainable = p_student if spec.adapter.type == "full" else 0
+    # a quantized student: bits/8 bytes per quantized weight plus a float32 scale and bias per group
+    # (the rest, e.g. norms, stays float32)
+    student_bytes = (4 * (p_student - p_quant) + p_quant * q.bits // 8 + 8 * p_quant // q.group_size
+                     if q is not None else 4 * p_student)
     est = {
-        "student_weights": 4 * p_student,
+        "student_weights": student_bytes,
         "optimizer_and_grads": 12 * trainable + 12 * (p_student // 50 if spec.adapter.type != "full" else 0),
         # per token: ~34 saved activations of width `hidden` per layer, and ~4 vocab-wide float32 arrays
         # (logits, their softmax, the gradient, the loss's temporaries)
         "activations": 4 * b * seq * (34 * hidden * layers + 4 * vocab),
     }
-    if spec.teacher_mode == "online":
+    given = models.quantization_of(cfg)   # a student that is quantized already (student.quantize refuses it)
+    if q is None and given is not None and isinstance(given.get("bits"), int):
+        p_quant = count_unpacked_quantized(student_dir, given["bits"])
+        if spec.student.keep_layers:
+            p_quant = int(p_quant * len(spec.student.keep_layers) / max(cfg.get("num_hidden_layers", 1), 1))
+    if p_quant and (spec.adapter.type == "dora" or _on_cpu()):
+        # DoRA layers, and the CPU's dequantize-then-matmul layers (models.DequantizedLinear), dequantize their
+        # weights in the forward pass and the backward keeps those float32 matrices
+        est["dequantized_weights"] = 4 * p_quant
+    if spec.teacher_mode == "online":   # teachers run at full precision, whatever the student's quantization
         est["teacher_weights"] = sum(4 * count_parameters(t) for t in teacher_dirs)
         est["teacher_logits"] = 4 * b * seq * vocab * len(teacher_dirs)
     est["total"] = sum(est.values())
     return est
+
+
+def _on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
 
 
 def check_memory(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Path]) -> dict[str, int]:
@@ -92,6 +134,14 @@ def check_memory(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Path])
                         f"{have / GiB:.1f} GiB is available; lower training.batch_size or training.max_seq_len"
                         + (", or use teacher_mode: offline" if spec.teacher_mode == "online" else ""))
     return {**est, "available": have}
+
+
+def check_student(spec: DistillSpec, student_dir: Path, adapter_dir: Path | None = None) -> None:
+    """What the student spec refuses that the spec alone cannot tell (e.g. `student.quantize` on a model that is
+    already quantized, or a group size its layers do not split into): config files and shapes, no weights."""
+    from . import student as student_mod
+
+    student_mod.check_quantize(spec.student, spec.adapter, student_dir, adapter_dir)
 
 
 def check_chat_template(fmt: str, tokenizer, name: str, dataset: Path) -> None:

@@ -54,7 +54,8 @@ COLUMNS = [
     ("top-1", lambda m: _pct(m["top1_agreement"]) if "top1_agreement" in m else None),
     ("top-5", lambda m: _pct(m["top5_agreement"]) if "top5_agreement" in m else None),
     ("MCQ acc", lambda m: _pct(m["mcq_accuracy"]) if "mcq_accuracy" in m else None),
-    ("pref acc", lambda m: _pct(m["pref_accuracy"]) if "pref_accuracy" in m else None),
+    ("pref acc (summed)", lambda m: _pct(m["pref_accuracy"]) if "pref_accuracy" in m else None),
+    ("pref acc (per token)", lambda m: _pct(m["pref_accuracy_norm"]) if "pref_accuracy_norm" in m else None),
     ("prefill tok/s", lambda m: _num(m["prefill_tokens_per_second"]) if "prefill_tokens_per_second" in m else None),
     ("decode tok/s", lambda m: _num(m["decode_tokens_per_second"]) if "decode_tokens_per_second" in m else None),
     ("peak memory", lambda m: _bytes(m["peak_memory_bytes"]) if "peak_memory_bytes" in m else None),
@@ -70,9 +71,50 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+PREF_NOTE = ("Each response is scored by log p(response | prompt). *summed*: over the response's tokens, so a "
+             "longer response scores lower and a model that favours short answers can fall below chance; "
+             "*per token*: that sum divided by the response's token count (length-normalised). Accuracy: chosen "
+             "scores higher than rejected; agreement: the model orders the pair as the reference does. "
+             "A tie (exactly equal scores) counts as half a pair.")
+
+
+def _pref_table(rows: list[dict]) -> list[str]:
+    """Preference accuracy and agreement, both scorings, and the ties behind them."""
+    shown = [r for r in rows if "pref_accuracy" in r["metrics"]]
+    if not shown:
+        return []
+    header = ["model", "accuracy (summed)", "accuracy (per token)", "agreement (summed)", "agreement (per token)",
+              "ties (summed / per token)"]
+
+    def line(r):
+        m = r["metrics"]
+        values = [m.get(k) for k in ("pref_accuracy", "pref_accuracy_norm", "pref_agreement", "pref_agreement_norm")]
+        ties = f"{m.get('pref_ties', '–')} / {m.get('pref_ties_norm', '–')} of {m.get('pref_n', '–')}"
+        return [r["label"]] + [_pct(v) if v is not None else "–" for v in values] + [ties]
+    return ["", "## Preference", "", PREF_NOTE, "", _table(header, [line(r) for r in shown])]
+
+
+def _subject_table(rows: list[dict], key: str, title: str) -> list[str]:
+    """Accuracy per subject, one column per model; `summed / per token` when both scorings are there."""
+    subjects = sorted({s for r in rows for s in r["metrics"].get(key, {})})
+    if not subjects:
+        return []
+    both = any("accuracy_norm" in v for r in rows for v in r["metrics"].get(key, {}).values())
+
+    def cell(r, s):
+        v = r["metrics"].get(key, {}).get(s)
+        if not v:
+            return "–"
+        norm = f" / {_pct(v['accuracy_norm'])}" if "accuracy_norm" in v else ""
+        return f"{_pct(v['accuracy'])}{norm} (n={v['n']})"
+    note = ["Each cell: accuracy summed / per token (length-normalised), and the subject's count.", ""] if both else []
+    return ["", f"## {title}", "", *note,
+            _table(["subject"] + [r["label"] for r in rows], [[s] + [cell(r, s) for r in rows] for s in subjects])]
+
+
 def write_markdown(report: dict) -> str:
-    """The comparison table (one row per label; columns without any data left out), the per-subject MCQ
-    accuracy when the data has subjects, the charts, and what each number means."""
+    """The comparison table (one row per label; columns without any data left out), preference details, the
+    per-subject accuracy when the data has subjects, the charts, and what each number means."""
     rows = report["candidates"]
     cells = [[fn(r["metrics"]) for _, fn in COLUMNS] for r in rows]
     keep = [j for j in range(len(COLUMNS)) if any(c[j] is not None for c in cells)]
@@ -88,13 +130,9 @@ def write_markdown(report: dict) -> str:
     for r in rows:
         extra = [f"model `{r['model']}`"] + ([f"adapter `{r['adapter']}`"] if r.get("adapter") else [])
         out.append(f"- {r['label']}: " + ", ".join(extra))
-    subjects = sorted({s for r in rows for s in r["metrics"].get("mcq_by_subject", {})})
-    if subjects:
-        def cell(r, s):
-            v = r["metrics"].get("mcq_by_subject", {}).get(s)
-            return f"{_pct(v['accuracy'])} (n={v['n']})" if v else "–"
-        out += ["", "## Multiple choice by subject", "",
-                _table(["subject"] + [r["label"] for r in rows], [[s] + [cell(r, s) for r in rows] for s in subjects])]
+    out += _subject_table(rows, "mcq_by_subject", "Multiple choice by subject")
+    out += _pref_table(rows)
+    out += _subject_table(rows, "pref_by_subject", "Preference by subject")
     if report.get("charts"):
         out += ["", "## Charts", ""] + [f"![{Path(c).stem}]({c})" for c in report["charts"]]
     if report.get("definitions"):
@@ -110,9 +148,10 @@ BAR_CHARTS = {
         ("perplexity (log)", "ppl", True, _num), ("KL(reference ‖ model)", "kl", False, lambda v: f"{v:.3f}"),
         ("top-1 agreement", "top1_agreement", False, _pct), ("top-5 agreement", "top5_agreement", False, _pct)]),
     "tasks.png": ("Tasks", [
-        ("MCQ accuracy", "mcq_accuracy", False, _pct),
-        ("MCQ accuracy (length-norm.)", "mcq_accuracy_norm", False, _pct),
-        ("preference accuracy", "pref_accuracy", False, _pct)]),
+        ("MCQ accuracy (summed)", "mcq_accuracy", False, _pct),
+        ("MCQ accuracy (per token)", "mcq_accuracy_norm", False, _pct),
+        ("preference accuracy (summed)", "pref_accuracy", False, _pct),
+        ("preference accuracy (per token)", "pref_accuracy_norm", False, _pct)]),
     "speed.png": ("Speed and memory", [
         ("prefill tokens/s", "prefill_tokens_per_second", False, _num),
         ("decode tokens/s", "decode_tokens_per_second", False, _num),

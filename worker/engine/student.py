@@ -2,6 +2,10 @@
 
 Adapters go through mlx-lm's own tuner (`linear_to_lora_layers`, `load_adapters`), so what we save is what
 `mlx_lm.load(student, adapter_path=...)` expects.
+
+With `student.quantize` the (pruned) student is affine-quantized by mlx-lm's `quantize_model` before the adapter
+is put on it (QLoRA): the run writes that quantized model as `student/`, and LoRA / DoRA train on top of the
+quantized weights, the same layers `mlx_lm.load(student/, adapter_path=...)` rebuilds.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRAEmbedding
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from . import models
@@ -26,7 +31,7 @@ class Student:
     model: nn.Module
     tokenizer: object
     config: dict
-    path: Path             # the folder the adapter loads onto (the source, or the pruned `student/` we wrote)
+    path: Path             # the folder the adapter loads onto (the source, or the pruned/quantized `student/` we wrote)
     adapter_config: dict   # adapter_config.json as mlx-lm reads it
 
 
@@ -40,22 +45,37 @@ def adapter_config(adapter: AdapterSpec, num_layers: int) -> dict:
 
 def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out_dir: Path,
                   adapter_path: Path | None = None, adapter_fields_set: set[str] | None = None) -> Student:
-    """Load, prune (writing `out_dir/student/` when pruned), apply the starting adapter or a fresh one."""
+    """Load, prune, quantize (writing `out_dir/student/` when pruned or quantized), apply the starting adapter
+    or a fresh one."""
+    start_cfg = json.loads((adapter_path / "adapter_config.json").read_text()) if adapter_path is not None else None
+    check_quantize(spec, adapter, model_path, adapter_path)
     model, tokenizer, config = models.load_model(model_path)
     model.freeze()
     path = model_path
     if adapter_path is not None:
-        start_cfg = json.loads((adapter_path / "adapter_config.json").read_text())
         _check_starting_adapter(start_cfg, adapter, adapter_fields_set or set())
-        load_adapters(model, str(adapter_path))   # applies its LoRA layers and weights (frozen for now)
+        try:
+            load_adapters(model, str(adapter_path))   # applies its LoRA layers and weights (frozen for now)
+        except (ValueError, KeyError) as e:
+            head, *lines = str(e).splitlines() or [type(e).__name__]   # mlx-lm lists every mismatched tensor
+            lines = sorted(lines)
+            if len(lines) > 5:
+                lines = lines[:5] + [f"  ... and {len(lines) - 5} more"]
+            raise UserError(f"student.adapter: {adapter_path.name} does not fit student model {model_path.name}: "
+                            + "\n".join([head, *lines])) from None
         acfg = start_cfg
+    dtype = models.source_dtype(model_path)
     if spec.keep_layers is not None:
         if adapter_path is not None and start_cfg.get("fine_tune_type") == "full":
             raise UserError("student.keep_layers cannot be combined with a full fine-tuning starting adapter")
-        dtype = models.source_dtype(model_path)
         config = models.prune_layers(model, config, spec.keep_layers)
+    if spec.quantize is not None:
+        config = _quantize_base(model, config, spec.quantize, dtype)
+    if spec.keep_layers is not None or spec.quantize is not None:
         path = out_dir / "student"
         _save_base(model, config, model_path, path, dtype)
+    if mx.default_device() == mx.cpu:   # a quantized student (ours or given): same function, OpenBLAS speed
+        models.dequantized_compute(model)   # (see models.DequantizedLinear)
     n_layers = len(model.layers)
     if adapter_path is None:
         acfg = adapter_config(adapter, n_layers)
@@ -69,9 +89,71 @@ def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out
     else:  # after pruning, the adapted layers are the kept ones from the first adapted layer on
         adapted = [i for i, layer in enumerate(model.layers) if any(hasattr(m, "lora_a") for _, m in layer.named_modules())]
         acfg = dict(acfg, num_layers=n_layers - adapted[0] if adapted else n_layers)
+    if spec.quantize is not None:
+        _check_quantized_adapters(model)
     unfreeze_trainable(model, acfg)
     mx.eval(model.parameters())
     return Student(model=model, tokenizer=tokenizer, config=config, path=path, adapter_config=acfg)
+
+
+# DoRALinear.from_base (mlx-lm 0.32) recovers a quantized layer's input size as packed * (32 // bits), which is
+# only right when bits divides 32: with 3, 5 or 6 bits its lora_a has the wrong shape (also in `mlx_lm.load`).
+DORA_QUANTIZE_BITS = (2, 4, 8)
+
+
+def check_quantize(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, adapter_path: Path | None) -> None:
+    """What `student.quantize` cannot be combined with, from config files and the model's shapes alone (no weight
+    is loaded): pre-flight runs it before any compute, `build_student` again."""
+    q = spec.quantize
+    if q is None:
+        return
+    start_cfg = json.loads((adapter_path / "adapter_config.json").read_text()) if adapter_path is not None else None
+    already = models.quantization_of(models.read_config(model_path))
+    if already is not None:
+        raise UserError(f"student.quantize: student model {model_path.name} is already quantized at "
+                        f"{already.get('bits', '?')} bits (group size {already.get('group_size', '?')}); "
+                        "give its full-precision model, or drop student.quantize to train an adapter on it as is")
+    kind = start_cfg.get("fine_tune_type", "lora") if start_cfg is not None else adapter.type
+    if kind == "full":
+        field = "student.adapter" if start_cfg is not None else "adapter.type"
+        what = "a full fine-tuning starting adapter" if start_cfg is not None else "full"
+        raise UserError(f"{field}: {what} cannot be combined with student.quantize: quantized weights do not "
+                        "train; use a lora or dora adapter on the quantized student")
+    if kind == "dora" and q.bits not in DORA_QUANTIZE_BITS:
+        field = "student.adapter" if start_cfg is not None and adapter.type != "dora" else "adapter.type"
+        raise UserError(f"{field}: dora on a {q.bits}-bit student is not supported by mlx-lm (its DoRA layer "
+                        f"gets the input size of 3/5/6-bit layers wrong); use student.quantize.bits 2, 4 or 8, "
+                        "or a lora adapter")
+    models.check_group_size(models.skeleton(model_path), q.group_size)
+
+
+def _quantize_base(model: nn.Module, config: dict, q, dtype: mx.Dtype) -> dict:
+    """Quantize the base layers; a starting adapter's LoRA/DoRA layers keep wrapping them, as when mlx-lm loads
+    that adapter onto the quantized folder."""
+    wrapped = [(name, m, _base_attr(m)) for name, m in model.named_modules() if _base_attr(m)]
+    if wrapped:   # quantize the plain model, so paths (and the model's quant_predicate) are what mlx-lm sees
+        model.update_modules(tree_unflatten([(name, m[attr]) for name, m, attr in wrapped]))
+    config = models.quantize(model, config, bits=q.bits, group_size=q.group_size, storage_dtype=dtype)
+    if wrapped:
+        modules = dict(model.named_modules())
+        for name, m, attr in wrapped:
+            setattr(m, attr, modules[name])   # plain attribute: a DoRA layer keeps its loaded magnitude `m`
+        model.update_modules(tree_unflatten([(name, m) for name, m, _ in wrapped]))
+    return config
+
+
+def _base_attr(module: nn.Module) -> str | None:
+    """The attribute an mlx-lm LoRA/DoRA layer keeps its base layer in, or None for other modules."""
+    if "lora_a" not in module:
+        return None
+    return next((a for a in ("linear", "embedding") if a in module and isinstance(module[a], nn.Module)), None)
+
+
+def _check_quantized_adapters(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, DoRAEmbedding) and isinstance(m.embedding, nn.QuantizedEmbedding):
+            raise UserError(f"adapter.keys: dora cannot adapt the quantized embedding {name} (mlx-lm's DoRA "
+                            "embedding has no quantized form); use lora, or leave embeddings out of adapter.keys")
 
 
 def _check_starting_adapter(start: dict, adapter: AdapterSpec, fields_set: set[str]) -> None:
@@ -85,21 +167,29 @@ def _check_starting_adapter(start: dict, adapter: AdapterSpec, fields_set: set[s
 
 
 def _save_base(model: nn.Module, config: dict, source: Path, out: Path, dtype: mx.Dtype) -> None:
-    """Write the pruned base weights (without any LoRA parameters) as a plain mlx-lm folder."""
+    """Write the base weights (pruned and/or quantized, without any LoRA parameters) as a plain mlx-lm folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in _base_weights(model).items()}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    models.save_config(config, out)
+    models.copy_tokenizer(source, out)
+
+
+def _base_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The model's parameters under the base model's names: LoRA/DoRA leaves out, their wrapped layer unwrapped."""
+    wrappers = {name: attr for name, m in model.named_modules() if (attr := _base_attr(m))}
     base = {}
     for name, value in tree_flatten(model.parameters()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("lora_a", "lora_b", "m"):
+        owner, leaf = name.rsplit(".", 1)
+        if owner in wrappers and leaf in ("lora_a", "lora_b", "m"):
             continue
-        base[name.replace(".linear.", ".")] = value  # LoRALinear wraps the base layer as `.linear`
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "model.safetensors"),
-                        {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in base.items()},
-                        metadata={"format": "mlx"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for name in models.TOKENIZER_FILES:
-        if (source / name).is_file():
-            (out / name).write_bytes((source / name).read_bytes())
+        parts = name.split(".")
+        for i in range(1, len(parts) - 1):
+            if wrappers.get(".".join(parts[:i])) == parts[i]:   # `q_proj.linear.weight` -> `q_proj.weight`
+                name = ".".join(parts[:i] + parts[i + 1:])
+                break
+        base[name] = value
+    return base
 
 
 def unfreeze_trainable(model: nn.Module, acfg: dict) -> None:
@@ -153,11 +243,22 @@ def _adapter_leaves(model: nn.Module) -> dict:
 
 
 def fuse(student: Student, out: Path) -> Path:
-    """The student with its adapter merged into the weights: a plain model folder, no adapter needed."""
-    fused = [(n, m.fuse()) for n, m in student.model.named_modules() if hasattr(m, "fuse")]
-    from mlx.utils import tree_unflatten
+    """The student with its adapter merged into the weights: a plain model folder, no adapter needed.
 
+    A quantized student stays quantized, as with `mlx_lm fuse`: each adapted layer is dequantized, merged with
+    its adapter and quantized again with its own bits and group size (in the folder's dtype, like mlx-lm on the
+    saved model), so the fused folder has the student's `quantization` config and loads with `mlx_lm.load`.
+    """
+    dtype = models.source_dtype(student.path)
+    fused = []
+    for name, m in student.model.named_modules():
+        if not hasattr(m, "fuse"):
+            continue
+        base = m[_base_attr(m)] if _base_attr(m) else None
+        if base is not None and "scales" in base:
+            fused.append((name, models.requantize(m.fuse(dequantize=True), base, dtype)))
+        else:
+            fused.append((name, m.fuse()))
     if fused:
         student.model.update_modules(tree_unflatten(fused))
-    return models.save_model_folder(out, student.model, student.config, student.path,
-                                    dtype=models.source_dtype(student.path))
+    return models.save_model_folder(out, student.model, student.config, student.path, dtype=dtype)

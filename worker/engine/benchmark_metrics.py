@@ -1,0 +1,220 @@
+"""The benchmark's numbers: per-batch text sums against the reference's distribution, sequence
+log-likelihoods, multiple-choice and preference accuracy, generation speed. Pure functions of arrays (and, for
+`sequence_logprobs` / `measure_speed`, a loaded model); benchmark.py decides what runs when.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from . import data as data_mod
+from . import losses
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def reference_view(ref_logits: mx.array) -> tuple[mx.array, mx.array]:
+    """(log p in float32, argmax) of the reference's logits [..., V]: what `text_sums` compares a model with."""
+    return losses.log_softmax_t(ref_logits), mx.argmax(ref_logits, axis=-1)
+
+
+def js_divergence(log_p: mx.array, log_q: mx.array) -> mx.array:
+    """JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = (p + q) / 2, over the last axis.
+
+    Each term is taken as exactly 0 where log p == log q, so a model compared with itself scores exactly 0.
+    """
+    log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
+    same = log_p == log_q
+    p_term = mx.where(same, 0.0, mx.exp(log_p) * (log_p - log_m))
+    q_term = mx.where(same, 0.0, mx.exp(log_q) * (log_q - log_m))
+    return 0.5 * (p_term + q_term).sum(axis=-1)
+
+
+def text_sums(ref: tuple[mx.array, mx.array], logits: mx.array, targets: mx.array, mask: mx.array) -> dict:
+    """Sums over the masked positions of ce, kl, js, top1, top5, and their count `tokens`.
+
+    ref: `reference_view` of the reference at the same positions; logits [..., V]; targets, mask [...]
+    (a batch [B, L] or the batch's target positions [N]).
+    """
+    log_p, ref_top = ref
+    logits = logits.astype(mx.float32)
+    log_q = losses.log_softmax_t(logits)
+    m = mask.astype(mx.float32)
+    at_ref_top = mx.take_along_axis(logits, ref_top[..., None], axis=-1)
+    rank = (logits > at_ref_top).sum(axis=-1)  # logits strictly above the one at the reference's argmax
+    per_position = {
+        "kl": losses.divergence("forward_kl", log_p, log_q),
+        "js": js_divergence(log_p, log_q),
+        "top1": (mx.argmax(logits, axis=-1) == ref_top).astype(mx.float32),
+        "top5": (rank < 5).astype(mx.float32),
+    }
+    sums = {k: (v * m).sum() for k, v in per_position.items()}
+    sums["ce"] = losses.masked_cross_entropy_sum(logits, targets, mask != 0)
+    sums["tokens"] = m.sum()
+    return sums
+
+
+def text_metrics(sums: dict[str, float]) -> dict:
+    """Means per target token from accumulated `text_sums`; ppl = exp(ce)."""
+    n = max(sums["tokens"], 1.0)
+    ce = sums["ce"] / n
+    return {"ppl": math.exp(min(ce, 50.0)), "ce": ce, "kl": sums["kl"] / n, "js": sums["js"] / n,
+            "top1_agreement": sums["top1"] / n, "top5_agreement": sums["top5"] / n, "tokens": int(sums["tokens"])}
+
+
+# ------------------------------------------------------------------------------------- log-likelihoods
+
+
+def sequence_logprobs(model, tokens: mx.array, target_mask: mx.array) -> tuple[mx.array, mx.array]:
+    """(Σ log p(token) over each row's target positions, number of targets) for tokens [B, L].
+
+    target_mask [B, L] is aligned with `tokens` like `data.Example.target_mask` (True: a scored token).
+    """
+    logits = model(tokens[:, :-1])
+    log_q = losses.log_softmax_t(logits)
+    picked = mx.take_along_axis(log_q, tokens[:, 1:, None].astype(mx.int32), axis=-1)[..., 0]
+    m = target_mask[:, 1:]
+    return mx.where(m, picked, 0.0).sum(axis=-1), m.astype(mx.int32).sum(axis=-1)
+
+
+def continuation_examples(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[data_mod.Example]:
+    """prompt + continuation with the continuation's tokens as targets, at most the last `max_seq_len` tokens.
+
+    Encoded in two parts (the prompt with the tokenizer's special tokens, the continuation without), as
+    `completions` data is, so the boundary is exact in tokens.
+    """
+    examples = []
+    for i, (prompt, continuation) in enumerate(pairs):
+        p = tokenizer.encode(prompt)
+        c = tokenizer.encode(continuation, add_special_tokens=False)
+        tokens = np.array(p + c, dtype=np.int32)[-max_seq_len:]
+        mask = np.array([False] * len(p) + [True] * len(c))[-max_seq_len:]
+        mask[0] = False
+        examples.append(data_mod.Example(tokens, mask, i))
+    return examples
+
+
+def per_token(loglik: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """Length-normalised scores: summed log-likelihood / token count (a count of 0 is taken as 1)."""
+    return np.asarray(loglik, dtype=np.float64) / np.maximum(np.asarray(n_tokens), 1)
+
+
+def by_subject(subjects: list[str | None], **per_example: np.ndarray) -> dict[str, dict] | None:
+    """{subject: {name: mean of that array over the subject's examples, ..., "n": count}}; None without subjects.
+
+    Examples without a subject count in the overall figures only.
+    """
+    named = sorted({s for s in subjects if s is not None})
+    if not named:
+        return None
+    labels = np.array(subjects, dtype=object)
+    out = {}
+    for subject in named:
+        pick = labels == subject
+        out[subject] = {**{k: float(np.asarray(v)[pick].mean()) for k, v in per_example.items()},
+                        "n": int(pick.sum())}
+    return out
+
+
+def mcq_metrics(scores: list[list[float]], n_tokens: list[list[int]], answers: list[int],
+                subjects: list[str | None]) -> dict:
+    """Accuracy (argmax of summed log-likelihood), length-normalised accuracy, and both per subject."""
+    right = np.array([int(np.argmax(s)) == a for s, a in zip(scores, answers)], dtype=np.float64)
+    right_norm = np.array([int(np.argmax(per_token(s, n))) == a for s, n, a in zip(scores, n_tokens, answers)],
+                          dtype=np.float64)
+    out = {"mcq_accuracy": float(right.mean()), "mcq_accuracy_norm": float(right_norm.mean()), "mcq_n": len(answers)}
+    subject_table = by_subject(subjects, accuracy=right, accuracy_norm=right_norm)
+    if subject_table:
+        out["mcq_by_subject"] = subject_table
+    return out
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """One model's scores of preference pairs: summed log-likelihood and token count of each response."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    chosen_tokens: np.ndarray
+    rejected_tokens: np.ndarray
+
+    @classmethod
+    def from_examples(cls, loglik: np.ndarray, n_tokens: np.ndarray) -> PairScores:
+        """From per-example arrays laid out chosen, rejected, chosen, rejected, ... (see `_pref_examples`)."""
+        return cls(loglik[0::2], loglik[1::2], n_tokens[0::2], n_tokens[1::2])
+
+    def margin(self, normalised: bool) -> np.ndarray:
+        """score(chosen) − score(rejected): summed log-likelihoods, or means per response token."""
+        if normalised:
+            return per_token(self.chosen, self.chosen_tokens) - per_token(self.rejected, self.rejected_tokens)
+        return np.asarray(self.chosen, dtype=np.float64) - np.asarray(self.rejected, dtype=np.float64)
+
+
+def pair_credit(margin: np.ndarray) -> np.ndarray:
+    """1 where chosen scores higher, 0 where rejected does, ½ for a tie (equal scores: a coin flip's worth)."""
+    return (1.0 + np.sign(margin)) / 2.0
+
+
+def pair_agreement(margin: np.ndarray, ref_margin: np.ndarray) -> np.ndarray:
+    """1 where the model orders the pair as the reference does (both ties included), 0 where it orders it the
+    other way, ½ where exactly one of the two ties."""
+    return 1.0 - np.abs(np.sign(margin) - np.sign(ref_margin)) / 2.0
+
+
+def pref_metrics(model: PairScores, reference: PairScores, subjects: list[str | None] | None = None) -> dict:
+    """Preference accuracy and agreement with the reference's ranking, each from summed log-likelihoods and
+    from per-token means (`_norm`); tie counts; and, when pairs have subjects, all four per subject."""
+    per_pair, out = {}, {}
+    for suffix, normalised in (("", False), ("_norm", True)):
+        mine, theirs = model.margin(normalised), reference.margin(normalised)
+        per_pair["accuracy" + suffix] = pair_credit(mine)
+        per_pair["agreement" + suffix] = pair_agreement(mine, theirs)
+        out["pref_ties" + suffix] = int((mine == 0).sum())
+    for name, values in per_pair.items():
+        out["pref_" + name] = float(values.mean())
+    out["pref_n"] = len(model.chosen)
+    subject_table = by_subject(subjects or [None] * len(model.chosen), **per_pair)
+    if subject_table:
+        out["pref_by_subject"] = subject_table
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- speed
+
+
+def measure_speed(model, tokenizer, prompt_tokens: int, decode_tokens: int, repeats: int = 1) -> dict:
+    """Prefill / decode tokens per second (medians over `repeats`, after a warm-up) and MLX's peak memory.
+
+    The prompt is `prompt_tokens` fixed pseudo-random token ids; end-of-sequence tokens are suppressed so
+    every run decodes exactly `decode_tokens` tokens.
+    """
+    from mlx_lm.generate import stream_generate
+
+    vocab = len(tokenizer.get_vocab())
+    prompt = mx.array(np.random.default_rng(0).integers(0, vocab, prompt_tokens), dtype=mx.int32)
+    eos = mx.array(sorted(tokenizer.eos_token_ids or []), dtype=mx.int32)[None]
+
+    def no_eos(_tokens, logits):
+        return mx.put_along_axis(logits, eos, mx.array(-mx.inf, logits.dtype), axis=-1) if eos.size else logits
+
+    def once(n: int):
+        last = None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=n, logits_processors=[no_eos]):
+            pass
+        return last
+
+    once(min(decode_tokens, 2))  # warm-up: first-call allocations and kernel setup
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    runs = [once(decode_tokens) for _ in range(repeats)]
+    return {"prefill_tokens_per_second": statistics.median(r.prompt_tps for r in runs),
+            "decode_tokens_per_second": statistics.median(r.generation_tps for r in runs),
+            "peak_memory_bytes": int(mx.get_peak_memory()),
+            "speed_prompt_tokens": prompt_tokens, "speed_decode_tokens": runs[-1].generation_tokens}
