@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load as mlx_load
 from mlx_lm.tuner.dora import DoRALinear
@@ -169,13 +170,18 @@ def test_starting_adapter_that_does_not_fit(tiny_root, tiny_tokenizer, tiny_stud
 # ------------------------------------------------------------------------------------------ refusals
 
 
-def refused(model: Path, out: Path, match: str, *, quantize: dict, adapter: dict | None = None) -> None:
-    """Refused by pre-flight (config and shapes only) and by build_student, before anything is written."""
-    spec = DistillSpec.model_validate({
-        "student": {"model": str(model), "quantize": quantize}, "teachers": [{"model": str(model)}],
-        "data": {"train": "train.jsonl"}, "adapter": adapter or {}, "training": {"learning_rate": 1e-3}})
-    with pytest.raises(UserError, match=match):
-        preflight.check_student(spec, model)
+def refused(model: Path, out: Path, match: str, *, quantize: dict, adapter: dict | None = None,
+            spec_match: str | None = None) -> None:
+    """Refused by the spec itself (`spec_match`: what the API answers at submit time) or by pre-flight (config
+    and shapes only), and by build_student, before anything is written."""
+    doc = {"student": {"model": str(model), "quantize": quantize}, "teachers": [{"model": str(model)}],
+           "data": {"train": "train.jsonl"}, "adapter": adapter or {}, "training": {"learning_rate": 1e-3}}
+    if spec_match is not None:
+        with pytest.raises(ValidationError, match=spec_match):
+            DistillSpec.model_validate(doc)
+    else:
+        with pytest.raises(UserError, match=match):
+            preflight.check_student(DistillSpec.model_validate(doc), model)
     with pytest.raises(UserError, match=match):
         build(model, out, quantize=quantize, adapter=adapter)
     assert not out.exists()
@@ -183,12 +189,13 @@ def refused(model: Path, out: Path, match: str, *, quantize: dict, adapter: dict
 
 def test_refusals(tiny_student, tmp_path):
     refused(tiny_student, tmp_path / "a", r"adapter\.type: full cannot be combined with student\.quantize: "
-            r"quantized weights do not train", quantize={}, adapter={"type": "full"})
+            r"quantized weights do not train", quantize={}, adapter={"type": "full"},
+            spec_match=r"adapter\.type: full cannot train a quantized student")
     refused(tiny_student, tmp_path / "b", r"student\.quantize\.group_size: 128 does not divide the input size of "
             r"\d+ of the model's \d+ linear/embedding layers \(e\.g\. .*: 64\); use 32 or 64",
             quantize={"bits": 4, "group_size": 128})
     refused(tiny_student, tmp_path / "c", r"adapter\.type: dora on a 3-bit student", quantize={"bits": 3},
-            adapter={"type": "dora"})
+            adapter={"type": "dora"}, spec_match=r"adapter\.type: dora on 3-bit weights")
 
     build(tiny_student, tmp_path / "q", quantize={"bits": 4, "group_size": 64})
     refused(tmp_path / "q" / "student", tmp_path / "d", r"student\.quantize: student model student is already "

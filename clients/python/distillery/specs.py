@@ -360,6 +360,17 @@ class DistillSpec(_Spec):
     def _fill_preset(cls, data: Any) -> Any:
         return apply_preset(data) if isinstance(data, dict) else data
 
+    @model_validator(mode="after")
+    def _quantized_student_trains_an_adapter(self) -> DistillSpec:
+        q = self.student.quantize
+        if q is not None and self.adapter.type == "full":
+            raise ValueError("adapter.type: full cannot train a quantized student (student.quantize); "
+                             "use lora or dora, which train on top of the quantized weights")
+        if q is not None and self.adapter.type == "dora" and q.bits in (3, 5, 6):
+            raise ValueError(f"adapter.type: dora on {q.bits}-bit weights is not supported by mlx-lm; "
+                             "use 2, 4 or 8 bits, or lora")
+        return self
+
 
 SPEC_MODELS: dict[str, type[_Spec]] = {"distill": DistillSpec, "teacher_cache": TeacherCacheSpec,
                                        "benchmark": BenchmarkSpec}
