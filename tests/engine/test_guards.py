@@ -194,3 +194,15 @@ def test_auto_learning_rate(tiny_student, tiny_teacher, tiny_text, tmp_path, sto
     assert {k: v for k, v in again["lr_search"].items() if k != "seconds"} == \
         {k: v for k, v in search.items() if k != "seconds"}
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "auto")
+
+
+def test_a_capable_student_improves_with_the_searched_rate(tiny_teacher, tiny_text, tmp_path, store):
+    # the teacher without its middle layer: close to the teacher from the start, as real students are
+    spec = make_spec(tiny_teacher, [tiny_teacher], tiny_text, student={"model": str(tiny_teacher),
+                                                                       "keep_layers": [0, 2]},
+                     training={"steps": 8, "learning_rate": "auto", "lr_search": {"steps": 3}, "eval_every": 4,
+                               "checkpoint_every": 4})
+    summary = run(spec, tmp_path, store)
+    assert summary["lr_search"]["chosen"] in lr_search.default_rates("lora", 1)
+    assert summary["final"]["val_kl"] < 0.9 * summary["initial"]["val_kl"]
+    assert summary["best"]["step"] > 0 and summary["shipped"] == "trained" and summary["warnings"] == []
