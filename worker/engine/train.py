@@ -220,6 +220,7 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
         hooks.event("resumed", f"resumed from checkpoint at step {state.step}", step=state.step)
     else:
         metrics_path.unlink(missing_ok=True)
+        ckpts.drop_after(-1)   # best checkpoints of a run killed before its first step checkpoint
         state = TrainState()
         state.initial = state.last_eval = run_eval(0)
         state.learning_rate, state.lr_search = _peak_rate(trainer, spec, state, hooks)
