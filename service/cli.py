@@ -134,7 +134,7 @@ def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress
 
 @main.command("demo")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--steps", type=int, default=48, show_default=True)
+@click.option("--steps", type=int, default=40, show_default=True)
 def demo_cmd(work: Path, steps: int) -> None:
     """SmolLM2-135M teaches a 24-layer student on Shakespeare; distillation vs plain SFT, before and after."""
     from worker.demo import choose_blas_threads

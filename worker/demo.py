@@ -58,7 +58,7 @@ def _busy_cores(seconds: float) -> float:
     return cores * (b1 - b0) / total if total else 0.0
 
 
-def run_demo(work: Path, steps: int = 48, train_records: int = 240) -> dict:
+def run_demo(work: Path, steps: int = 40, train_records: int = 160) -> dict:
     import httpx
 
     from service.dev import ensure_key
@@ -68,7 +68,7 @@ def run_demo(work: Path, steps: int = 48, train_records: int = 240) -> dict:
     work = work.resolve()
     gguf = realdata.smollm2_gguf()
     data = work / "data"
-    paths = realdata.shakespeare_splits(data, train=train_records, valid=24, test=40)
+    paths = realdata.shakespeare_splits(data, train=train_records, valid=24, test=24)
     print(f"[{time.perf_counter() - t0:5.0f}s] data: Shakespeare, {train_records} training passages; "
           f"valid = Hamlet, test = The Tempest ({paths['test'].parent})", flush=True)
 

@@ -23,11 +23,11 @@ from distillery import Distillery
 # 35% before training) that is 20% smaller, not one so broken that any training helps.
 DROPPED_LAYERS = (7, 10, 13, 16, 19, 22)
 # Sampling as people run these models (greedy decoding of a small model loops on commas and blank lines).
-SAMPLING = {"temp": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "max_tokens": 48, "seed": 0}
-PROMPT = "ROMEO.\nBut soft, what light"
+SAMPLING = {"temp": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "max_tokens": 40, "seed": 0}
+PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 
 
-def run(client: Distillery, gguf: Path, data: Path, out: Path, *, steps: int = 48, layers: int = 30,
+def run(client: Distillery, gguf: Path, data: Path, out: Path, *, steps: int = 40, layers: int = 30,
         progress: bool = True, teacher_dir: Path | None = None) -> dict:
     t0 = time.perf_counter()
 
@@ -43,9 +43,9 @@ def run(client: Distillery, gguf: Path, data: Path, out: Path, *, steps: int = 4
     keep = [i for i in range(layers) if i not in DROPPED_LAYERS]
     # the rate is searched (three short trials); distillation and SFT get the same procedure and budget
     training = {"steps": steps, "batch_size": 4, "learning_rate": "auto",
-                "lr_search": {"rates": [1e-4, 3e-4, 1e-3], "steps": 4}, "lr_schedule": "cosine",
+                "lr_search": {"rates": [1e-4, 3e-4, 1e-3], "steps": 3}, "lr_schedule": "cosine",
                 "warmup_steps": max(steps // 20, 1), "max_seq_len": 128, "seed": 0,
-                "eval_every": max(steps // 3, 1), "checkpoint_every": steps}
+                "eval_every": max(steps // 4, 1), "checkpoint_every": steps}
 
     def distill_spec(alpha: float, evaluate: dict | None = None) -> dict:
         spec = {"student": {"model": teacher.id, "keep_layers": keep}, "teachers": [{"model": teacher.id}],
@@ -61,7 +61,7 @@ def run(client: Distillery, gguf: Path, data: Path, out: Path, *, steps: int = 4
     sft = client.jobs.create(distill_spec(alpha=0.0))           # plain SFT: the same student, budget and data
     distilled = client.jobs.create(distill_spec(alpha=1.0, evaluate={
         "data": {"text": ds["test"].id}, "candidates": [{"label": "SFT", "adapter": sft.id}],
-        "speed": {"prompt_tokens": 128, "decode_tokens": 32}}))
+        "speed": {"prompt_tokens": 64, "decode_tokens": 32}}))
     bench = next(client.jobs.list(parent_id=distilled.id))
     say(f"SFT job {sft.id}, distill job {distilled.id} ({len(keep)} of {layers} layers, {steps} steps), "
         f"evaluation job {bench.id}")
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="folder with train/valid/test.jsonl")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--teacher", type=Path, default=None, help="the teacher as an mlx-lm folder, for its sample")
     args = p.parse_args()
     with Distillery() as client:
