@@ -146,3 +146,13 @@ EXCEPTION_HANDLERS = {
 
 __all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "Problem", "from_field_errors", "invalid",
            "not_found", "pydantic_errors", "problem_type"]
+
+
+def json_body_guard(connection, _handler) -> None:
+    """A route that reads a JSON body refuses any other declared media type (415), before parsing it."""
+    content_type = connection.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        shown = media or "none"
+        raise Problem(415, f"Content-Type: expected application/json, got {shown}",
+                      errors=[{"field": "Content-Type", "message": f"expected application/json, got {shown}"}])

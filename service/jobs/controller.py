@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.deps import CallerDep, SessionDep
 from service.api.idempotency import IdempotencyKey, Replay, provide_idempotency
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from service.api.problems import invalid
+from service.api.problems import invalid, json_body_guard
 from service.api.schemas import (
     ArtifactList,
     CheckpointList,
@@ -42,7 +42,8 @@ class JobController(Controller):
     tags = ["jobs"]
     dependencies = {"idem": Provide(provide_idempotency)}
 
-    @post("/", sync_to_thread=True, summary="Create a job", request_max_body_size=1 << 20)
+    @post("/", sync_to_thread=True, summary="Create a job", request_max_body_size=1 << 20,
+          guards=[json_body_guard])
     def create(self, data: JSONBody[JobCreate], session: SessionDep, caller: CallerDep, state: State,
                idem: NamedDependency[IdempotencyKey | None]) -> Response[JobOut]:
         result = service.create_job(session, state.enqueuer, caller.project_id, data, idem)

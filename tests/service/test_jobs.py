@@ -273,3 +273,41 @@ def test_a_hand_submitted_teacher_cache_is_reused_by_distill_jobs(api):
     r2 = post_job(api, "distill", spec)
     with api.db() as session:
         assert r.json()["id"] in {d.id for d in lifecycle.dependencies(session, r2.json()["id"])}
+
+
+def test_a_job_body_must_be_declared_json(api):
+    body = json.dumps({"kind": "distill", "spec": setup_distill(api)})
+    auth = {"Authorization": api.headers["Authorization"]}
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/xml", None):
+        headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+        r = api.client.post("/v1/jobs", headers=headers, content=body)
+        assert r.status_code == 415, (content_type, r.text)
+        assert r.headers["content-type"].startswith(PROBLEM)
+        assert r.json()["errors"][0]["field"] == "Content-Type"
+        assert (content_type or "none") in r.json()["detail"]
+    assert count(api, Job) == 0
+    r = api.client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json; charset=utf-8"},
+                        content=body)
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"training": {"seed": 10 ** 30}}, "spec.training.seed"),
+    ({"training": {"seed": -1}}, "spec.training.seed"),
+    ({"adapter": {"scale": 1e308}}, "spec.adapter.scale"),
+    ({"training": {"param_groups": [{"pattern": "x", "lr_mult": 1e308}]}}, "spec.training.param_groups.0.lr_mult"),
+    ({"training": {"warmup_steps": 10 ** 15}}, "spec.training.warmup_steps"),
+    ({"training": {"eval_every": 10 ** 15}}, "spec.training.eval_every"),
+    ({"training": {"checkpoint_every": 10 ** 15}}, "spec.training.checkpoint_every"),
+    ({"training": {"keep_checkpoints": 10 ** 15}}, "spec.training.keep_checkpoints"),
+    ({"training": {"eval_batches": 10 ** 15}}, "spec.training.eval_batches"),
+    ({"training": {"steps": None, "stages": [{"steps": 6_000_000}, {"steps": 6_000_000}]}}, "spec.training"),
+    ({"training": {"steps": None, "stages": [{"steps": 2 ** 31}]}}, "spec.training.stages.0.steps"),
+])
+def test_numbers_a_run_cannot_use_are_refused(api, patch, field):
+    spec = setup_distill(api)
+    for section, values in patch.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    if spec["training"].get("steps", 0) is None:
+        del spec["training"]["steps"]
+    assert_refused(api, post_job(api, "distill", spec), field)

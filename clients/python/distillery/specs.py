@@ -19,8 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 
 
+MAX_STEPS = 10_000_000   # also bounds the sum of stage steps (the job row stores total steps as a 32-bit int)
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)   # no coercion: `top_k: true` is an error, not 1
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no coercion: `top_k: true` is an error
 
 
 class QuantizeSpec(_Spec):
@@ -49,8 +52,8 @@ class StudentSpec(_Spec):
             return v
         if not v:
             raise ValueError("keep_layers must name at least one layer")
-        if any(i < 0 for i in v):
-            raise ValueError("keep_layers indices must be >= 0")
+        if any(i < 0 or i > 100_000 for i in v):
+            raise ValueError("keep_layers indices must be layer numbers from 0 to 100000")
         if sorted(set(v)) != v:
             raise ValueError("keep_layers must be strictly increasing layer indices")
         return v
@@ -58,7 +61,7 @@ class StudentSpec(_Spec):
 
 class TeacherSpec(_Spec):
     model: str
-    weight: float = Field(1.0, gt=0, description="Fixed mixing weight; weights are normalised to sum to 1.")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Fixed mixing weight; weights are normalised to sum to 1.")
 
 
 class DataSpec(_Spec):
@@ -95,9 +98,9 @@ class LossOverride(_Spec):
 class AdapterSpec(_Spec):
     type: Literal["lora", "dora", "full"] = "lora"
     rank: int = Field(16, ge=1, le=1024)
-    scale: float = Field(20.0, gt=0)
+    scale: float = Field(20.0, gt=0, le=1e4)
     dropout: float = Field(0.0, ge=0, lt=1)
-    layers: int = Field(-1, ge=-1, description="Train the last N transformer layers; -1 = all.")
+    layers: int = Field(-1, ge=-1, le=100_000, description="Train the last N transformer layers; -1 = all.")
     keys: list[str] | None = Field(None, description="Module keys to adapt (e.g. self_attn.q_proj); default: all linear.")
 
     @field_validator("layers")
@@ -110,7 +113,7 @@ class AdapterSpec(_Spec):
 
 class ParamGroup(_Spec):
     pattern: str = Field(description="Regex matched (re.search) against parameter names.")
-    lr_mult: float = Field(ge=0, description="Learning-rate multiplier; 0 freezes the matching parameters.")
+    lr_mult: float = Field(ge=0, le=1e4, description="Learning-rate multiplier; 0 freezes the matching parameters.")
 
     @field_validator("pattern")
     @classmethod
@@ -126,9 +129,9 @@ class StageSpec(_Spec):
     """One segment of a multi-stage schedule; unset fields inherit from `training` and `loss`."""
 
     name: str | None = None
-    steps: int = Field(gt=0)
-    learning_rate: float | None = Field(None, gt=0)
-    warmup_steps: int | None = Field(None, ge=0)
+    steps: int = Field(gt=0, le=MAX_STEPS)
+    learning_rate: float | None = Field(None, gt=0, le=1.0)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS)
     loss: LossOverride | None = None
     param_groups: list[ParamGroup] | None = None
 
@@ -166,7 +169,7 @@ class DivergenceGuardSpec(_Spec):
 
 
 class TrainingSpec(_Spec):
-    steps: int = Field(1000, gt=0, le=10_000_000)
+    steps: int = Field(1000, gt=0, le=MAX_STEPS)
     batch_size: int = Field(4, gt=0, le=4096)
     grad_accum: int = Field(1, gt=0, le=1024)
     learning_rate: Rate | Literal["auto"] = Field(
@@ -174,18 +177,18 @@ class TrainingSpec(_Spec):
     lr_search: LRSearchSpec = Field(default_factory=LRSearchSpec)
     divergence_guard: DivergenceGuardSpec = Field(default_factory=DivergenceGuardSpec)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of the peak.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Global-norm clipping; null disables it.")
+    weight_decay: float = Field(0.0, ge=0, le=10.0)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Global-norm clipping; null disables it.")
     max_seq_len: int = Field(512, ge=8, le=131072)
-    seed: int = 42
-    eval_every: int = Field(100, gt=0)
-    eval_batches: int | None = Field(None, gt=0, description="Cap on validation batches per evaluation.")
-    checkpoint_every: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept (the best is always kept).")
-    early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without val KL improvement.")
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest val KL decrease that counts as improvement.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds data order, adapter initialisation, dropout.")
+    eval_every: int = Field(100, gt=0, le=MAX_STEPS)
+    eval_batches: int | None = Field(None, gt=0, le=1_000_000, description="Cap on validation batches per evaluation.")
+    checkpoint_every: int = Field(100, gt=0, le=MAX_STEPS)
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Most recent checkpoints kept (the best is always kept).")
+    early_stopping_patience: int | None = Field(None, gt=0, le=1_000_000, description="Evaluations without val KL improvement.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, le=1e3, description="Smallest val KL decrease that counts as improvement.")
     param_groups: list[ParamGroup] = Field(default_factory=list)
     stages: list[StageSpec] = Field(default_factory=list)
 
@@ -195,6 +198,8 @@ class TrainingSpec(_Spec):
             total = sum(s.steps for s in self.stages)
             if "steps" in self.model_fields_set and self.steps != total:
                 raise ValueError(f"steps ({self.steps}) must equal the sum of stage steps ({total}) or be omitted")
+            if total > MAX_STEPS:
+                raise ValueError(f"stages: their steps add up to {total}, more than {MAX_STEPS}")
             self.steps = total
         return self
 
