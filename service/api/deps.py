@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.params import PathParameter
 from sqlalchemy.orm import Session
 
 from service.api.auth import Caller
+from service.db.models import ID_PATTERN  # noqa: F401  (re-exported for the controllers)
 from service.settings import Settings
 
 
@@ -34,3 +37,7 @@ def provide_settings(state: State) -> Settings:
 SessionDep = NamedDependency[Session]
 CallerDep = NamedDependency[Caller]
 SettingsDep = NamedDependency[Settings]
+
+
+# an id in a path (ID_PATTERN, from service.db.models, also checks ids in queries)
+PathId = Annotated[str, PathParameter(pattern=ID_PATTERN, max_length=80)]

@@ -10,11 +10,10 @@ from pathlib import Path
 import anyio
 from litestar import Controller, Request, Response, get
 from litestar.datastructures import State
-from litestar.params import FromPath
 from litestar.response import Stream
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import CallerDep, SessionDep
+from service.api.deps import CallerDep, PathId, SessionDep
 from service.api.problems import Problem, not_found
 from service.api.schemas import ArtifactOut, artifact_out
 from service.artifacts.service import resolve_inside
@@ -29,14 +28,14 @@ class ArtifactController(Controller):
     tags = ["artifacts"]
 
     @get("/{artifact_id:str}", sync_to_thread=True, summary="Get an artifact")
-    def retrieve(self, session: SessionDep, caller: CallerDep, artifact_id: FromPath[str]) -> ArtifactOut:
+    def retrieve(self, session: SessionDep, caller: CallerDep, artifact_id: PathId) -> ArtifactOut:
         return artifact_out(_get(session, caller.project_id, artifact_id))
 
     @get("/{artifact_id:str}/content", summary="Download an artifact (Range supported)",
          description="Headers: `X-Content-SHA256` (hex) and `Digest: sha-256=<base64>` of the whole file, "
                      "`ETag`, `Accept-Ranges: bytes`. A single `Range: bytes=a-b` gives 206; an unsatisfiable "
                      "one 416.")
-    async def content(self, request: Request, caller: CallerDep, state: State, artifact_id: FromPath[str]) -> Response:
+    async def content(self, request: Request, caller: CallerDep, state: State, artifact_id: PathId) -> Response:
         row, path = await anyio.to_thread.run_sync(_locate, state.sessions, state.settings.artifact_root,
                                                    caller.project_id, artifact_id)
         size = (await anyio.Path(path).stat()).st_size

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import anyio.to_thread
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.params import FromPath, Parameter
+from litestar.params import Parameter
 
-from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.deps import CallerDep, ID_PATTERN, PathId, SessionDep, SettingsDep
 from service.api.idempotency import Replay, header_key
 from service.api.openapi import multipart_body
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -38,13 +38,13 @@ class DatasetController(Controller):
     @get("/", sync_to_thread=True, summary="List datasets, newest first")
     def list(self, session: SessionDep, caller: CallerDep,
              limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-             after: str | None = Parameter(default=None, max_length=40)) -> DatasetPage:
+             after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN)) -> DatasetPage:
         return service.list_datasets(session, caller.project_id, limit, after)
 
     @get("/{dataset_id:str}", sync_to_thread=True, summary="Get a dataset")
-    def retrieve(self, session: SessionDep, caller: CallerDep, dataset_id: FromPath[str]) -> DatasetOut:
+    def retrieve(self, session: SessionDep, caller: CallerDep, dataset_id: PathId) -> DatasetOut:
         return service.get_dataset_out(session, caller.project_id, dataset_id)
 
     @delete("/{dataset_id:str}", sync_to_thread=True, summary="Delete a dataset (refused while a job uses it)")
-    def remove(self, session: SessionDep, caller: CallerDep, dataset_id: FromPath[str]) -> None:
+    def remove(self, session: SessionDep, caller: CallerDep, dataset_id: PathId) -> None:
         service.delete_dataset(session, caller.project_id, dataset_id)

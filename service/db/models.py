@@ -26,6 +26,11 @@ _id_clock = {"ms": 0, "seq": 0}
 _id_lock = threading.Lock()
 
 
+# What an id may contain: `new_id` makes `prefix_` + hex digits; the API refuses anything else (a NUL, CR/LF)
+# before it reaches the database or a log line.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,80}$"
+
+
 def new_id(prefix: str) -> str:
     """`prefix_` + 12 hex digits of milliseconds + a 4-digit sequence + 8 random hex digits: unique, and in
     creation order (strictly within a process, even within one millisecond)."""

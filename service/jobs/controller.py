@@ -10,11 +10,11 @@ import anyio.to_thread
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import CallerDep, SessionDep
+from service.api.deps import CallerDep, ID_PATTERN, PathId, SessionDep
 from service.api.idempotency import IdempotencyKey, Replay, provide_idempotency
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.api.problems import invalid, json_body_guard
@@ -55,17 +55,17 @@ class JobController(Controller):
     @get("/", sync_to_thread=True, summary="List jobs, newest first")
     def list(self, session: SessionDep, caller: CallerDep, status: FromQuery[str | None] = None,
              kind: FromQuery[str | None] = None,
-             parent_id: str | None = Parameter(default=None, max_length=40),
+             parent_id: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN),
              limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-             after: str | None = Parameter(default=None, max_length=40)) -> JobPage:
+             after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN)) -> JobPage:
         return service.list_jobs(session, caller.project_id, status, kind, limit, after, parent_id)
 
     @get("/{job_id:str}", sync_to_thread=True, summary="Get a job")
-    def retrieve(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> JobOut:
+    def retrieve(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> JobOut:
         return service.get_job_out(session, caller.project_id, job_id)
 
     @post("/{job_id:str}/cancel", sync_to_thread=True, summary="Cancel a job", status_code=200)
-    def cancel(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str],
+    def cancel(self, session: SessionDep, caller: CallerDep, job_id: PathId,
                idem: NamedDependency[IdempotencyKey | None]) -> Response[JobOut]:
         result = service.cancel_job(session, caller.project_id, job_id, idem)
         if isinstance(result, Replay):
@@ -74,7 +74,7 @@ class JobController(Controller):
         return Response(body, status_code=status)
 
     @get("/{job_id:str}/events", sync_to_thread=True, summary="A job's events, oldest first")
-    def events(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str],
+    def events(self, session: SessionDep, caller: CallerDep, job_id: PathId,
                after: int | None = Parameter(default=None, ge=0),
                limit: int = Parameter(default=MAX_EVENT_PAGE, ge=1, le=MAX_EVENT_PAGE)) -> EventPage:
         return service.list_events(session, caller.project_id, job_id, after, limit)
@@ -83,7 +83,7 @@ class JobController(Controller):
          description="Each event: `id` (resume with the Last-Event-ID header or `?after=`), `event` (its kind), "
                      "`data` (the event object as JSON). Ends once the job has finished and its last events "
                      "were sent.")
-    async def stream(self, request: Request, caller: CallerDep, state: State, job_id: FromPath[str],
+    async def stream(self, request: Request, caller: CallerDep, state: State, job_id: PathId,
                      after: int | None = Parameter(default=None, ge=0)) -> ServerSentEvent:
         factory: sessionmaker[Session] = state.sessions
         await anyio.to_thread.run_sync(_check_owner, factory, caller.project_id, job_id)
@@ -97,16 +97,16 @@ class JobController(Controller):
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @get("/{job_id:str}/metrics", sync_to_thread=True, summary="A job's logged metrics (all, or one name)")
-    def metrics(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str],
+    def metrics(self, session: SessionDep, caller: CallerDep, job_id: PathId,
                 name: str | None = Parameter(default=None, max_length=80)) -> MetricList:
         return service.list_metrics(session, caller.project_id, job_id, name)
 
     @get("/{job_id:str}/checkpoints", sync_to_thread=True, summary="A job's checkpoints")
-    def checkpoints(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> CheckpointList:
+    def checkpoints(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> CheckpointList:
         return service.list_checkpoints(session, caller.project_id, job_id)
 
     @get("/{job_id:str}/artifacts", sync_to_thread=True, summary="A job's artifacts")
-    def artifacts(self, session: SessionDep, caller: CallerDep, job_id: FromPath[str]) -> ArtifactList:
+    def artifacts(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> ArtifactList:
         return service.list_artifacts(session, caller.project_id, job_id)
 
 

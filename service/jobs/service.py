@@ -9,6 +9,7 @@ commits, and only then rings the broker. A broker that is down fails nothing: th
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import defaultdict
 from typing import Any
@@ -39,7 +40,7 @@ from service.api.schemas import (
     metric_out,
     to_json,
 )
-from service.db.models import Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
+from service.db.models import ID_PATTERN, Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
 from service.jobs import lifecycle
 from service.jobs.references import Reference, spec_references
 from worker.engine.data import TRAINABLE_FORMATS
@@ -106,9 +107,14 @@ _DATASET_FORMATS: dict[str, tuple[str, ...]] = {   # by field (in a benchmark sp
     "spec.evaluate.data.preference": ("preference",),
 }
 
+ID_RE = re.compile(ID_PATTERN)
+
 
 def _check_reference(session: Session, project_id: str, ref: Reference) -> dict[str, Any] | None:
     """The error for one id of the spec, or None when it names a usable object of the project."""
+    if not ID_RE.fullmatch(ref.id):   # never handed to the database (a NUL is a DataError in PostgreSQL)
+        shown = repr(ref.id[:80])
+        return {"field": ref.field, "message": f"{shown} is not an id{_path_hint(ref.id, ref.target + 's')}"}
     if ref.target == "model":
         row = session.get(Model, ref.id)
         if row is None or row.project_id != project_id:

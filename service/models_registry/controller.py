@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import anyio.to_thread
 from litestar import Controller, Request, Response, get, post
-from litestar.params import FromPath, Parameter
+from litestar.params import Parameter
 from pydantic import ValidationError
 
-from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.deps import ID_PATTERN, CallerDep, PathId, SessionDep, SettingsDep
 from service.api.idempotency import IdempotencyKey, Replay, fingerprint, header_key
 from service.api.openapi import multipart_body
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -50,11 +50,11 @@ class ModelController(Controller):
     @get("/", sync_to_thread=True, summary="List models, newest first")
     def list(self, session: SessionDep, caller: CallerDep,
              limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-             after: str | None = Parameter(default=None, max_length=40)) -> ModelPage:
+             after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN)) -> ModelPage:
         return service.list_models(session, caller.project_id, limit, after)
 
     @get("/{model_id:str}", sync_to_thread=True, summary="Get a model")
-    def retrieve(self, session: SessionDep, caller: CallerDep, model_id: FromPath[str]) -> ModelOut:
+    def retrieve(self, session: SessionDep, caller: CallerDep, model_id: PathId) -> ModelOut:
         return service.get_model(session, caller.project_id, model_id)
 
 

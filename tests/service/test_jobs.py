@@ -311,3 +311,20 @@ def test_numbers_a_run_cannot_use_are_refused(api, patch, field):
     if spec["training"].get("steps", 0) is None:
         del spec["training"]["steps"]
     assert_refused(api, post_job(api, "distill", spec), field)
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/v1/jobs/job_1%002", "job_id"), ("/v1/jobs/job_1%0D%0Ax/events", "job_id"), ("/v1/datasets/ds%00", "dataset_id"),
+    ("/v1/models/m%00", "model_id"), ("/v1/artifacts/a%00", "artifact_id"), ("/v1/jobs?after=job_%00", "after"),
+    ("/v1/jobs?parent_id=%00", "parent_id"), ("/v1/datasets?after=%00", "after"),
+])
+def test_ids_with_control_characters_are_refused(api, path, field):
+    r = api.client.get(path, headers=api.headers)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith(PROBLEM) and [e["field"] for e in r.json()["errors"]] == [field]
+
+
+def test_an_id_with_a_nul_inside_a_spec_is_refused(api):
+    spec = setup_distill(api)
+    spec["teachers"][0]["model"] = "mdl_\x00x"
+    assert_refused(api, post_job(api, "distill", spec), "spec.teachers.0.model", "is not an id")
