@@ -123,6 +123,13 @@ def _with_headers(problem: Problem, exc: HTTPException) -> Problem:
     return problem
 
 
+def handle_too_deep(request: Request, exc: RecursionError) -> Response:
+    """JSON nested deeper than a parser's stack (a body of 1,000 `[`): the request's fault, not ours."""
+    log.warning("%s %s: body nested too deeply to parse", request.method, request.url.path)
+    return Problem(400, "the body is nested too deeply to parse",
+                   errors=[{"field": "body", "message": "nested too deeply"}]).to_response()
+
+
 def handle_internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Problem(500, "an internal error occurred; it has been logged").to_response()
@@ -141,6 +148,7 @@ def _litestar_error(e: Any) -> dict[str, Any]:
 EXCEPTION_HANDLERS = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
+    RecursionError: handle_too_deep,
     Exception: handle_internal_error,
 }
 

@@ -328,3 +328,11 @@ def test_an_id_with_a_nul_inside_a_spec_is_refused(api):
     spec = setup_distill(api)
     spec["teachers"][0]["model"] = "mdl_\x00x"
     assert_refused(api, post_job(api, "distill", spec), "spec.teachers.0.model", "is not an id")
+
+
+def test_a_body_nested_too_deeply_is_a_400(api):
+    body = '{"kind": "distill", "spec": ' + '{"a": ' * 1000 + "1" + "}" * 1000 + "}"
+    r = api.client.post("/v1/jobs", headers={**api.headers, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith(PROBLEM) and r.json()["errors"][0]["field"] == "body"
+    assert count(api, Job) == 0
