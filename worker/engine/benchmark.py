@@ -42,6 +42,7 @@ import numpy as np
 
 from . import data as data_mod
 from . import models, preflight, report
+from . import student as student_mod
 from .benchmark_metrics import PairScores, continuation_examples, mcq_metrics, pref_metrics, text_metrics
 from .benchmark_passes import ModelScores, Progress, Workload, score_model
 from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
@@ -287,24 +288,15 @@ def _distinct_models(rows: list[Row]) -> list[Row]:
 def _load(row: Row):
     """(model, tokenizer, base parameter count) in inference mode, the adapter applied; an adapter that does
     not fit is the user's to fix."""
-    from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import get_total_parameters
 
     model, tokenizer, _ = models.load_model(row.path)
     n_params = get_total_parameters(model)  # before the adapter; quantized weights counted unpacked
     if row.adapter is not None:
-        try:
-            load_adapters(model, str(row.adapter))
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            head, *lines = str(e).splitlines() or [type(e).__name__]  # mlx-lm lists every mismatched tensor
-            lines = [head, *sorted(lines)]
-            if len(lines) > 6:
-                lines = lines[:6] + [f"  ... and {len(lines) - 6} more"]
-            raise UserError(f"{row.field}.adapter: {row.adapter_name} does not fit model {row.name}: "
-                            + "\n".join(lines)) from None
+        student_mod.load_adapter(model, row.adapter, f"{row.field}.adapter: {row.adapter_name} does not fit "
+                                                     f"model {row.name}")
     model.eval()  # LoRA dropout off
-    if mx.default_device() == mx.cpu:   # quality passes at OpenBLAS speed; the speed test switches back
-        models.dequantized_compute(model)
+    models.dequantized_compute(model)   # quality passes at OpenBLAS speed; the speed test switches back
     mx.eval(model.parameters())
     return model, tokenizer, n_params
 

@@ -73,8 +73,7 @@ def ensure_cache(teacher_dir: Path, dataset: data_mod.Dataset, examples: list[da
                 f"({len(todo)} of {len(examples)} sequences, {sum(len(e.tokens) for e in todo)} tokens, k={top_k})",
                 key=key, hit=False)
     model = models.load_model(teacher_dir)[0]
-    if mx.default_device() == mx.cpu:   # a quantized teacher at OpenBLAS speed (see models.DequantizedLinear)
-        models.dequantized_compute(model)
+    models.dequantized_compute(model)   # a quantized teacher at OpenBLAS speed on the CPU
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     built = cache_mod.build(
         model, todo, store.path(key), key=key, top_k=top_k, batch_size=CACHE_BATCH_SIZE, pad_id=pad_id,
@@ -148,8 +147,7 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     for teacher_dir in inputs.teachers:
         if spec.teacher_mode == "online":
             model = models.load_model(teacher_dir)[0]
-            if mx.default_device() == mx.cpu:
-                models.dequantized_compute(model)
+            models.dequantized_compute(model)
             teacher = OnlineTeacher(model)
             train_split.teachers.append(teacher)
             valid_split.teachers.append(teacher)

@@ -216,7 +216,10 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
 
 
 def dequantized_compute(model: nn.Module) -> int:
-    """Switch the quantized layers to dequantize-then-matmul (for CPU training); returns how many were switched."""
+    """On the CPU, switch the quantized layers to dequantize-then-matmul (elsewhere MLX's quantized kernels are
+    the fast path and nothing changes); returns how many were switched."""
+    if mx.default_device() != mx.cpu:
+        return 0
     n = 0
     for _, m in model.named_modules():
         if type(m) is nn.QuantizedLinear and m.mode == "affine":

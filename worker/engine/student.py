@@ -54,15 +54,9 @@ def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out
     path = model_path
     if adapter_path is not None:
         _check_starting_adapter(start_cfg, adapter, adapter_fields_set or set())
-        try:
-            load_adapters(model, str(adapter_path))   # applies its LoRA layers and weights (frozen for now)
-        except (ValueError, KeyError) as e:
-            head, *lines = str(e).splitlines() or [type(e).__name__]   # mlx-lm lists every mismatched tensor
-            lines = sorted(lines)
-            if len(lines) > 5:
-                lines = lines[:5] + [f"  ... and {len(lines) - 5} more"]
-            raise UserError(f"student.adapter: {adapter_path.name} does not fit student model {model_path.name}: "
-                            + "\n".join([head, *lines])) from None
+        # applies its LoRA layers and weights (frozen for now)
+        load_adapter(model, adapter_path, f"student.adapter: {adapter_path.name} does not fit student model "
+                                          f"{model_path.name}")
         acfg = start_cfg
     dtype = models.source_dtype(model_path)
     if spec.keep_layers is not None:
@@ -74,8 +68,7 @@ def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out
     if spec.keep_layers is not None or spec.quantize is not None:
         path = out_dir / "student"
         _save_base(model, config, model_path, path, dtype)
-    if mx.default_device() == mx.cpu:   # a quantized student (ours or given): same function, OpenBLAS speed
-        models.dequantized_compute(model)   # (see models.DequantizedLinear)
+    models.dequantized_compute(model)   # a quantized student (ours or given) at OpenBLAS speed on the CPU
     n_layers = len(model.layers)
     if adapter_path is None:
         acfg = adapter_config(adapter, n_layers)
@@ -154,6 +147,19 @@ def _check_quantized_adapters(model: nn.Module) -> None:
         if isinstance(m, DoRAEmbedding) and isinstance(m.embedding, nn.QuantizedEmbedding):
             raise UserError(f"adapter.keys: dora cannot adapt the quantized embedding {name} (mlx-lm's DoRA "
                             "embedding has no quantized form); use lora, or leave embeddings out of adapter.keys")
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, refusal: str) -> None:
+    """mlx-lm's `load_adapters`; an adapter that does not fit the model is the user's to fix: a UserError that
+    starts with `refusal` and lists the first mismatched tensors (mlx-lm names every one)."""
+    try:
+        load_adapters(model, str(adapter_dir))
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        head, *lines = str(e).splitlines() or [type(e).__name__]
+        lines = [head, *sorted(lines)]
+        if len(lines) > 6:
+            lines = lines[:6] + [f"  ... and {len(lines) - 6} more"]
+        raise UserError(f"{refusal}: " + "\n".join(lines)) from None
 
 
 def _check_starting_adapter(start: dict, adapter: AdapterSpec, fields_set: set[str]) -> None:

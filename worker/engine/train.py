@@ -135,9 +135,10 @@ class Trainer:
             n_in += int(sum(min(len(self.train_split.examples[i].tokens), tokens.shape[1]) for i in idx))
         if self.tr.grad_accum > 1:
             grads = tree_map(lambda g: g / self.tr.grad_accum, grads)
-        norm = _global_norm(grads)
         if self.tr.max_grad_norm is not None:
-            grads = tree_map(lambda g: g * mx.minimum(self.tr.max_grad_norm / (norm + 1e-6), 1.0), grads)
+            grads, norm = optim.clip_grad_norm(grads, self.tr.max_grad_norm)
+        else:   # the guard watches the norm even when nothing clips it
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads)
 
     def apply(self, optimizer, grads: dict) -> None:
@@ -160,10 +161,6 @@ class Trainer:
     def set_trainable(self, snapshot: list[tuple[str, mx.array]]) -> None:
         self.model.update(tree_unflatten(snapshot))
         mx.eval(self.model.parameters())
-
-
-def _global_norm(grads: dict) -> mx.array:
-    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
 def make_optimizer(mults: dict[str, float], weight_decay: float) -> optim.Optimizer:
