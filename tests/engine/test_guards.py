@@ -84,6 +84,15 @@ def test_default_rates_and_trial_length():
 # ---------------------------------------------------------------------------------------------- runs
 
 
+def cancel_after(spec, out, store, steps: int) -> None:
+    """Run `spec` into `out` and cancel it once `steps` train steps are logged (a checkpoint is kept)."""
+    seen = []
+    hooks = Hooks(on_metrics=lambda r: seen.append(r) if r["kind"] == "train" else None,
+                  should_stop=lambda: len(seen) >= steps)
+    with pytest.raises(Cancelled):
+        run(spec, out, store, hooks)
+
+
 def events_of():
     seen = []
     return seen, Hooks(on_event=lambda k, m, d: seen.append((k, m, d)))
@@ -152,11 +161,7 @@ def test_rollback_restores_the_best_weights_and_resume_is_exact(tiny_student, ti
     assert {w["code"] for w in straight["warnings"]} == {"rolled_back"}
 
     # killed just after the rollback, resumed: the same steps, rollbacks and result
-    steps = []
-    hooks = Hooks(on_metrics=lambda r: steps.append(r) if r["kind"] == "train" else None,
-                  should_stop=lambda: len(steps) >= 7)
-    with pytest.raises(Cancelled):
-        run(spec, tmp_path / "resumed", store, hooks)
+    cancel_after(spec, tmp_path / "resumed", store, steps=7)
     resumed = run(spec, tmp_path / "resumed", store)
     assert resumed["rollbacks"] == straight["rollbacks"] and resumed["best"] == straight["best"]
     assert train_losses(tmp_path / "resumed")[:5] == train_losses(tmp_path / "straight")[:5]
@@ -183,11 +188,7 @@ def test_auto_learning_rate(tiny_student, tiny_teacher, tiny_text, tmp_path, sto
     assert summary["final"]["val_kl"] == plain["final"]["val_kl"] and plain["lr_search"] is None
 
     # a resumed run keeps the chosen rate and does not search again
-    steps = []
-    hooks = Hooks(on_metrics=lambda r: steps.append(r) if r["kind"] == "train" else None,
-                  should_stop=lambda: len(steps) >= 3)
-    with pytest.raises(Cancelled):
-        run(spec, tmp_path / "resumed", store, hooks)
+    cancel_after(spec, tmp_path / "resumed", store, steps=3)
     seen, hooks = events_of()
     again = run(spec, tmp_path / "resumed", store, hooks)
     assert "lr_trial" not in [k for k, _, _ in seen]
