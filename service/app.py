@@ -28,6 +28,7 @@ from service.datasets.controller import DatasetController
 from service.db.session import engine_for
 from service.jobs.controller import JobController
 from service.jobs.service import Enqueuer
+from service.jobs.streams import EventHub
 from service.models_registry.controller import ModelController
 from service.ops.controller import OpsController
 from service.queue import make_celery
@@ -46,7 +47,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     sessions = sessionmaker(engine_for(settings.database_url), expire_on_commit=False)
     celery = make_celery(settings.broker_url)   # this app's own, so its broker_url is the one in `settings`
     state = State({"settings": settings, "sessions": sessions, "celery": celery, "enqueuer": Enqueuer(celery),
-                   "metrics": AppMetrics(sessions)})
+                   "metrics": AppMetrics(sessions),
+                   "streams": EventHub(sessions, settings.events_poll_seconds, settings.streams_per_key,
+                                       settings.streams_total)})
 
     v1 = Router(
         path="/v1",

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     sweep_seconds: int = 15                    # how often workers look for lost or never-enqueued jobs
     enqueue_grace_seconds: int = 600           # a sent job still queued after this is sent again (a message
                                                # lost with the broker); never-sent jobs are sent at once
-    events_poll_seconds: float = 0.5           # SSE: how often the stream looks for new events
+    events_poll_seconds: float = 0.5           # SSE: how often the streams look for new events
+    streams_per_key: int = 64                  # SSE: open event streams one API key may hold
+    streams_total: int = 2000                  # SSE: open event streams one API process serves
 
 
 @lru_cache

@@ -34,6 +34,7 @@ _DEFAULTS: dict[int, tuple[str, str]] = {
     415: ("unsupported-media-type", "Unsupported media type"),
     416: ("range-not-satisfiable", "Range not satisfiable"),
     422: ("validation-error", "Validation failed"),
+    429: ("too-many-requests", "Too many requests"),
     500: ("internal-error", "Internal server error"),
     503: ("service-unavailable", "Service unavailable"),
 }

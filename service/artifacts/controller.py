@@ -71,17 +71,22 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     if not m or (not m[1] and not m[2]):
         return None
     if not m[1]:   # suffix: the last N bytes
-        n = int(m[2])
+        n = _offset(m[2])
         if n == 0 or size == 0:
             return "unsatisfiable"
         return max(0, size - n), size - 1
-    start = int(m[1])
-    end = int(m[2]) if m[2] else size - 1
+    start = _offset(m[1])
+    end = _offset(m[2]) if m[2] else size - 1
     if m[2] and end < start:
         return None
     if start >= size:
         return "unsatisfiable"
     return start, min(end, size - 1)
+
+
+def _offset(digits: str) -> int:
+    """A byte offset from the header; beyond any file when it has more digits than int() would parse safely."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def _get(session: Session, project_id: str, artifact_id: str) -> Artifact:

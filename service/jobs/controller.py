@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import AsyncIterator
-
 import anyio.to_thread
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromQuery, JSONBody, Parameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import CallerDep, ID_PATTERN, PathId, SessionDep
 from service.api.idempotency import IdempotencyKey, Replay, provide_idempotency
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.api.problems import invalid, json_body_guard
-from service.api.schemas import (
-    ArtifactList,
-    CheckpointList,
-    EventPage,
-    JobCreate,
-    JobOut,
-    JobPage,
-    MetricList,
-    event_out,
-    to_json,
-)
+from service.api.schemas import ArtifactList, CheckpointList, EventPage, JobCreate, JobOut, JobPage, MetricList
 from service.jobs import service
-from service.jobs.lifecycle import TERMINAL
+from service.jobs.streams import EventHub
 
-KEEPALIVE_SECONDS = 15.0
-RECONNECT_MS = 2000
 MAX_EVENT_PAGE = 1000
 
 
@@ -82,7 +66,7 @@ class JobController(Controller):
     @get("/{job_id:str}/events/stream", summary="A job's events as server-sent events",
          description="Each event: `id` (resume with the Last-Event-ID header or `?after=`), `event` (its kind), "
                      "`data` (the event object as JSON). Ends once the job has finished and its last events "
-                     "were sent.")
+                     "were sent. At most `streams_per_key` streams per API key are open at once (429 past it).")
     async def stream(self, request: Request, caller: CallerDep, state: State, job_id: PathId,
                      after: int | None = Parameter(default=None, ge=0)) -> ServerSentEvent:
         factory: sessionmaker[Session] = state.sessions
@@ -92,8 +76,8 @@ class JobController(Controller):
             if not last_id.strip().isdigit():
                 raise invalid("Last-Event-ID", "must be an event id (a non-negative integer)")
             after = int(last_id)
-        poll = float(state.settings.events_poll_seconds)
-        return ServerSentEvent(_event_stream(factory, job_id, after or 0, poll),
+        hub: EventHub = state.streams
+        return ServerSentEvent(hub.open(caller.key_id, job_id, after or 0),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @get("/{job_id:str}/metrics", sync_to_thread=True, summary="A job's logged metrics (all, or one name)")
@@ -113,35 +97,3 @@ class JobController(Controller):
 def _check_owner(factory: sessionmaker[Session], project_id: str, job_id: str) -> None:
     with factory() as session:
         service.get_job(session, project_id, job_id)
-
-
-async def _event_stream(factory: sessionmaker[Session], job_id: str, after: int,
-                        poll_seconds: float) -> AsyncIterator[ServerSentEventMessage]:
-    """Poll the database for new events; stop after the job is terminal and everything up to that is sent.
-
-    Stored events carry their id (resumable). Between them, a `state` message without an id reports the
-    job's status, progress and latest metrics whenever they change: a snapshot, so it needs no replay."""
-    # an opening comment gets the headers through buffering proxies; `retry` paces client reconnects
-    yield ServerSentEventMessage(comment="events of " + job_id, data=None, retry=RECONNECT_MS)
-    quiet_since = time.monotonic()
-    last_state: dict | None = None
-    with factory() as session:
-        while True:
-            state, events = await anyio.to_thread.run_sync(service.poll_events, session, job_id, after)
-            if state is not None and state != last_state:
-                last_state = state
-                yield ServerSentEventMessage(event="state", data=json.dumps(state, default=str))
-                quiet_since = time.monotonic()
-            for event in events:
-                after = event.id
-                yield ServerSentEventMessage(id=str(event.id), event=event.kind,
-                                             data=json.dumps(to_json(event_out(event))))
-            if events:
-                quiet_since = time.monotonic()
-                continue   # more may be waiting beyond this batch
-            if state is None or state["status"] in TERMINAL:
-                return
-            if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
-                yield ServerSentEventMessage(comment="keep-alive", data=None)
-                quiet_since = time.monotonic()
-            await anyio.sleep(poll_seconds)

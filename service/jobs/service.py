@@ -211,22 +211,25 @@ def list_events(session: Session, project_id: str, job_id: str, after: int | Non
     return EventPage(data=[event_out(r) for r in rows], has_more=has_more)
 
 
-def poll_events(session: Session, job_id: str, after: int, limit: int = 500) -> tuple[dict | None, list[JobEvent]]:
-    """(job state, events after `after`). The state (status, progress, latest metrics) is read first: when the
-    status is terminal, the events read next include the one that recorded it (written in the same transaction)."""
-    row = session.execute(select(Job.status, Job.progress_step, Job.total_steps, Job.eta_seconds, Job.summary)
-                          .where(Job.id == job_id)).first()
-    events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                             .order_by(JobEvent.id).limit(limit)).all()
-    session.rollback()   # end the read transaction: the next poll must see new commits
-    if row is None:
-        return None, list(events)
-    total = row.total_steps
-    state = {"status": row.status,
-             "progress": {"step": row.progress_step, "total_steps": total, "eta_seconds": row.eta_seconds,
-                          "fraction": min(1.0, row.progress_step / total) if total else None},
-             "summary": dict(row.summary or {})}
-    return state, list(events)
+def job_states(session: Session, job_ids: set[str]) -> dict[str, dict]:
+    """Each job's status, progress and summary, as sent in `state` stream messages. Read before the events:
+    when a status is terminal, the events read next include the one that recorded it (same transaction)."""
+    rows = session.execute(select(Job.id, Job.status, Job.progress_step, Job.total_steps, Job.eta_seconds,
+                                  Job.summary).where(Job.id.in_(sorted(job_ids)))).all()
+    states = {}
+    for row in rows:
+        total = row.total_steps
+        states[row.id] = {
+            "status": row.status,
+            "progress": {"step": row.progress_step, "total_steps": total, "eta_seconds": row.eta_seconds,
+                         "fraction": min(1.0, row.progress_step / total) if total else None},
+            "summary": dict(row.summary or {})}
+    return states
+
+
+def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                                .order_by(JobEvent.id).limit(limit)).all())
 
 
 def list_metrics(session: Session, project_id: str, job_id: str, name: str | None) -> MetricList:

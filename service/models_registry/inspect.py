@@ -26,23 +26,30 @@ class InspectedModel:
     info: dict[str, Any]
 
 
-def inspect_model_path(raw: str, roots: list[Path]) -> InspectedModel:
+def inspect_model_path(raw: str, roots: list[Path], protected: list[Path] = ()) -> InspectedModel:
+    """Check a path a caller wants registered. `roots`: the folders models may come from ([] = anywhere);
+    `protected`: the server's own storage (artifacts, caches: other projects' files), never registrable.
+
+    The answer must not tell whether a path outside the roots exists, so the path is placed first (as
+    written, then with its symlinks resolved as far as they go) and only a path inside gets "no such file"."""
     if "\x00" in raw:
         raise ModelPathError("contains a NUL character")
     if not PurePosixPath(raw).is_absolute():
         raise ModelPathError(f"must be an absolute path on the server, got {raw!r}")
     if ".." in PurePosixPath(raw).parts:
         raise ModelPathError("must not contain '..' segments")
-    try:
-        path = Path(raw).resolve(strict=True)
-    except FileNotFoundError:
-        raise ModelPathError(f"no such file or folder: {raw}") from None
-    except (OSError, RuntimeError) as e:   # permission denied on a parent, symlink loop
-        raise ModelPathError(f"cannot be resolved: {e}") from None
     allowed = [Path(r).expanduser().resolve() for r in roots]
-    _check_inside(path, allowed, raw)
+    storage = [Path(p).expanduser().resolve() for p in protected]
+    _check_placed(Path(raw), allowed, storage, raw)
+    try:
+        path = Path(raw).resolve()
+    except (OSError, RuntimeError):   # a symlink loop, an unreadable parent: the same answer as outside
+        raise ModelPathError(_outside(raw, allowed)) from None
+    _check_placed(path, allowed, storage, raw)
+    if not path.exists():
+        raise ModelPathError(f"no such file or folder: {raw}")
     if path.is_dir():
-        return _inspect_folder(path, allowed)
+        return _inspect_folder(path, allowed, storage)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return _inspect_gguf(path)
     raise ModelPathError("must be an mlx-lm model folder (config.json + *.safetensors) or a .gguf file")
@@ -53,31 +60,52 @@ def gguf_magic_ok(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def _check_inside(path: Path, allowed: list[Path], shown: str) -> None:
-    # Checked on the resolved path, so a symlink inside a root that points outside it is refused.
-    if allowed and not any(path == root or path.is_relative_to(root) for root in allowed):
-        raise ModelPathError(f"{shown} is outside the allowed model roots ({', '.join(map(str, allowed))})")
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
 
 
-def _inspect_folder(folder: Path, allowed: list[Path]) -> InspectedModel:
+def _outside(shown: str, allowed: list[Path]) -> str:
+    return f"{shown} is outside the allowed model roots ({', '.join(map(str, allowed))})" if allowed \
+        else f"{shown} is not a path models may be registered from"
+
+
+def _check_placed(path: Path, allowed: list[Path], storage: list[Path], shown: str) -> None:
+    # Checked as written and again resolved, so a symlink inside a root that points outside it is refused.
+    if allowed and not any(_inside(path, root) for root in allowed):
+        raise ModelPathError(_outside(shown, allowed))
+    if any(_inside(path, folder) for folder in storage):
+        raise ModelPathError(_outside(shown, allowed) if allowed else
+                             f"{shown} is inside the server's own storage; upload a GGUF file instead")
+
+
+def _inspect_folder(folder: Path, allowed: list[Path], storage: list[Path]) -> InspectedModel:
     config_path = folder / "config.json"
     weights = sorted(folder.glob("*.safetensors"))
     if not config_path.is_file() or not weights:
         raise ModelPathError(f"{folder} is not an mlx-lm model folder: it needs config.json and *.safetensors")
-    for f in [config_path, *weights]:
-        _check_inside(f.resolve(), allowed, str(f))
+    # every file the worker may read (tokenizer, templates, weights), not only the weights
+    files = [p for p in folder.iterdir() if p.is_file()]
+    for f in files:
+        _check_placed(f.resolve(), allowed, storage, str(f))
         if not os.access(f, os.R_OK):
             raise ModelPathError(f"{f} is not readable by the server")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelPathError(f"{config_path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelPathError(f"{config_path} is nested too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise ModelPathError(f"{config_path} must hold a JSON object")
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    info = {k: config.get(k, text_config.get(k)) for k in CONFIG_KEYS}
+    info = {k: _plain(config.get(k, text_config.get(k))) for k in CONFIG_KEYS}
     info["weights_bytes"] = sum(w.stat().st_size for w in weights)
-    return InspectedModel("mlx", folder, _fingerprint(folder, [p for p in folder.iterdir() if p.is_file()]), info)
+    return InspectedModel("mlx", folder, _fingerprint(folder, files), info)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as stored in the model's info: scalars only (a nested value there is not a model's)."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else None
 
 
 def _inspect_gguf(path: Path) -> InspectedModel:

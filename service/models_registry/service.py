@@ -27,6 +27,12 @@ def model_dir(settings: Settings, project_id: str) -> Path:
     return Path(settings.artifact_root).expanduser().resolve() / "models" / project_id
 
 
+def protected_storage(settings: Settings) -> list[Path]:
+    """The server's own folders: other projects' uploads, outputs, teacher caches and imported models."""
+    cache = Path(settings.cache_dir)
+    return [Path(settings.artifact_root), cache / "teacher-caches", cache / "models"]
+
+
 def register_path(session: Session, settings: Settings, project_id: str, body: ModelRegister,
                   idem: IdempotencyKey | None) -> tuple[int, dict] | Replay:
     replay = idempotency.find(session, project_id, idem)
@@ -35,7 +41,7 @@ def register_path(session: Session, settings: Settings, project_id: str, body: M
     if body.name is not None and (problem := check_label(body.name)):
         raise invalid("name", problem)
     try:
-        found = inspect_model_path(body.path, settings.model_roots)
+        found = inspect_model_path(body.path, settings.model_roots, protected_storage(settings))
     except ModelPathError as e:
         raise invalid("path", str(e)) from None
     model_id = new_id("mdl")

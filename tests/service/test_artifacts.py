@@ -55,6 +55,13 @@ def test_ranges(api, artifact):
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(CONTENT)}"
     assert r.headers["content-type"].startswith("application/problem+json")
     assert get(api, artifact, Range="bytes=-0").status_code == 416
+    # numbers of any length: past the end is 416, an end past the end is clamped, a huge suffix is all of it
+    huge = "9" * 5000
+    assert get(api, artifact, Range=f"bytes={huge}-").status_code == 416
+    r = get(api, artifact, Range=f"bytes=10-{huge}")
+    assert r.status_code == 206 and r.content == CONTENT[10:]
+    r = get(api, artifact, Range=f"bytes=-{huge}")
+    assert r.status_code == 206 and r.content == CONTENT
     # malformed or multiple ranges: the whole file
     assert get(api, artifact, Range="bytes=0-1,5-6").status_code == 200
     assert get(api, artifact, Range="lines=1-2").status_code == 200

@@ -81,6 +81,37 @@ def test_refused_paths(api):
     assert count(api, Model) == 0
 
 
+def test_outside_the_roots_a_path_gets_one_answer_whether_it_exists_or_not(api):
+    """No file-existence oracle: a missing and an existing path outside the roots are refused alike."""
+    existing = model_folder(api.tmp / "elsewhere", "secret")
+    answers = {post_path(api, p).json()["errors"][0]["message"].replace(str(p), "<path>")
+               for p in (existing, api.tmp / "elsewhere" / "nothing-here", Path("/etc/passwd"), Path("/nope/x"))}
+    assert len(answers) == 1 and "outside the allowed model roots" in answers.pop()
+    # a dangling link inside a root, pointing out: the same answer as the other outside paths
+    (api.tmp / "models" / "dangling").symlink_to(api.tmp / "elsewhere" / "nothing-here")
+    assert_path_refused(post_path(api, api.tmp / "models" / "dangling"), "outside the allowed model roots")
+
+
+def test_every_file_of_a_model_folder_must_lie_inside_the_roots(api):
+    secret = api.tmp / "elsewhere" / "secret.json"
+    secret.parent.mkdir(parents=True)
+    secret.write_text('{"private": true}')
+    folder = model_folder(api.tmp / "models", "leaky")
+    (folder / "tokenizer.json").symlink_to(secret)        # the worker would read it as the tokenizer
+    assert_path_refused(post_path(api, folder), "outside the allowed model roots")
+    assert count(api, Model) == 0
+
+
+def test_a_deeply_nested_config_is_a_422_naming_the_path(api):
+    folder = model_folder(api.tmp / "models", "deep")
+    (folder / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert_path_refused(post_path(api, folder), "nested too deeply")
+    folder = model_folder(api.tmp / "models", "odd")
+    (folder / "config.json").write_text('{"model_type": {"x": [1, 2]}, "num_hidden_layers": 2}')
+    r = post_path(api, folder)
+    assert r.status_code == 201 and r.json()["info"]["model_type"] is None
+
+
 def test_without_roots_any_readable_path_is_allowed(database_url, tmp_path, redis_broker):
     from tests.service.conftest import running_api
 
@@ -88,6 +119,17 @@ def test_without_roots_any_readable_path_is_allowed(database_url, tmp_path, redi
         outside = model_folder(tmp_path / "anywhere", "m")
         r = a.client.post("/v1/models", headers=a.headers, json={"path": str(outside)})
         assert r.status_code == 201, r.text
+        # but never the server's own storage: another project's uploaded GGUF lies there
+        upload = a.client.post("/v1/models", headers=a.headers,
+                               files={"file": ("m.gguf", GGUF, "application/octet-stream")})
+        assert upload.status_code == 201, upload.text
+        with a.sessions() as session:
+            stored = Path(session.get(Model, upload.json()["id"]).path)
+        assert stored.is_file()
+        for path in (stored, stored.parent, a.settings.artifact_root / "models" / "prj_other" / "x.gguf",
+                     a.settings.cache_dir / "teacher-caches" / "abc"):
+            r = a.client.post("/v1/models", headers=a.headers, json={"path": str(path)})
+            assert r.status_code == 422 and "server's own storage" in r.json()["errors"][0]["message"], r.text
 
 
 def test_body_validation_names_the_field(api):
