@@ -18,6 +18,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.orm import sessionmaker
 
 from service.api.auth import ApiKeyMiddleware
+from service.api.uploads import UploadSlots
 from service.api.deps import provide_caller, provide_session, provide_settings
 from service.api.metrics import AppMetrics, metrics_middleware
 from service.api.openapi import publish_pydantic_schemas
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     state = State({"settings": settings, "sessions": sessions, "celery": celery, "enqueuer": Enqueuer(celery),
                    "metrics": AppMetrics(sessions),
                    "streams": EventHub(sessions, settings.events_poll_seconds, settings.streams_per_key,
-                                       settings.streams_total)})
+                                       settings.streams_total),
+                   "uploads": UploadSlots(settings.max_concurrent_uploads)})
 
     v1 = Router(
         path="/v1",

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 2 << 30            # datasets and GGUF uploads
+    max_concurrent_uploads: int = 4            # uploads one API process receives at once (429 past it)
     model_roots: list[Path] = []               # server folders models may be registered from ([] = anywhere readable)
 
     lease_seconds: int = 60                    # a running job's lease; renewed every lease_seconds / 3

@@ -4,11 +4,14 @@ is refused as soon as it crosses the limit. The client's file name is kept only 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import anyio.to_thread
 from litestar import Request
@@ -22,6 +25,12 @@ MULTIPART_OVERHEAD = 1 << 20      # headers and text fields allowed on top of th
 WRITE_BUFFER = 1 << 20
 
 
+class FileCheck(Protocol):
+    """Sees the file's bytes as they arrive (in a worker thread), e.g. to validate a dataset while it streams."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
 @dataclass
 class Upload:
     path: Path                    # the temporary file holding the `file` part; the caller moves or deletes it
@@ -29,6 +38,8 @@ class Upload:
     size: int
     sha256: str
     fields: dict[str, str] = field(default_factory=dict)
+    check: Any = None             # the FileCheck that saw the bytes, with the text fields known when it began
+    check_fields: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self, method: str, path: str) -> str:
         """What identifies this request for Idempotency-Key: the multipart boundary is random, so not the raw
@@ -46,11 +57,33 @@ class Upload:
         self.path.unlink(missing_ok=True)
 
 
-async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_fields: tuple[str, ...]) -> Upload:
-    """Parse a multipart/form-data body with one `file` part and optional `text_fields`.
+class UploadSlots:
+    """How many uploads this process receives at once: each holds a socket, a temporary file and a thread
+    for its writes, so past the bound an upload is refused at once (429) rather than queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def take(self) -> None:
+        if self.active >= self.limit:
+            raise Problem(429, f"the server is already receiving {self.limit} uploads; retry shortly",
+                          slug="too-many-uploads", title="Too many uploads at once",
+                          headers={"Retry-After": "10"})
+        self.active += 1
+
+    def give_back(self) -> None:
+        self.active -= 1
+
+
+async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_fields: tuple[str, ...],
+                         check: Callable[[dict[str, str]], FileCheck] | None = None) -> Upload:
+    """Parse a multipart/form-data body with one `file` part and optional `text_fields`. `check`, given the
+    text fields sent before the file, makes the FileCheck that sees the file's bytes as they are written.
 
     Raises Problem: 415 (not multipart), 400 (malformed), 413 (file over `max_bytes`), 422 (missing file,
-    unknown or oversized field). On any error the temporary file is gone.
+    unknown or oversized field), 429 (too many uploads at once), 507 (the disk is full). On any error the
+    temporary file is gone.
     """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != "multipart/form-data" or not options.get("boundary"):
@@ -59,22 +92,41 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
         raise _too_large(max_bytes)
 
+    slots: UploadSlots = request.app.state.uploads
+    slots.take()
+    try:
+        return await _receive(request, options["boundary"], tmp_dir, max_bytes, text_fields, check)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise Problem(507, "the server's disk is full: the upload was not stored", slug="insufficient-storage",
+                          title="Insufficient storage",
+                          errors=[{"field": FILE_FIELD, "message": "no space left on the server's disk"}]) from None
+        raise
+    finally:
+        slots.give_back()
+
+
+async def _receive(request: Request, boundary: str, tmp_dir: Path, max_bytes: int, text_fields: tuple[str, ...],
+                   check: Callable[[dict[str, str]], FileCheck] | None) -> Upload:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".upload-", suffix=".part")
     out = os.fdopen(fd, "wb")
     tmp = Path(tmp_name)
     try:
-        upload = await _parse(request, options["boundary"], out, tmp, max_bytes, text_fields)
-    except BaseException:
+        upload = await _parse(request, boundary, out, tmp, max_bytes, text_fields, check)
         out.close()
+    except BaseException:
+        try:
+            out.close()
+        except OSError:
+            pass
         tmp.unlink(missing_ok=True)
         raise
-    out.close()
     return upload
 
 
 async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int,
-                 text_fields: tuple[str, ...]) -> Upload:
+                 text_fields: tuple[str, ...], check: Callable[[dict[str, str]], FileCheck] | None) -> Upload:
     digest = hashlib.sha256()
     fields: dict[str, str] = {}
     buffer = bytearray()
@@ -84,6 +136,13 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
     segment: MultipartSegment | None = None
     text = bytearray()
     received = 0
+    file_check: FileCheck | None = None
+    check_fields: dict[str, str] = {}
+
+    def write(data: bytes) -> None:   # in a worker thread: the check may parse what it sees
+        out.write(data)
+        if file_check is not None:
+            file_check.feed(data)
     try:
         with PushMultipartParser(boundary, max_segment_count=len(text_fields) + 2) as parser:
             async for chunk in request.stream():
@@ -97,6 +156,9 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
                             if seen_file:
                                 raise _field_problem(FILE_FIELD, "only one file may be uploaded")
                             seen_file, filename = True, segment.filename
+                            if check is not None:
+                                check_fields = dict(fields)
+                                file_check = check(check_fields)
                         elif segment.name not in text_fields:
                             allowed = ", ".join((FILE_FIELD,) + text_fields)
                             raise _field_problem(segment.name or "(unnamed)", f"unknown field (allowed: {allowed})")
@@ -108,7 +170,7 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
                             digest.update(event)
                             buffer += event
                             if len(buffer) >= WRITE_BUFFER:
-                                await anyio.to_thread.run_sync(out.write, bytes(buffer))
+                                await anyio.to_thread.run_sync(write, bytes(buffer))
                                 buffer.clear()
                         else:
                             text += event
@@ -127,10 +189,12 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
     except (ParserError, ParserLimitReached) as e:
         raise Problem(400, f"malformed multipart/form-data body: {e}") from None
     if buffer:
-        await anyio.to_thread.run_sync(out.write, bytes(buffer))
+        await anyio.to_thread.run_sync(write, bytes(buffer))
     if not seen_file:
         raise _field_problem(FILE_FIELD, "a file part named 'file' is required")
-    return Upload(path=tmp, filename=filename, size=size, sha256=digest.hexdigest(), fields=fields)
+    await anyio.to_thread.run_sync(out.flush)
+    return Upload(path=tmp, filename=filename, size=size, sha256=digest.hexdigest(), fields=fields,
+                  check=file_check, check_fields=check_fields)
 
 
 def _too_large(max_bytes: int) -> Problem:

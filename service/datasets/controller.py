@@ -27,7 +27,7 @@ class DatasetController(Controller):
                      settings: SettingsDep) -> Response[DatasetOut]:
         key = header_key(request)
         upload = await receive_upload(request, service.dataset_dir(settings, caller.project_id),
-                                      settings.max_upload_bytes, service.TEXT_FIELDS)
+                                      settings.max_upload_bytes, service.TEXT_FIELDS, service.upload_check)
         result = await anyio.to_thread.run_sync(
             lambda: service.create_dataset(session, settings, caller.project_id, upload, key, request.url.path))
         if isinstance(result, Replay):

@@ -23,14 +23,21 @@ from service.db.models import Dataset, Job, new_id, utcnow
 from service.jobs.lifecycle import TERMINAL
 from service.jobs.references import dataset_ids
 from service.settings import Settings
-from worker.engine.data import FORMATS, load_jsonl
+from worker.engine.data import FORMATS, JsonlChecker
 from worker.engine.errors import UserError
 
 TEXT_FIELDS = ("name", "format")
+UPLOAD_NAME = "<upload>"   # the file's name in validation messages, replaced by the client's file name
 
 
 def dataset_dir(settings: Settings, project_id: str) -> Path:
     return Path(settings.artifact_root).expanduser().resolve() / "datasets" / project_id
+
+
+def upload_check(fields: dict[str, str]) -> JsonlChecker:
+    """The validator an upload's bytes go through as they arrive (with the format, if sent before the file)."""
+    fmt = fields.get("format") or None
+    return JsonlChecker(UPLOAD_NAME, fmt if fmt in FORMATS else None)
 
 
 def create_dataset(session: Session, settings: Settings, project_id: str, upload: Upload,
@@ -49,18 +56,22 @@ def create_dataset(session: Session, settings: Settings, project_id: str, upload
         fmt = upload.fields.get("format") or None
         if fmt is not None and fmt not in FORMATS:
             raise invalid("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        checker = upload.check
+        if checker is None or checker.stated != fmt:   # no check yet, or the format came after the file
+            checker = JsonlChecker(UPLOAD_NAME, fmt)
+            checker.feed_file(upload.path)
         try:
-            parsed = load_jsonl(upload.path, fmt)
+            parsed_format = checker.close()
         except UserError as e:
-            raise _dataset_problem(str(e), upload.path.name, display or "upload") from None
+            raise _dataset_problem(str(e), UPLOAD_NAME, display or "upload") from None
         dataset_id = new_id("ds")
         final = dataset_dir(settings, project_id) / f"{dataset_id}.jsonl"
         os.replace(upload.path, final)   # same directory, so atomic
     finally:
         upload.discard()   # no-op once moved
     try:
-        row = Dataset(id=dataset_id, project_id=project_id, name=name or dataset_id, format=parsed.format,
-                      path=str(final), sha256=upload.sha256, size_bytes=upload.size, records=len(parsed.records))
+        row = Dataset(id=dataset_id, project_id=project_id, name=name or dataset_id, format=parsed_format,
+                      path=str(final), sha256=upload.sha256, size_bytes=upload.size, records=checker.count)
         session.add(row)
         session.flush()
         body = to_json(dataset_out(row))

@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,11 +19,9 @@ from service.api.auth import create_api_key
 from service.db.models import Job
 from service.db.session import make_engine, session_scope
 from service.jobs import lifecycle
+from tests.helpers.api_process import api_process, healthy
 from tests.helpers.services import truncate_all
 from tests.service.conftest import BROKER_URL
-from tests.service.test_socket import free_port
-
-SERVER = str(Path(sys.executable).parent / "distillery-server")
 KEYS = 8
 PER_KEY = 63           # 8 x 63 = 504 streams, each key just under its bound
 
@@ -39,30 +34,8 @@ def pg_server(tmp_path, pg_url, redis_broker):
     env = {**os.environ, "DISTILLERY_DATABASE_URL": pg_url, "DISTILLERY_BROKER_URL": BROKER_URL,
            "DISTILLERY_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "DISTILLERY_EVENTS_POLL_SECONDS": "0.2",
            "DISTILLERY_STREAMS_PER_KEY": str(PER_KEY)}
-    port = free_port()
-    proc = subprocess.Popen([SERVER, "api", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not _healthy(base, 1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the API did not start: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.1)
-    yield base, keys, pg_url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)   # SIGTERM stops it, streams or not
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the API did not stop on SIGTERM")
-
-
-def _healthy(base: str, timeout: float) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=timeout).status_code == 200
-    except httpx.TransportError:
-        return False
+    with api_process(env, tmp_path) as (base, _):
+        yield base, keys, pg_url
 
 
 def _queued_job(url: str, project_name: str) -> str:
@@ -150,7 +123,7 @@ def test_500_streams_hold_no_connection_and_the_api_keeps_answering(pg_server):
             await asyncio.gather(*tasks, return_exceptions=True)
 
         # the API still answers, and the bound is released: the key may open streams again
-        assert _healthy(base, 3)
+        assert healthy(base, 3)
         deadline = time.monotonic() + 20
         while True:
             async with httpx.AsyncClient(base_url=base, timeout=5) as client:

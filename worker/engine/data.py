@@ -54,6 +54,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_OPTIONAL = ("name", "tool_calls", "tool_call_id")
 
 MAX_REPORTED_ERRORS = 10
+MAX_LINE_BYTES = 16 << 20  # one record; a longer line is reported, never held whole in memory
 MIN_WINDOW_TOKENS = 8  # a split document's last window shorter than this is dropped
 
 
@@ -104,35 +105,111 @@ def load_jsonl(path: str | Path, format: str | None = None, *, max_bytes: int | 
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise UserError(f"{name}: file is {size} bytes, larger than the limit of {max_bytes} bytes")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
-        data = data[3:]
+    checker = JsonlChecker(name, format, keep=True)
+    checker.feed_file(path)
+    checker.close()
+    return Dataset(path=path, format=checker.format, records=checker.records, lines=checker.lines,
+                   sha256=checker.sha256)
 
-    fmt, fmt_origin = format, "as stated"
-    records: list[dict] = []
-    lines: list[int] = []
-    errors: list[str] = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+
+class JsonlChecker:
+    """Validates JSONL as its bytes arrive, a line at a time, so a file of any size is checked in bounded
+    memory (an upload is checked while it streams in). `keep=True` also keeps the records.
+
+    `close()` raises UserError with the report (`name:line: problem` per bad line) or returns the format."""
+
+    def __init__(self, name: str, format: str | None = None, *, keep: bool = False) -> None:
+        if format is not None and format not in FORMATS:
+            raise UserError(f"unknown dataset format {format!r}; expected one of {', '.join(FORMATS)}")
+        self.name = name
+        self.stated = format
+        self.format = format
+        self.keep = keep
+        self.records: list[dict] = []
+        self.lines: list[int] = []
+        self.count = 0
+        self._origin = "as stated"
+        self._errors: list[str] = []
+        self._error_count = 0
+        self._digest = hashlib.sha256()
+        self._partial = bytearray()
+        self._skipping = False      # inside a line already reported as too long
+        self._lineno = 0
+        self._started = False
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def feed(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        if not self._started:
+            self._started = True
+            if chunk.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte-order mark, as some editors write
+                chunk = chunk[3:]
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._take_partial(chunk[start:])
+                return
+            self._take_partial(chunk[start:end])
+            self._end_line()
+            start = end + 1
+
+    def feed_file(self, path: Path, block: int = 1 << 20) -> None:
+        with open(path, "rb") as f:
+            while piece := f.read(block):
+                self.feed(piece)
+
+    def close(self) -> str:
+        """The format, once every line is valid; else UserError with the report."""
+        if self._partial or self._skipping:
+            self._end_line()
+        if self._errors:
+            raise UserError(_error_report(self.name, self._errors, self._error_count))
+        if not self.count:
+            raise UserError(f"{self.name}: file is empty (no records)")
+        return self.format
+
+    def _take_partial(self, piece: bytes) -> None:
+        if self._skipping:
+            return
+        if len(self._partial) + len(piece) > MAX_LINE_BYTES:
+            self._skipping = True
+            self._partial.clear()
+            return
+        self._partial += piece
+
+    def _end_line(self) -> None:
+        self._lineno += 1
+        lineno = self._lineno
+        if self._skipping:
+            self._skipping = False
+            self._error(lineno, f"line is longer than {MAX_LINE_BYTES} bytes")
+            return
+        raw = bytes(self._partial)
+        self._partial.clear()
         record, problem = _parse_line(raw)
         if record is None and problem is None:
-            continue  # blank line
+            return  # blank line
         if problem is None:
             looks = detect_format(record)
-            if fmt is None and looks is not None:
-                fmt, fmt_origin = looks, f"from line {lineno}"
-            problem = _check_record(record, looks, fmt, fmt_origin)
-        if problem is None:
-            records.append(record)
-            lines.append(lineno)
-        else:
-            errors.append(f"{name}:{lineno}: {problem}")
+            if self.format is None and looks is not None:
+                self.format, self._origin = looks, f"from line {lineno}"
+            problem = _check_record(record, looks, self.format, self._origin)
+        if problem is not None:
+            self._error(lineno, problem)
+            return
+        self.count += 1
+        if self.keep:
+            self.records.append(record)
+            self.lines.append(lineno)
 
-    if errors:
-        raise UserError(_error_report(name, errors))
-    if not records:
-        raise UserError(f"{name}: file is empty (no records)")
-    return Dataset(path=path, format=fmt, records=records, lines=lines, sha256=digest)
+    def _error(self, lineno: int, problem: str) -> None:
+        self._error_count += 1
+        if len(self._errors) < MAX_REPORTED_ERRORS:
+            self._errors.append(f"{self.name}:{lineno}: {problem}")
 
 
 def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
@@ -147,6 +224,8 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
     if not isinstance(value, dict):
         return None, f"expected a JSON object, got {_json_type(value)}"
     return value, None
@@ -270,13 +349,13 @@ def _json_type(v: object) -> str:
     )
 
 
-def _error_report(name: str, errors: list[str]) -> str:
-    """One error alone, or a summary line then the first `MAX_REPORTED_ERRORS` errors."""
-    if len(errors) == 1:
+def _error_report(name: str, errors: list[str], total: int) -> str:
+    """One error alone, or a summary line then the first `MAX_REPORTED_ERRORS` errors (of `total`)."""
+    if total == 1:
         return errors[0]
     shown = errors[:MAX_REPORTED_ERRORS]
-    more = f", showing the first {len(shown)}" if len(errors) > len(shown) else ""
-    return f"{name}: {len(errors)} invalid lines{more}:\n" + "\n".join(shown)
+    more = f", showing the first {len(shown)}" if total > len(shown) else ""
+    return f"{name}: {total} invalid lines{more}:\n" + "\n".join(shown)
 
 
 # ----------------------------------------------------------------------------------------- tokenizing
