@@ -78,6 +78,10 @@ class JobLease:
                 log.info("job %s: cancellation requested", self.job_id)
                 self.cancel_requested = True
 
+    def lose(self, why: str) -> None:
+        """Another part of the run found the lease gone (a fenced write was refused)."""
+        self._lose(why)
+
     def _lose(self, why: str) -> None:
         if not self.lost:
             log.warning("job %s: lease lost (%s); stopping without recording an outcome", self.job_id, why)

@@ -5,6 +5,10 @@ Writes are buffered and flushed in short transactions (never one held open durin
 most every `flush_seconds`, and always before an evaluation, a checkpoint or the end of the run. A failed flush
 (database briefly away) keeps its buffer for the next one, so the run itself never fails on reporting.
 
+Every write is fenced by the lease: its transaction begins with `lifecycle.fence` (the owner check, as a row
+lock), so a worker that lost its lease while frozen writes nothing more, and `on_lost` tells the run to stop.
+A metric row is unique per (job, kind, step, name), so even a write that slipped through is never counted twice.
+
 The metrics rows mirror the run's `metrics.jsonl`: when a run starts or resumes, `sync_to_checkpoint` drops the
 rows past the checkpoint it resumes from (the steps it will run again) and adds the ones a killed worker logged
 to the file but never flushed, so no step is missing or counted twice.
@@ -18,10 +22,15 @@ import math
 import time
 from pathlib import Path
 
-from sqlalchemy import delete, func, insert, select, update
+from collections.abc import Callable
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from service.db.models import Checkpoint, Job, JobEvent, StepMetric
 from service.db.session import session_scope
+from service.jobs import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +62,29 @@ def metric_rows(job_id: str, record: dict) -> list[dict]:
             and math.isfinite(value)]
 
 
+class LeaseLost(Exception):
+    """A fenced write found the lease held by another worker (or the job over): nothing was written."""
+
+
+def fenced(session: Session, job_id: str, owner: str | None) -> None:
+    """Start a write transaction of the lease owner (no owner: an unfenced write, e.g. a local run's)."""
+    if owner is not None and not lifecycle.fence(session, job_id, owner):
+        raise LeaseLost(f"job {job_id}: the lease is no longer held by {owner}")
+
+
+def insert_metrics(session: Session, rows: list[dict]) -> None:
+    """Insert metric rows; one already there (same job, kind, step and name) is left as it is."""
+    if not rows:
+        return
+    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
+    session.execute(dialect.insert(StepMetric).on_conflict_do_nothing(
+        index_elements=["job_id", "kind", "step", "name"]), rows)
+
+
 class JobRecorder:
-    def __init__(self, job_id: str, flush_seconds: float = 2.0, progress_event_seconds: float = 3.0):
-        self.job_id = job_id
+    def __init__(self, job_id: str, owner: str | None = None, on_lost: Callable[[str], None] | None = None,
+                 flush_seconds: float = 2.0, progress_event_seconds: float = 3.0):
+        self.job_id, self.owner, self.on_lost = job_id, owner, on_lost
         self.flush_seconds, self.progress_event_seconds = flush_seconds, progress_event_seconds
         self._events: list[tuple[str, str, dict]] = []
         self._metrics: list[dict] = []
@@ -95,7 +124,9 @@ class JobRecorder:
     def checkpoint(self, step: int, path: Path) -> None:
         self.flush()
         try:
-            sync_checkpoints(self.job_id, path.parent)
+            sync_checkpoints(self.job_id, path.parent, self.owner)
+        except LeaseLost as e:
+            self._lost(str(e))
         except Exception as e:  # the rows are synced again at the next checkpoint and at the end
             log.warning("job %s: could not record checkpoint %d: %s", self.job_id, step, e)
 
@@ -113,17 +144,26 @@ class JobRecorder:
             values["summary"] = jsonable(self._latest)
         try:
             with session_scope() as session:
+                fenced(session, self.job_id, self.owner)
                 session.add_all(JobEvent(job_id=self.job_id, kind=k, message=m, data=d) for k, m, d in self._events)
-                if self._metrics:
-                    session.execute(insert(StepMetric), self._metrics)
+                insert_metrics(session, self._metrics)
                 if values:
                     session.execute(update(Job).where(Job.id == self.job_id).values(**values)
                                     .execution_options(synchronize_session=False))
+        except LeaseLost as e:
+            self._lost(str(e))
+            self._events, self._metrics, self._progress, self._summary_dirty = [], [], None, False
+            return False
         except Exception as e:
             log.warning("job %s: could not record progress (kept for the next try): %s", self.job_id, e)
             return False
         self._events, self._metrics, self._progress, self._summary_dirty = [], [], None, False
         return True
+
+    def _lost(self, why: str) -> None:
+        log.warning("%s; this run's reports are dropped", why)
+        if self.on_lost:
+            self.on_lost(why)
 
 
 def latest_checkpoint_step(out_dir: Path) -> int | None:
@@ -132,10 +172,11 @@ def latest_checkpoint_step(out_dir: Path) -> int | None:
     return json.loads((done[-1] / "state.json").read_text())["step"] if done else None
 
 
-def sync_to_checkpoint(job_id: str, out_dir: Path) -> int | None:
+def sync_to_checkpoint(job_id: str, out_dir: Path, owner: str | None = None) -> int | None:
     """Before a run starts or resumes: make the metric rows match what the run keeps (see module doc)."""
     step = latest_checkpoint_step(out_dir)
     with session_scope() as session:
+        fenced(session, job_id, owner)
         if step is None:
             session.execute(delete(StepMetric).where(StepMetric.job_id == job_id))
             return None
@@ -146,21 +187,27 @@ def sync_to_checkpoint(job_id: str, out_dir: Path) -> int | None:
         if metrics_file.exists():
             for line in metrics_file.read_text().splitlines():
                 record = json.loads(line) if line.strip() else None
-                if record and have.get(record["kind"], -1) < record["step"] <= step and (
-                        rows := metric_rows(job_id, record)):
-                    session.execute(insert(StepMetric), rows)
-    sync_checkpoints(job_id, out_dir / "checkpoints")
+                if record and have.get(record["kind"], -1) < record["step"] <= step:
+                    insert_metrics(session, metric_rows(job_id, record))
+        write_checkpoint_rows(session, job_id, out_dir / "checkpoints")
     return step
 
 
-def sync_checkpoints(job_id: str, root: Path) -> None:
+def sync_checkpoints(job_id: str, root: Path, owner: str | None = None) -> None:
+    with session_scope() as session:
+        fenced(session, job_id, owner)
+        write_checkpoint_rows(session, job_id, root)
+
+
+def write_checkpoint_rows(session: Session, job_id: str, root: Path) -> None:
     """Checkpoint rows = the resumable `step-N/` folders on disk (older ones are pruned by the engine)."""
     on_disk = {json.loads((p / "state.json").read_text())["step"]: p
                for p in root.glob("step-*") if (p / "state.json").is_file()}
-    with session_scope() as session:
-        rows = {c.step: c for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
-        for step, row in rows.items():
-            if step not in on_disk:
-                session.delete(row)
-        session.add_all(Checkpoint(job_id=job_id, step=step, path=str(path.resolve()))
-                        for step, path in on_disk.items() if step not in rows)
+    rows = {c.step: c for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
+    for step, row in rows.items():
+        if step not in on_disk:
+            session.delete(row)
+        elif row.path != str(on_disk[step].resolve()):   # the same step, now in another attempt's folder
+            row.path = str(on_disk[step].resolve())
+    session.add_all(Checkpoint(job_id=job_id, step=step, path=str(path.resolve()))
+                    for step, path in on_disk.items() if step not in rows)

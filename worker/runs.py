@@ -24,6 +24,7 @@ from worker.engine.local import format_validation_error
 from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
 from worker.engine.spec import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from worker.engine.train import Hooks
+from worker import attempts
 from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint
 from worker.resolve import Resolver
 
@@ -39,6 +40,12 @@ class JobInfo:
     kind: str
     spec: dict
     attempts: int
+    owner: str | None = None      # the lease owner of this attempt: every write of the run is fenced by it
+
+
+def work_dir(settings: Settings, job: JobInfo) -> Path:
+    """The folder this attempt writes in (see worker.attempts); published to the job's folder on success."""
+    return attempts.attempt_dir(job_output_dir(settings.artifact_root, job), job.attempts)
 
 
 @dataclass
@@ -100,9 +107,9 @@ def distill(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hook
         valid=valid if isinstance(valid, float) else r.dataset(valid, "data.valid"),
         student_adapter=r.adapter(spec.student.adapter, "student.adapter") if spec.student.adapter else None,
     )
-    out_dir = job_output_dir(settings.artifact_root, job)  # a re-run resumes from its checkpoints
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resumed_at = sync_to_checkpoint(job.id, out_dir)
+    # a re-run resumes from the checkpoints of the attempt before it
+    out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)
+    resumed_at = sync_to_checkpoint(job.id, out_dir, job.owner)
     if resumed_at is not None:
         log.info("job %s resumes from its checkpoint at step %d", job.id, resumed_at)
     recorder.progress({"step": resumed_at or 0, "total_steps": spec.training.steps})
@@ -129,7 +136,6 @@ def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Ho
     data = {name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None
             for name in ("text", "mcq", "preference")}
     inputs = BenchmarkInputs(reference=r.model(spec.reference, "reference"), candidates=candidates, **data)
-    out_dir = job_output_dir(settings.artifact_root, job)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)
     summary = run_benchmark(spec, inputs, out_dir, hooks, on_progress=recorder.progress)
     return Result(summary=jsonable(summary), out_dir=out_dir)

@@ -46,7 +46,7 @@ def run_job(job_id: str) -> None:
     owner = owner_id()
     with session_scope() as session:
         job = lifecycle.claim(session, job_id, owner, settings.lease_seconds)
-        info = _info(job) if job else None
+        info = _info(job, owner) if job else None
     if info is None:
         log.info("job %s not claimable (taken, finished or cancelled): message ignored", job_id)
         _send_dependents(job_id)  # harmless when none; needed when claim just cancelled it
@@ -76,16 +76,17 @@ def _ready(job_id: str) -> bool:
     return state == "ready"
 
 
-def _info(job: Job):
+def _info(job: Job, owner: str):
     from worker.runs import JobInfo
 
-    return JobInfo(id=job.id, project_id=job.project_id, kind=job.kind, spec=dict(job.spec), attempts=job.attempts)
+    return JobInfo(id=job.id, project_id=job.project_id, kind=job.kind, spec=dict(job.spec), attempts=job.attempts,
+                   owner=owner)
 
 
 def _execute(info, owner: str, lease: JobLease, settings) -> None:
     from worker.recorder import JobRecorder
 
-    recorder = JobRecorder(info.id)
+    recorder = JobRecorder(info.id, owner, on_lost=lease.lose)
     try:
         outcome = _run(info, owner, lease, settings, recorder)
     finally:
@@ -112,7 +113,7 @@ def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
         result = runs.run(info, settings, recorder, lease.should_stop)
     except Cancelled:
         recorder.flush()
-        _sync_checkpoints(info, settings)
+        _sync_checkpoints(info, owner, settings)
         if lease.lost:
             return None
         if lease.shutdown and not lease.cancel_requested:
@@ -133,24 +134,42 @@ def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
 
 
 def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:
-    """The outcome, and a success's artifacts, in one transaction, by the lease owner only."""
+    """The outcome, and a success's artifacts, in one transaction, by the lease owner only: the fence locks the
+    job's row first, so the attempt's files are published only while its lease holds."""
+    from worker import attempts
+    from worker.recorder import write_checkpoint_rows
+
     with session_scope() as session:
+        if not lifecycle.fence(session, info.id, owner):
+            session.rollback()
+            log.warning("job %s: its lease was lost before the end; outcome not recorded", info.id)
+            return
         if out_dir is not None:
-            register_output_dir(session, info, out_dir, settings.artifact_root, exclude=UNPUBLISHED)
+            job_dir = job_output_dir(settings.artifact_root, info)
+            attempts.publish(out_dir, job_dir)
+            if outcome.get("summary") is not None:   # paths the run reported now lie in the job's folder
+                outcome["summary"] = attempts.moved_paths(outcome["summary"], out_dir, job_dir)
+            register_output_dir(session, info, job_dir, settings.artifact_root, exclude=UNPUBLISHED)
+            write_checkpoint_rows(session, info.id, job_dir / "checkpoints")
         if not lifecycle.finish(session, info.id, owner, **outcome):
             session.rollback()
             log.warning("job %s: its lease was lost before the end; outcome not recorded", info.id)
             return
+    if out_dir is not None:
+        attempts.discard(job_output_dir(settings.artifact_root, info))
     log.info("job %s %s%s", info.id, outcome["status"],
              f": {outcome['error_message']}" if outcome.get("error_code") else "")
 
 
-def _sync_checkpoints(info, settings) -> None:
-    from worker.recorder import sync_checkpoints
+def _sync_checkpoints(info, owner: str, settings) -> None:
+    from worker.recorder import LeaseLost, sync_checkpoints
+    from worker.runs import work_dir
 
     if info.kind == "distill":
         try:
-            sync_checkpoints(info.id, job_output_dir(settings.artifact_root, info) / "checkpoints")
+            sync_checkpoints(info.id, work_dir(settings, info) / "checkpoints", owner)
+        except LeaseLost:
+            pass
         except Exception as e:
             log.warning("job %s: could not record its checkpoints: %s", info.id, e)
 

@@ -155,7 +155,9 @@ class StepMetric(Base):
     name: Mapped[str] = mapped_column(String(80))
     value: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_step_metrics_job_name_step", "job_id", "name", "step"),)
+    __table_args__ = (Index("ix_step_metrics_job_name_step", "job_id", "name", "step"),
+                      # a step's number is written once, whoever retries or resumes (see worker.recorder)
+                      Index("uq_step_metrics_point", "job_id", "kind", "step", "name", unique=True))
 
 
 class Checkpoint(Base):

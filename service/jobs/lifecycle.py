@@ -160,6 +160,14 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job 
     return job
 
 
+def fence(session: Session, job_id: str, owner: str) -> bool:
+    """Whether `owner` still holds the job's lease, asked as a write: the row stays locked until the caller's
+    transaction ends, so nothing the caller writes in it can land after another worker claimed the job."""
+    return bool(session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        .values(updated_at=utcnow()).execution_options(synchronize_session=False)).rowcount)
+
+
 def heartbeat(session: Session, job_id: str, owner: str, lease_seconds: int) -> tuple[bool, bool]:
     """Renew the lease. Returns (still ours, cancel requested)."""
     now = utcnow()

@@ -228,3 +228,19 @@ def test_dependencies_ready_waiting_blocked(db, project):
     row = get(db, blocked)
     assert (row.status, row.error_code) == ("failed", "user_error")
     assert bad_cache in row.error_message and "bad line 3" in row.error_message
+
+
+def test_fence_admits_only_the_lease_owner_of_a_live_job(db, project):
+    job_id = new_job(db, project)
+    assert claim(db, job_id, "w1")
+    with session_scope(db) as s:
+        assert lifecycle.fence(s, job_id, "w1") and not lifecycle.fence(s, job_id, "w2")
+    expire_lease(db, job_id)
+    with session_scope(db) as s:      # expired but not taken: still the owner's to write
+        assert lifecycle.fence(s, job_id, "w1")
+    assert claim(db, job_id, "w2")
+    with session_scope(db) as s:
+        assert not lifecycle.fence(s, job_id, "w1") and lifecycle.fence(s, job_id, "w2")
+        lifecycle.finish(s, job_id, "w2", lifecycle.SUCCEEDED)
+    with session_scope(db) as s:
+        assert not lifecycle.fence(s, job_id, "w2")   # an ended job takes no more writes

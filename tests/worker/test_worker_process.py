@@ -222,6 +222,48 @@ def test_killed_worker_job_is_resumed_by_another(service, refs):
     assert evals == [0, 80, 160] and n_art >= 4
 
 
+def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, refs):
+    """SIGSTOP the owner until another worker has taken the job over and run on, then SIGCONT it: the stale
+    worker must not add metric rows, events or checkpoints, nor touch the new owner's files."""
+    while len(service.live_workers()) < 2:
+        service.start_worker()
+    spec = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=160,
+                        checkpoint_every=10, eval_every=80)
+    job_id = service.submit("distill", spec)
+    wait_for(lambda: checkpoint_steps(service, job_id), 90, "a first checkpoint")
+    stale_owner = job(service, job_id).lease_owner
+    pid = int(stale_owner.split(":")[1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        taken = wait_for(lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j, 30,
+                         "another worker to take the frozen worker's job")
+        assert taken.lease_owner != stale_owner
+        before = max(loss_steps(service, job_id))
+        wait_for(lambda: max(loss_steps(service, job_id)) >= before + 5, 60, "the new owner to run on")
+    finally:
+        os.kill(pid, signal.SIGCONT)   # the stale worker wakes mid-step, its buffers full
+    done = wait_done(service, job_id, timeout=120)
+    assert done.status == "succeeded", (done.error_message, service.logs())
+    assert done.attempts == 2
+    assert loss_steps(service, job_id) == list(range(1, 161))   # every step once: the stale rows never landed
+    with session_scope(service.database_url) as s:
+        evals = s.scalars(select(StepMetric.step).where(StepMetric.job_id == job_id, StepMetric.name == "val_kl")
+                          .order_by(StepMetric.step)).all()
+        paths = s.scalars(select(Checkpoint.path).where(Checkpoint.job_id == job_id)).all()
+        artifacts = s.scalars(select(Artifact.path).where(Artifact.job_id == job_id)).all()
+    assert evals == [0, 80, 160]
+    assert paths and all(Path(p, "state.json").is_file() and ".attempts" not in p for p in paths)
+    assert artifacts and all(Path(p).is_file() and ".attempts" not in p for p in artifacts)
+    job_dir = Path(artifacts[0]).parent
+    while not (job_dir / "metrics.jsonl").is_file():
+        job_dir = job_dir.parent
+    steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 161))   # the published file is the owner's alone
+    kinds = [e.kind for e in events(service, job_id)]
+    assert kinds.count("done") == 1 and kinds.count("succeeded") == 1
+
+
 def test_worker_shutdown_releases_its_job_to_another(service, refs):
     while len(service.live_workers()) < 2:
         service.start_worker()
