@@ -72,6 +72,30 @@ def send(job_id: str, app: Celery | None = None) -> bool:
         return False
 
 
+EPOCH_KEY = "distillery:broker-epoch"
+
+
+def broker_restarted(app: Celery | None = None) -> bool:
+    """Whether the broker lost its data since a sweeper last looked: a Redis that restarted empty drops every
+    queued message with it. Sweepers keep a marker key there; the one that finds it missing (and sets it
+    again, atomically: SET NX) says so, exactly once per loss. On a broker's first start the marker is missing
+    too: the queued jobs are then sent once more, harmlessly. Always False for other brokers."""
+    url = (app or celery_app()).conf.broker_url or ""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return False
+    import secrets
+
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        return bool(client.set(EPOCH_KEY, secrets.token_hex(8), nx=True))
+    except redis.RedisError:   # unreachable now: the sweep goes on (requeues need no broker); next round asks again
+        return False
+    finally:
+        client.close()
+
+
 def broker_ok(app: Celery | None = None) -> bool:
     try:
         with (app or celery_app()).connection_for_write() as conn:

@@ -3,7 +3,9 @@
 Every `sweep_seconds` it turns jobs whose lease expired (their worker died) back into queued jobs, and sends
 the queued jobs that are ready and were never sent (the broker was down when they were created, or they were
 requeued or released) or were sent more than `enqueue_grace_seconds` ago and are still not taken (a message
-lost with the broker). Any number of sweepers may run: claims are atomic, a duplicate message is ignored.
+lost with the broker). A broker that restarted empty is noticed at the next round (`queue.broker_restarted`)
+and its queued jobs are sent again then, not after the grace. Any number of sweepers may run: each send is
+taken by one of them (`lifecycle.take_for_sending`), claims are atomic, a duplicate message is ignored.
 Database or broker errors are logged and the next round tries again.
 
 After each good round the thread touches `ALIVE_FILE`: a container healthcheck reads its age to tell a live
@@ -28,13 +30,25 @@ ALIVE_FILE = Path(tempfile.gettempdir()) / "distillery-worker.alive"
 
 def sweep_once(resend_after_seconds: int) -> list[str]:
     """One round; returns the ids it sent."""
+    if queue.broker_restarted():
+        with session_scope() as session:
+            forgotten = lifecycle.forget_sends(session)
+        if forgotten:
+            log.warning("the broker lost its queue (it restarted empty): sending %d queued job(s) again", forgotten)
     with session_scope() as session:
         due = lifecycle.sweep(session, resend_after_seconds)
-    sent = [job_id for job_id in due if queue.send(job_id)]
-    if sent:
+    sent = []
+    for job_id in due:
         with session_scope() as session:
-            for job_id in sent:
-                lifecycle.mark_enqueued(session, job_id)
+            mine = lifecycle.take_for_sending(session, job_id, resend_after_seconds)
+        if not mine:
+            continue   # another sweeper sends it
+        if queue.send(job_id):
+            sent.append(job_id)
+        else:
+            with session_scope() as session:
+                lifecycle.unsend(session, job_id)
+    if sent:
         log.info("sweeper sent %d job(s): %s", len(sent), ", ".join(sent))
     return sent
 

@@ -16,8 +16,10 @@ This module imports no MLX: the engine is loaded inside the task, after `blas.en
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import socket
 import traceback
 import uuid
@@ -93,6 +95,8 @@ def _execute(info, owner: str, lease: JobLease, settings) -> None:
         recorder.flush()
     if outcome is None:
         return
+    if outcome["status"] == lifecycle.FAILED and not lease.lost:
+        _discard_files(info, owner, settings)
     if lease.lost:
         log.warning("job %s ended (%s) after its lease was lost: outcome not recorded", info.id, outcome["status"])
         return
@@ -123,14 +127,52 @@ def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
             return None
         return dict(status=lifecycle.CANCELLED, error_message="cancelled")
     except UserError as e:
-        return dict(status=lifecycle.FAILED, error_code="user_error", error_message=str(e))
+        return dict(status=lifecycle.FAILED, error_code=e.code, error_message=str(e))
     except Exception as e:
-        tb = traceback.format_exc()
-        log.error("job %s failed with an internal error:\n%s", info.id, tb)
-        recorder.event("error", f"{type(e).__name__}: {e}", {"traceback": tb})
-        return dict(status=lifecycle.FAILED, error_code="internal_error",
-                    error_message=f"{type(e).__name__}: {str(e)[:500]}")
+        if not _disk_full(e):
+            return _internal_error(info, e, recorder)
+        where = getattr(e, "filename", None) or job_output_dir(settings.artifact_root, info)
+        _discard_files(info, owner, settings)
+        return dict(status=lifecycle.FAILED, error_code="resource",
+                    error_message=f"the disk is full: could not write {where} ({e}); the run's partial files "
+                                  f"were removed and {_free_space(where)}; free some space (e.g. delete finished "
+                                  "jobs' files: DELETE /v1/jobs/{id}/files) and submit again")
     return dict(status=lifecycle.SUCCEEDED, summary=result.summary, out_dir=result.out_dir)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, or MLX's own wording when a save runs out of space."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Unable to write", "No space left"))
+
+
+def _discard_files(info, owner: str, settings) -> None:
+    """A failed run's files are of no further use (a failed job is not resumed): remove them, so a full disk
+    does not stay full, and drop the checkpoint rows that named them."""
+    from worker import attempts
+
+    if info.kind not in ("distill", "benchmark"):
+        return
+    attempts.discard(job_output_dir(settings.artifact_root, info))
+    _sync_checkpoints(info, owner, settings)
+
+
+def _internal_error(info, e: Exception, recorder) -> dict:
+    tb = traceback.format_exc()
+    log.error("job %s failed with an internal error:\n%s", info.id, tb)
+    recorder.event("error", f"{type(e).__name__}: {e}", {"traceback": tb})
+    return dict(status=lifecycle.FAILED, error_code="internal_error",
+                error_message=f"{type(e).__name__}: {str(e)[:500]}")
+
+
+def _free_space(path) -> str:
+    from pathlib import Path
+
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB is free in {folder}"
+    return "free space unknown"
 
 
 def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import anyio.to_thread
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromQuery, JSONBody, Parameter
@@ -56,6 +56,13 @@ class JobController(Controller):
             return result.response()
         status, body = result
         return Response(body, status_code=status)
+
+    @delete("/{job_id:str}/files", sync_to_thread=True, status_code=200, summary="Delete a finished job's files",
+            description="Frees the disk space of a finished job: its outputs, checkpoints and every attempt's "
+                        "files. Its events, metrics and summary stay; its artifacts are gone. 409 while the job "
+                        "or a job using its output is unfinished.")
+    def delete_files(self, session: SessionDep, caller: CallerDep, state: State, job_id: PathId) -> dict:
+        return service.delete_job_files(session, state.settings.artifact_root, caller.project_id, job_id)
 
     @get("/{job_id:str}/events", sync_to_thread=True, summary="A job's events, oldest first")
     def events(self, session: SessionDep, caller: CallerDep, job_id: PathId,

@@ -137,6 +137,29 @@ def mark_enqueued(session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
 
 
+def take_for_sending(session: Session, job_id: str, resend_after_seconds: int, now: datetime | None = None) -> bool:
+    """Whether this sweeper is the one to send the job now: a conditional UPDATE of `enqueued_at`, so of several
+    sweepers that found the same job due, exactly one sends it (a send that fails is undone by `unsend`)."""
+    now = now or utcnow()
+    stale = now - timedelta(seconds=resend_after_seconds)
+    return bool(session.execute(
+        update(Job).where(Job.id == job_id, Job.status == QUEUED,
+                          or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
+        .values(enqueued_at=now).execution_options(synchronize_session=False)).rowcount)
+
+
+def unsend(session: Session, job_id: str) -> None:
+    """The send failed: the job counts as never sent, so the next sweep sends it at once."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(enqueued_at=None)
+                    .execution_options(synchronize_session=False))
+
+
+def forget_sends(session: Session) -> int:
+    """The broker lost its queue (it restarted empty): every queued job counts as never sent. Returns how many."""
+    return session.execute(update(Job).where(Job.status == QUEUED, Job.enqueued_at.is_not(None))
+                           .values(enqueued_at=None).execution_options(synchronize_session=False)).rowcount
+
+
 def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
     """Take the job if it is queued (or its lease expired): one atomic UPDATE, so only one worker wins."""
     now = utcnow()

@@ -204,6 +204,41 @@ def cancel_job(session: Session, project_id: str, job_id: str,
     return replay if replay is not None else (200, body)
 
 
+def delete_job_files(session: Session, artifact_root, project_id: str, job_id: str) -> dict[str, Any]:
+    """Remove a finished job's folder (outputs, checkpoints, every attempt's files) to free disk space; its
+    rows (events, metrics, summary) stay, its artifacts and checkpoints are gone. Refused while the job runs,
+    while an unfinished job uses its output, and for teacher caches (shared by the server, kept by it)."""
+    from pathlib import Path
+    import shutil
+
+    from service.artifacts.service import job_output_dir
+
+    row = get_job(session, project_id, job_id)
+    if row.status not in lifecycle.TERMINAL:
+        raise Problem(409, f"job {job_id} is {row.status}; cancel it or wait for it to finish first")
+    if row.kind == "teacher_cache":
+        raise Problem(409, f"job {job_id} built a teacher cache, which the server shares and manages itself; "
+                           "there are no job files to delete")
+    live = session.scalars(select(Job).where(Job.project_id == project_id, Job.status.not_in(lifecycle.TERMINAL),
+                                             Job.id != job_id)).all()
+    users = [j.id for j in live if any(r.target == "job" and r.id == job_id
+                                       for r in spec_references(j.kind, j.spec or {}))]
+    users += [j.id for j in live if j.parent_id == job_id and j.id not in users]
+    if users:
+        raise Problem(409, f"job {job_id}'s files are used by unfinished job(s) {', '.join(users[:5])}; cancel "
+                           "them or wait for them to finish")
+    folder = job_output_dir(Path(artifact_root), row)
+    freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) \
+        if folder.is_dir() else 0
+    removed = session.query(Artifact).filter(Artifact.job_id == job_id).delete(synchronize_session=False)
+    session.query(Checkpoint).filter(Checkpoint.job_id == job_id).delete(synchronize_session=False)
+    lifecycle.add_event(session, job_id, "files_deleted", f"the job's files were deleted ({freed} bytes)",
+                        {"freed_bytes": freed, "artifacts": removed})
+    session.commit()   # rows first: a crash between the two leaves files without rows, never rows without files
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"id": job_id, "freed_bytes": freed, "artifacts_removed": removed}
+
+
 def list_events(session: Session, project_id: str, job_id: str, after: int | None, limit: int) -> EventPage:
     get_job(session, project_id, job_id)
     rows, has_more = page(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, limit, after,

@@ -99,3 +99,37 @@ def test_metrics_checkpoints_and_artifacts(api):
     art = insert_artifact(api, job_id, b"{}", name="summary.json")
     artifacts = c.get(f"/v1/jobs/{job_id}/artifacts", headers=api.headers).json()["data"]
     assert [a["id"] for a in artifacts] == [art] and artifacts[0]["name"] == "summary.json"
+
+
+def test_deleting_a_finished_jobs_files_frees_them_and_keeps_its_history(api):
+    from service.artifacts.service import job_output_dir
+    from service.db.models import Job as JobRow
+
+    job_id = insert_job(api, status="running", events=2)
+    with api.db() as session:
+        folder = job_output_dir(api.settings.artifact_root, session.get(JobRow, job_id))
+    artifact = insert_artifact(api, job_id, b"x" * 1000, path=folder / "adapters.safetensors")
+    (folder / ".attempts" / "1" / "checkpoints").mkdir(parents=True)
+    (folder / ".attempts" / "1" / "checkpoints" / "w").write_bytes(b"y" * 500)
+    url = f"/v1/jobs/{job_id}/files"
+    r = api.client.delete(url, headers=api.headers)
+    assert r.status_code == 409 and "running" in r.json()["detail"] and folder.is_dir()   # not while it runs
+    user = insert_job(api, status="queued", spec={"student": {"model": "mdl_x", "adapter": job_id},
+                                                    "teachers": [], "data": {"train": "ds_x"}})
+    finish_job(api, job_id)
+    r = api.client.delete(url, headers=api.headers)
+    assert r.status_code == 409 and user in r.json()["detail"]                          # nor while used
+    finish_job(api, user, "cancelled")
+    other, _ = api.other_project()
+    assert api.client.delete(url, headers=other).status_code == 404                   # another project's
+
+    r = api.client.delete(url, headers=api.headers)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"id": job_id, "freed_bytes": 1500, "artifacts_removed": 1}
+    assert not folder.exists()
+    assert api.client.get(f"/v1/artifacts/{artifact}", headers=api.headers).status_code == 404
+    job = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()
+    assert job["status"] == "succeeded" and job["artifacts"] == []
+    kinds = [e["kind"] for e in api.client.get(f"/v1/jobs/{job_id}/events", headers=api.headers).json()["data"]]
+    assert kinds[-1] == "files_deleted" and kinds.count("progress") == 2
+    assert api.client.delete(url, headers=api.headers).json()["freed_bytes"] == 0      # again: nothing left

@@ -182,6 +182,11 @@ def reconstruction_kl(logits: mx.array, ids: mx.array, logprobs: mx.array, tail:
     return total / max(len(rows), 1)
 
 
+def _reserve(path: Path) -> None:
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 def build(
     model,
     examples: list[data_mod.Example],
@@ -202,6 +207,10 @@ def build(
     n_tokens = int(sum(lengths))
     vocab = None
     out.parent.mkdir(parents=True, exist_ok=True)
+    from .preflight import check_disk
+
+    # per token: the token, its mask, k ids (up to 4 bytes) and k float16 log-probs, the tail's log-mass
+    check_disk(out.parent, n_tokens * (4 + 1 + 6 * top_k + 4) + 8 * len(examples), "the teacher cache")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
@@ -229,6 +238,8 @@ def build(
                     "topk_logprobs": np.lib.format.open_memmap(tmp / "topk_logprobs.npy", "w+", np.float16, (n_tokens, top_k)),
                     "tail_logmass": np.lib.format.open_memmap(tmp / "tail_logmass.npy", "w+", np.float32, (n_tokens,)),
                 }
+                for name in arrays:   # take the blocks now: a full disk is an error here, not a SIGBUS mid-write
+                    _reserve(tmp / f"{name}.npy")
             ids, lps, tail = teacher_topk(logits, top_k)
             if b < sample_batches:
                 next_is_target = np.zeros_like(tmask)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 
 from . import cache as cache_mod
@@ -174,6 +175,10 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     hooks.event("student", f"student ready: {len(student.model.layers)} layers"
                 + (f", {q.bits}-bit quantized (group {q.group_size})" if q else "")
                 + f", {student.adapter_config['fine_tune_type']} adapter", path=str(student.path))
+    trainable = sum(v.size for _, v in tree_flatten(student.model.trainable_parameters()))
+    parameters = sum(v.size for _, v in tree_flatten(student.model.parameters()))
+    disk = preflight.run_disk_estimate(spec, trainable, parameters, student.path)
+    preflight.check_disk(out_dir, disk["total"], "the run's checkpoints and outputs")
     mx.reset_peak_memory()
     weights = [t.weight for t in spec.teachers]
     state = train(student, train_split, valid_split, spec, weights, out_dir, hooks, on_progress=on_progress)

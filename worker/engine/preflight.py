@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 from pathlib import Path
 
 from . import data as data_mod
 from . import models
-from .errors import UserError
+from .errors import ResourceError, UserError
 from .spec import DistillSpec
 
 GiB = 1 << 30
@@ -134,6 +135,44 @@ def check_memory(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Path])
                         f"{have / GiB:.1f} GiB is available; lower training.batch_size or training.max_seq_len"
                         + (", or use teacher_mode: offline" if spec.teacher_mode == "online" else ""))
     return {**est, "available": have}
+
+
+DISK_MARGIN = 1.1              # what a run writes, plus this fraction, plus DISK_SLACK must be free
+DISK_SLACK = 64 << 20
+
+
+def check_disk(path: Path, needed: int, what: str) -> dict[str, int]:
+    """Refuse to start writing `needed` bytes under `path` when its filesystem has not got them free: a run
+    that fills the disk halfway fails later anyway, and leaves every job after it short of space."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if os.environ.get("DISTILLERY_SKIP_DISK_CHECK") != "1" and free < needed * DISK_MARGIN + DISK_SLACK:
+        raise ResourceError(f"not enough disk space in {path}: {what} needs about {_human(needed)} and "
+                            f"{_human(free)} is free; free some space (e.g. delete finished jobs' files with "
+                            "DELETE /v1/jobs/{id}/files) and submit again")
+    return {"needed": needed, "free": free}
+
+
+def run_disk_estimate(spec: DistillSpec, trainable: int, parameters: int, student_dir: Path) -> dict[str, int]:
+    """Bytes a distill run writes into its folder once the student is built: checkpoints (weights and AdamW's
+    two moments of every trainable parameter, float32) as many as are kept at once, the adapter, `fused/`."""
+    checkpoint = 12 * trainable
+    kept = spec.training.keep_checkpoints + 3   # + the best (two versions while it moves) + one being written
+    est = {"checkpoints": checkpoint * kept, "adapter": 4 * trainable}
+    if spec.output.fuse:
+        on_disk = sum(f.stat().st_size for f in student_dir.glob("*.safetensors"))
+        est["fused"] = max(on_disk, 2 * parameters) if models.quantization_of(
+            json.loads((student_dir / "config.json").read_text())) else on_disk
+    est["total"] = sum(est.values())
+    return est
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def check_student(spec: DistillSpec, student_dir: Path, adapter_dir: Path | None = None) -> None:
