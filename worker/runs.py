@@ -73,15 +73,17 @@ def _validate(model, spec: dict):
         raise UserError("invalid spec: " + format_validation_error(e)) from None
 
 
-def teacher_caches(settings: Settings) -> CacheStore:
-    return CacheStore(Path(settings.cache_dir).expanduser() / "teacher-caches")
+def teacher_caches(settings: Settings, project_id: str) -> CacheStore:
+    """The project's own teacher caches. Not shared between projects: a cache hit (an event, and a run that is
+    much faster) would tell one project that another distilled the same data with the same teacher."""
+    return CacheStore(Path(settings.cache_dir).expanduser() / "teacher-caches" / project_id)
 
 
 def teacher_cache(job: JobInfo, settings: Settings, hooks: Hooks) -> Result:
     spec = _validate(TeacherCacheSpec, job.spec)
     r = Resolver(settings, job.project_id)
     teacher, data = r.model(spec.teacher, "teacher"), r.dataset(spec.data, "data")
-    cache = build_teacher_cache(spec, teacher, data, teacher_caches(settings), hooks)
+    cache = build_teacher_cache(spec, teacher, data, teacher_caches(settings, job.project_id), hooks)
     meta = jsonable(cache.meta)
     size = sum(f.stat().st_size for f in cache.path.rglob("*") if f.is_file())
     try:
@@ -114,7 +116,7 @@ def distill(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hook
         log.info("job %s resumes from its checkpoint at step %d", job.id, resumed_at)
     recorder.progress({"step": resumed_at or 0, "total_steps": spec.training.steps})
     recorder.flush()
-    summary = run_distill(spec, inputs, out_dir, teacher_caches(settings), hooks, on_progress=recorder.progress)
+    summary = run_distill(spec, inputs, out_dir, teacher_caches(settings, job.project_id), hooks, on_progress=recorder.progress)
     return Result(summary=jsonable(summary), out_dir=out_dir)
 
 

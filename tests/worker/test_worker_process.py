@@ -127,6 +127,33 @@ def test_teacher_cache_then_offline_distill(service, refs, tiny_student):
     assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
+def test_teacher_caches_are_not_shared_between_projects(service, refs, tiny_teacher, tiny_student, tiny_text):
+    """No side channel: the same teacher and data in another project build their own cache, and its events
+    never say "hit" for a cache the first project built."""
+    from tests.worker.conftest import make_project
+
+    first = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": refs["train"], "top_k": 16,
+                                             "max_seq_len": 48})
+    assert wait_done(service, first).status == "succeeded"
+    mine = service.project_id
+    service.project_id = make_project(service.database_url)
+    try:
+        teacher, data = service.add_model(tiny_teacher, "teacher"), service.add_dataset(tiny_text["train"], "train")
+        other = service.submit("teacher_cache", {"teacher": teacher, "data": data, "top_k": 16, "max_seq_len": 48})
+        done = wait_done(service, other)
+    finally:
+        service.project_id = mine
+    assert done.status == "succeeded", done.error_message
+    cache_events = [e for e in events(service, other) if e.kind == "teacher_cache"]
+    assert cache_events and not any(e.data.get("hit") for e in cache_events)
+    assert any("built" in e.message for e in cache_events)
+    again = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": refs["train"], "top_k": 16,
+                                             "max_seq_len": 48})
+    assert wait_done(service, again).status == "succeeded"
+    # within a project the cache is found again: what the other project's events would have said
+    assert any(e.data.get("hit") for e in events(service, again) if e.kind == "teacher_cache")
+
+
 def test_user_error_fails_that_job_only(service, refs, tiny_root):
     bad = tiny.write_jsonl(tiny_root / "bad.jsonl", [{"text": "fine"}, {"nope": 1}])
     bad_id = service.add_dataset(bad, "bad")
