@@ -1,8 +1,9 @@
 """The HTTP API (SPEC §3): `create_app(settings)` builds the Litestar app; `distillery-server api` serves it.
 
-Operations routes (/healthz, /readyz, /metrics, /schema) are open; everything under /v1 needs an API key and
-sees only the caller's project. Handlers are thin: the domain packages (datasets, models_registry, jobs,
-artifacts) hold the logic. This process never imports MLX: from the engine it uses only spec, data and errors.
+Operations routes (/healthz, /readyz, /metrics, /schema) are open (the operator view of /metrics needs the
+metrics token); everything under /v1 needs an API key and sees only the caller's project. Handlers are thin:
+the domain packages (datasets, models_registry, jobs, artifacts) hold the logic. This process never imports
+MLX: from the engine it uses only spec, data and errors.
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.orm import sessionmaker
 
 from service.api.auth import ApiKeyMiddleware
+from service.api.auth_limit import FailedAuthLimit
 from service.api.uploads import UploadSlots
 from service.api.deps import provide_caller, provide_session, provide_settings
 from service.api.metrics import AppMetrics, metrics_middleware
-from service.api.openapi import publish_pydantic_schemas
+from service.api.openapi import (
+    publish_problem_responses,
+    publish_pydantic_schemas,
+    publish_query_enums,
+    publish_success_content,
+)
 from service.api.problems import EXCEPTION_HANDLERS
-from service.api.schemas import request_models
+from service.api.schemas import JOB_KINDS, JOB_STATUSES, request_models
 from service.artifacts.controller import ArtifactController
 from service.datasets.controller import DatasetController
+from service.db.availability import availability_for
 from service.db.session import engine_for
 from service.jobs.controller import JobController
 from service.jobs.service import Enqueuer
@@ -47,8 +55,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
     sessions = sessionmaker(engine_for(settings.database_url), expire_on_commit=False)
     celery = make_celery(settings.broker_url)   # this app's own, so its broker_url is the one in `settings`
+    database = availability_for(settings.database_url)
     state = State({"settings": settings, "sessions": sessions, "celery": celery, "enqueuer": Enqueuer(celery),
-                   "metrics": AppMetrics(sessions),
+                   "database": database, "metrics": AppMetrics(sessions, database),
+                   "auth_failures": FailedAuthLimit(settings.auth_failure_burst, settings.auth_failure_per_second),
                    "streams": EventHub(sessions, settings.events_poll_seconds, settings.streams_per_key,
                                        settings.streams_total),
                    "uploads": UploadSlots(settings.max_concurrent_uploads)})
@@ -80,4 +90,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     publish_pydantic_schemas(app, request_models())
+    publish_problem_responses(app)
+    publish_success_content(app)
+    publish_query_enums(app, {"GET /v1/jobs": {"status": JOB_STATUSES, "kind": JOB_KINDS}})
     return app

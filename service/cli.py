@@ -36,11 +36,12 @@ def api_cmd(host: str | None, port: int | None) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import UVICORN_LOG_CONFIG
     from service.settings import get_settings
 
     settings = get_settings()
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                proxy_headers=True, timeout_graceful_shutdown=5)
+                proxy_headers=True, timeout_graceful_shutdown=5, log_config=UVICORN_LOG_CONFIG)
 
 
 @main.group("keys")

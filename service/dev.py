@@ -143,7 +143,10 @@ def run_dev(host: str, port: int, project: str, new_key: bool) -> None:
     try:
         import uvicorn
 
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        from service.logs import UVICORN_LOG_CONFIG
+
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                    log_config=UVICORN_LOG_CONFIG)
     except KeyboardInterrupt:
         pass
     finally:

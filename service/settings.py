@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +27,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 2 << 30            # datasets and GGUF uploads
     max_concurrent_uploads: int = 4            # uploads one API process receives at once (429 past it)
     model_roots: list[Path] = []               # server folders models may be registered from ([] = anywhere readable)
+    auth_failure_burst: int = 20               # failed authentications one client address may make at once,
+    auth_failure_per_second: float = 2.0       # then this many a second (429 past it; service.api.auth_limit)
+    metrics_token: SecretStr | None = None     # shows the operator view of /metrics (service.api.metrics)
 
     lease_seconds: int = 60                    # a running job's lease; renewed every lease_seconds / 3
     sweep_seconds: int = 15                    # how often workers look for lost or never-enqueued jobs

@@ -3,6 +3,10 @@
 A key reads `dst_<prefix>_<secret>`. Only its sha256 is stored; `prefix` (8 hex digits, not secret) finds the
 candidate rows, and the hashes are compared in constant time. Every request under /v1 carries
 `Authorization: Bearer <key>`; the caller it resolves to (a project) scopes every query of the request.
+
+Failed authentication is limited per client address (service.api.auth_limit): past the limit a request is a
+429 before its key is looked up. The operator token of /metrics (`DISTILLERY_METRICS_TOKEN`) is checked here
+too, under the same limit.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.auth_limit import FailedAuthLimit
 from service.api.schemas import as_utc
 from service.db.models import ApiKey, Project, utcnow
+from service.settings import Settings
 
 KEY_PREFIX = "dst"
 LAST_USED_RESOLUTION = timedelta(minutes=1)   # write last_used_at at most this often per key
@@ -102,22 +108,60 @@ def resolve_key(session: Session, key: str) -> Caller | None:
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    """Bearer-key authentication for every route it wraps (the /v1 router)."""
+    """Bearer-key authentication for every route it wraps (the /v1 router), under the failed-auth limit."""
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         header = connection.headers.get("authorization")
-        if not header:
-            raise NotAuthorizedException("missing Authorization header (expected 'Bearer <api key>')")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise NotAuthorizedException("Authorization header must be 'Bearer <api key>'")
-        factory: sessionmaker[Session] = connection.app.state.sessions
-        caller = await anyio.to_thread.run_sync(_lookup, factory, token.strip())
-        if caller is None:
-            raise NotAuthorizedException("invalid or revoked API key")
+        token = bearer_token(header)
+        key_hash = hash_key(token) if token else None
+        limit: FailedAuthLimit = connection.app.state.auth_failures
+        address = client_address(connection)
+        limit.check(address, key_hash)
+        try:
+            if not header:
+                raise NotAuthorizedException("missing Authorization header (expected 'Bearer <api key>')")
+            if token is None:
+                raise NotAuthorizedException("Authorization header must be 'Bearer <api key>'")
+            factory: sessionmaker[Session] = connection.app.state.sessions
+            caller = await anyio.to_thread.run_sync(_lookup, factory, token)
+            if caller is None:
+                raise NotAuthorizedException("invalid or revoked API key")
+        except NotAuthorizedException:
+            limit.failed(address, key_hash)
+            raise
+        limit.accepted(key_hash)
         return AuthenticationResult(user=caller, auth=caller.key_id)
 
 
 def _lookup(factory: sessionmaker[Session], token: str) -> Caller | None:
     with factory() as session:
         return resolve_key(session, token)
+
+
+def is_operator(connection: ASGIConnection, settings: Settings) -> bool:
+    """Whether the request presents the operator token (`DISTILLERY_METRICS_TOKEN`); False when it presents none
+    or none is set. A wrong one is a 401 and a failed authentication."""
+    expected = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    token = bearer_token(connection.headers.get("authorization"))
+    if not expected or token is None:
+        return False
+    limit: FailedAuthLimit = connection.app.state.auth_failures
+    address, key_hash = client_address(connection), hash_key(token)
+    limit.check(address, key_hash)
+    if hmac.compare_digest(token.encode(), expected.encode()):
+        limit.accepted(key_hash)
+        return True
+    limit.failed(address, key_hash)
+    raise NotAuthorizedException("wrong metrics token")
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None for no header or another scheme."""
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def client_address(connection: ASGIConnection) -> str:
+    """The client's address as uvicorn reports it (X-Forwarded-For from a proxy in FORWARDED_ALLOW_IPS)."""
+    return connection.client.host if connection.client else "unknown"

@@ -1,20 +1,30 @@
-"""Prometheus metrics of one app: requests by route template and status, latency, and jobs by status (counted
-from the database at scrape time, so every API replica reports the same truth)."""
+"""Prometheus metrics of one app, in two views.
+
+- The operator view: this process's memory, CPU and garbage collector; requests by route template and status;
+  latency; and jobs by status (counted from the database at scrape time, so every API replica reports the same
+  truth). It describes every tenant's activity together, so it is shown only to a scrape that presents
+  `Authorization: Bearer <DISTILLERY_METRICS_TOKEN>`.
+- The public view, for any other scrape (and for every scrape while no token is set): the process metrics
+  alone, nothing counted from requests or the database.
+
+A wrong token is a 401 and counts as a failed authentication (service.api.auth_limit).
+"""
 
 from __future__ import annotations
 
 import logging
 from time import perf_counter
 
-from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter,
+                               Histogram, generate_latest)
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem
+from service.api.problems import status_for
 from service.api.schemas import JOB_STATUSES
+from service.db.availability import Availability, unavailable
 from service.db.models import Job
 
 log = logging.getLogger(__name__)
@@ -23,8 +33,9 @@ log = logging.getLogger(__name__)
 class JobsByStatus:
     """A collector: `distillery_jobs{status}` from one GROUP BY per scrape."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], database: Availability) -> None:
         self.sessions = sessions
+        self.database = database
 
     def describe(self):
         return [GaugeMetricFamily("distillery_jobs", "Jobs by status", labels=["status"])]
@@ -35,7 +46,10 @@ class JobsByStatus:
             with self.sessions() as session:
                 counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         except Exception as e:   # a scrape must not fail because the database does; /readyz reports that
-            log.warning("jobs gauge unavailable: %s", e)
+            if unavailable(e):
+                self.database.failed(e)
+            else:
+                log.warning("jobs gauge unavailable: %s", e)
             return
         for status in JOB_STATUSES:
             family.add_metric([status], counts.get(status, 0))
@@ -43,21 +57,26 @@ class JobsByStatus:
 
 
 class AppMetrics:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.registry = CollectorRegistry()   # per app, so several apps (tests) never share counters
+    def __init__(self, sessions: sessionmaker[Session], database: Availability) -> None:
+        # per app, so several apps (tests) never share counters
+        self.public = CollectorRegistry()
+        self.registry = CollectorRegistry()   # the operator view: the public one and everything below
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):   # the process's own
+            self.public.register(collector)
+            self.registry.register(collector)
         self.requests = Counter("distillery_http_requests", "HTTP requests", ["method", "route", "status"],
                                 registry=self.registry)
         self.latency = Histogram("distillery_http_request_duration_seconds", "HTTP request latency",
                                  ["method", "route"], registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.registry.register(JobsByStatus(sessions))
+        self.registry.register(JobsByStatus(sessions, database))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, operator: bool) -> bytes:
+        return generate_latest(self.registry if operator else self.public)
 
 
 def metrics_middleware(app: ASGIApp) -> ASGIApp:
@@ -78,8 +97,8 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, send_and_note)
-        except (HTTPException, Problem) as e:   # raised by middleware further in (auth): answered outside
-            status = e.status_code if isinstance(e, HTTPException) else e.status
+        except Exception as e:   # raised by middleware further in (auth): answered outside
+            status = status_for(e)
             raise
         finally:
             metrics: AppMetrics = scope["litestar_app"].state.metrics

@@ -8,6 +8,9 @@
      "errors": [{"field": "spec.training.steps", "message": "Input should be greater than 0"}]}
 
 Each entry of `errors` names a `field` (dotted path into the request) or a dataset `line`.
+
+A request that fails because the database cannot serve (down, restarting, locked) is a 503 with `Retry-After`,
+logged once per outage by service.db.availability rather than with a traceback per request.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from pydantic import ValidationError
 
+from service.db.availability import UNAVAILABLE_TYPES, unavailable
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+DATABASE_RETRY_AFTER_SECONDS = 5   # what a 503 for an unavailable database tells clients to wait
 
 # status -> (type slug, title) for problems raised without a more specific slug
 _DEFAULTS: dict[int, tuple[str, str]] = {
@@ -131,6 +137,16 @@ def handle_too_deep(request: Request, exc: RecursionError) -> Response:
                    errors=[{"field": "body", "message": "nested too deeply"}]).to_response()
 
 
+def handle_database_error(request: Request, exc: Exception) -> Response:
+    """503 + Retry-After when the database cannot serve right now (logged once per outage, no traceback);
+    any other database error is a bug, answered and logged as one."""
+    if not unavailable(exc):
+        return handle_internal_error(request, exc)
+    request.app.state.database.failed(exc)
+    return Problem(503, "the database is unavailable; retry shortly",
+                   headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}).to_response()
+
+
 def handle_internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Problem(500, "an internal error occurred; it has been logged").to_response()
@@ -150,11 +166,25 @@ EXCEPTION_HANDLERS = {
     Problem: handle_problem,
     HTTPException: handle_http_exception,
     RecursionError: handle_too_deep,
+    **{database_error: handle_database_error for database_error in UNAVAILABLE_TYPES},
     Exception: handle_internal_error,
 }
 
+
+def status_for(exc: Exception) -> int:
+    """The status the handlers above answer `exc` with. For the metrics middleware: an error raised outside a
+    route handler (by the auth middleware) is answered further out, so the middleware sees only the error."""
+    if isinstance(exc, Problem):
+        return exc.status
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    if isinstance(exc, RecursionError):
+        return 400
+    return 503 if unavailable(exc) else 500
+
+
 __all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "Problem", "from_field_errors", "invalid",
-           "not_found", "pydantic_errors", "problem_type"]
+           "not_found", "pydantic_errors", "problem_type", "status_for"]
 
 
 def json_body_guard(connection, _handler) -> None:

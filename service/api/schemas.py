@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -14,8 +14,9 @@ from service.db.models import Artifact, Checkpoint, Dataset, Job, JobEvent, Mode
 from worker.engine.spec import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 
 JobKind = Literal["distill", "teacher_cache", "benchmark"]
-JOB_KINDS: tuple[str, ...] = ("distill", "teacher_cache", "benchmark")
-JOB_STATUSES: tuple[str, ...] = ("queued", "running", "cancel_requested", "succeeded", "failed", "cancelled")
+JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]  # as lifecycle
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 SPEC_MODELS: dict[str, type[BaseModel]] = {"distill": DistillSpec, "teacher_cache": TeacherCacheSpec,
                                            "benchmark": BenchmarkSpec}
 
@@ -137,8 +138,8 @@ class ErrorOut(msgspec.Struct):
 
 class JobOut(msgspec.Struct):
     id: str
-    kind: str
-    status: str
+    kind: JobKind       # Literal types: the OpenAPI schema lists the values (msgspec does not check on encode)
+    status: JobStatus
     spec: dict[str, Any]
     created_at: datetime
     started_at: datetime | None

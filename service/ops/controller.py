@@ -1,18 +1,21 @@
-"""`/healthz` (the process answers), `/readyz` (database and broker reachable), `/metrics` (Prometheus)."""
+"""`/healthz` (the process answers), `/readyz` (database and broker reachable), `/metrics` (Prometheus: the
+operator view with the metrics token, the process metrics alone without; see service.api.metrics)."""
 
 from __future__ import annotations
 
 import logging
 
 import anyio.to_thread
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.datastructures import State
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from service import queue
+from service.api.auth import is_operator
 from service.api.problems import Problem
 from service.api.schemas import ReadyOut
+from service.db.availability import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,11 @@ class OpsController(Controller):
                           errors=[{"field": name, "message": "unreachable"} for name in failing])
         return ReadyOut(status="ok", checks=checks)
 
-    @get("/metrics", summary="Prometheus metrics", sync_to_thread=True)
-    def metrics(self, state: State) -> Response[bytes]:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    @get("/metrics", summary="Prometheus metrics (all of them with the metrics token, else the process's own)")
+    async def metrics(self, request: Request, state: State) -> Response[bytes]:
+        operator = is_operator(request, state.settings)
+        body = await anyio.to_thread.run_sync(state.metrics.render, operator)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def _database_ok(state: State) -> bool:
@@ -47,5 +52,8 @@ def _database_ok(state: State) -> bool:
             session.execute(text("SELECT 1"))
         return True
     except Exception as e:
-        log.warning("readiness: database unreachable: %s", e)
+        if unavailable(e):
+            state.database.failed(e)   # logged once per outage
+        else:
+            log.warning("readiness: database unusable: %s", e)
         return False

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -25,11 +26,13 @@ def healthy(base: str, timeout: float) -> bool:
 
 
 @contextmanager
-def api_process(env: dict[str, str], cwd: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(base URL, process) of a started API; on exit SIGTERM must stop it within 10 s."""
+def api_process(env: dict[str, str], cwd: Path,
+                stdout: IO | int = subprocess.DEVNULL) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(base URL, process) of a started API; on exit SIGTERM must stop it within 10 s. Its stderr is a pipe,
+    its stdout (the access log) goes to `stdout`."""
     port = free_port()
     proc = subprocess.Popen([SERVER, "api", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while not healthy(base, 1):

@@ -38,26 +38,66 @@ def test_readyz_with_the_database_down(tmp_path, redis_broker):
         r = client.get("/readyz")
         assert r.status_code == 503
         assert r.json()["errors"] == [{"field": "database", "message": "unreachable"}]
-        # and a request that needs the database is a 500 problem, not a crash
+        # and a request that needs the database is a 503 problem saying when to retry, not a crash
         r = client.get("/v1/jobs", headers={"Authorization": "Bearer dst_abc_def"})
-        assert r.status_code == 500 and r.headers["content-type"].startswith(PROBLEM)
+        assert r.status_code == 503 and r.headers["content-type"].startswith(PROBLEM)
+        assert int(r.headers["retry-after"]) > 0
 
 
-def test_prometheus_metrics(api):
-    insert_job(api, status="running")
-    insert_job(api, status="queued")
-    api.client.get("/v1/jobs", headers=api.headers)
-    api.client.get("/v1/jobs/job_missing", headers=api.headers)
-    api.client.get("/v1/jobs")
-    r = api.client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    text = r.text
-    assert 'distillery_http_requests_total{method="GET",route="/v1/jobs",status="200"} 1.0' in text
-    assert 'distillery_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
-    assert 'distillery_http_requests_total{method="GET",route="/v1/jobs",status="401"} 1.0' in text
-    assert 'distillery_http_request_duration_seconds_bucket{le="0.5",method="GET",route="/v1/jobs"}' in text
-    assert 'distillery_jobs{status="running"} 1.0' in text and 'distillery_jobs{status="queued"} 1.0' in text
-    assert 'distillery_jobs{status="failed"} 0.0' in text
+METRICS_TOKEN = "scrape-secret"
+
+
+def test_prometheus_metrics(database_url, tmp_path, redis_broker):
+    with running_api(database_url, tmp_path, redis_broker, metrics_token=METRICS_TOKEN) as api:
+        insert_job(api, status="running")
+        insert_job(api, status="queued")
+        api.client.get("/v1/jobs", headers=api.headers)
+        api.client.get("/v1/jobs/job_missing", headers=api.headers)
+        api.client.get("/v1/jobs")
+        r = api.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        assert 'distillery_http_requests_total{method="GET",route="/v1/jobs",status="200"} 1.0' in text
+        assert 'distillery_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+        assert 'distillery_http_requests_total{method="GET",route="/v1/jobs",status="401"} 1.0' in text
+        assert 'distillery_http_request_duration_seconds_bucket{le="0.5",method="GET",route="/v1/jobs"}' in text
+        assert 'distillery_jobs{status="running"} 1.0' in text and 'distillery_jobs{status="queued"} 1.0' in text
+        assert 'distillery_jobs{status="failed"} 0.0' in text
+        assert "process_resident_memory_bytes" in text
+
+
+def _tenant_series(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("distillery_", "# HELP distillery_"))]
+
+
+def test_public_metrics_show_nothing_about_tenants(database_url, tmp_path, redis_broker):
+    """Without the operator token (or with none set), /metrics is the process's own metrics only: no job counts,
+    nothing counted from anyone's requests."""
+    for token in (None, METRICS_TOKEN):
+        with running_api(database_url, tmp_path, redis_broker, metrics_token=token) as api:
+            insert_job(api, status="running")
+            api.client.get("/v1/jobs", headers=api.headers)
+            for headers in ({}, {"Authorization": "Basic b3A6c2VjcmV0"}):
+                r = api.client.get("/metrics", headers=headers)
+                assert r.status_code == 200, (token, headers, r.text)
+                assert _tenant_series(r.text) == [], (token, headers)
+                assert "process_resident_memory_bytes" in r.text and "python_info" in r.text
+            # an API key is no operator token: with a token set it is a wrong one, without it is ignored
+            r = api.client.get("/metrics", headers=api.headers)
+            assert r.status_code == (401 if token else 200) and _tenant_series(r.text) == []
+
+
+def test_a_wrong_metrics_token_is_401_and_limited(database_url, tmp_path, redis_broker):
+    with running_api(database_url, tmp_path, redis_broker, metrics_token=METRICS_TOKEN,
+                     auth_failure_burst=3, auth_failure_per_second=0.5) as api:
+        for _ in range(3):
+            r = api.client.get("/metrics", headers={"Authorization": "Bearer guess"})
+            assert r.status_code == 401 and r.headers["content-type"].startswith(PROBLEM), r.text
+            assert r.headers["www-authenticate"].lower().startswith("bearer")
+        r = api.client.get("/metrics", headers={"Authorization": "Bearer guess"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        # the right token was never accepted yet, so it waits too: the limit cannot be used as an oracle
+        assert api.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 429
 
 
 def test_framework_errors_are_problems(api):
