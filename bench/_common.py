@@ -2,20 +2,31 @@
 
 Import this module first, before anything imports MLX: it puts the repository on sys.path and calls
 `worker.engine.blas.enable()` (which must run before `import mlx` to route MLX's sgemm to OpenBLAS).
+
+Comparisons with older code are made against a git revision, not against copies kept here: a script's
+`--against REV` (add_against_args / run_against) runs the script twice or more, on this tree's engine and on
+REV's (a temporary `git worktree`, put first on sys.path through DISTILLERY_BENCH_REPO), and prints the ratio
+of the two runs' RESULT figures.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+HERE = Path(__file__).resolve().parents[1]     # the tree these bench scripts belong to
+# The repository the scripts import the engine (worker/, tests/helpers) from: this tree, or the other
+# revision's worktree when run_against starts this script there.
+REPO = Path(os.environ.get("DISTILLERY_BENCH_REPO") or HERE).resolve()
+if not sys.path or sys.path[0] != str(REPO):
     sys.path.insert(0, str(REPO))
 
 
@@ -38,6 +49,117 @@ def add_common_args(parser) -> None:
                         help="mlx-lm model folder (default: SmolLM2-135M from worker.realdata.smollm2_model())")
     parser.add_argument("--quick", action="store_true",
                         help="tiny random model (tests/helpers/tiny.py) and small sizes: a smoke test in seconds")
+
+
+def add_against_args(parser) -> None:
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="time this script on git revision REV's engine too (a temporary worktree) and print "
+                             "this tree's RESULT figures over REV's")
+    parser.add_argument("--against-runs", type=int, default=2, metavar="N",
+                        help="with --against: runs per side, alternating (this, REV, REV, this, ...; default 2)")
+
+
+def run_against(rev: str, runs: int = 2) -> None:
+    """This script with its other arguments, on this tree's engine and on `rev`'s, and the ratio of the two.
+
+    `git worktree add --detach` of `rev` into a temporary folder; then `runs` runs per side in one sitting on
+    this machine, alternating (this, REV, REV, this, ...) so slow drifts fall on both alike. Each run is this
+    tree's script in a fresh interpreter (the same venv) with DISTILLERY_BENCH_REPO naming the tree whose
+    worker/ and tests/helpers it imports, so the measuring code is the same on both sides and only the engine
+    differs (REV must have the engine functions the script calls). Each run's last `RESULT key=value ...` line
+    is parsed; numeric figures (units such as tok/s dropped) are compared by their medians over the runs:
+    this / REV. The worktree is removed afterwards.
+    """
+    script = Path(sys.argv[0]).resolve()
+    argv = _without_against(sys.argv[1:])
+    sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    here = _git("rev-parse", "--short", "HEAD")
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        here += " + uncommitted changes"
+    label = f"{rev} ({sha[:10]})" if not sha.startswith(rev) else sha[:10]
+    print(f"== {script.name} --against {rev}: this tree (HEAD {here}) vs {label}, {runs} run(s) each, alternating")
+    print(f"   each run: {Path(sys.executable).name} {script.relative_to(HERE)} {' '.join(argv)}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-against-"))
+    tree = tmp / "tree"
+    results: dict[str, list[dict[str, str]]] = {"this": [], "rev": []}
+    try:
+        _git("worktree", "add", "--detach", "--quiet", str(tree), sha)
+        for r in range(runs):
+            for side in (("this", "rev") if r % 2 == 0 else ("rev", "this")):
+                root = HERE if side == "this" else tree
+                name = "this" if side == "this" else sha[:10]
+                results[side].append(_run_child(script, argv, root, f"{name} {len(results[side]) + 1}/{runs}"))
+    finally:
+        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        subprocess.run(["git", "-C", str(HERE), "worktree", "prune"], capture_output=True)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    _compare(results, sha[:10])
+
+
+def _without_against(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--against", "--against-runs"):
+            skip = True
+        elif not a.startswith(("--against=", "--against-runs=")):
+            out.append(a)
+    return out
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _run_child(script: Path, argv: list[str], root: Path, label: str) -> dict[str, str]:
+    """One run of `script` importing the engine from `root`, its output echoed with a prefix; its RESULT."""
+    env = {**os.environ, "DISTILLERY_BENCH_REPO": str(root)}
+    print(f"\n-- run [{label}] (engine from {root})", flush=True)
+    proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    result = None
+    for line in proc.stdout:
+        print(f"[{label}] {line}", end="", flush=True)
+        if line.startswith("RESULT "):
+            result = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+    if proc.wait() != 0 or result is None:
+        raise SystemExit(f"run [{label}] failed (exit status {proc.returncode}"
+                         f"{', no RESULT line' if result is None else ''})")
+    return result
+
+
+_NUMBER = re.compile(r"^(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)([A-Za-z/%]*)$")
+
+
+def _compare(results: dict[str, list[dict[str, str]]], rev: str) -> None:
+    this, other = results["this"], results["rev"]
+    name = this[-1].get("name", "bench")
+    print(f"\n== {name}: this tree vs {rev} (medians over {len(this)} and {len(other)} run(s); "
+          "ratio = this / REV)")
+    print(f"{'':24} {'this':>12} {rev:>12} {'':6} {'ratio':>7}")
+    ratios = []
+    for key in this[-1]:
+        if key == "name" or key not in other[-1]:
+            continue
+        mt = [_NUMBER.match(r.get(key, "")) for r in this]
+        mo = [_NUMBER.match(r.get(key, "")) for r in other]
+        if all(mt) and all(mo):
+            unit = mt[-1].group(2)
+            a, b = median([float(m.group(1)) for m in mt]), median([float(m.group(1)) for m in mo])
+            ratio = a / b if b else float("nan")
+            ratios.append(f"{key}={ratio:.3f}")
+            print(f"{key:24} {a:12.6g} {b:12.6g} {unit:6} {ratio:7.3f}")
+        elif this[-1][key] != other[-1][key]:
+            print(f"{key:24} {this[-1][key]:>12} {other[-1][key]:>12}")
+    print()
+    print(load_note())
+    print(f"RESULT name={name}_against against={rev} " + " ".join(ratios))
 
 
 def _busy_seconds() -> float:
@@ -222,7 +344,8 @@ def load_note() -> str:
     return text
 
 
-__all__ = ["BLAS", "REPO", "np", "add_common_args", "header", "resolve_model", "shakespeare_examples",
+__all__ = ["BLAS", "REPO", "np", "add_common_args", "add_against_args", "run_against", "header",
+           "resolve_model", "shakespeare_examples",
            "interleaved", "report", "Rounds", "median", "paired_ratio", "spread", "micro", "load_note",
            "tiny_models"]
 

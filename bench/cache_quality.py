@@ -34,12 +34,15 @@ from worker.engine import models  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_common_args(p)
+    _common.add_against_args(p)
     p.add_argument("--tokens", type=int, default=None, help="tokens of text (default 4096; quick 512)")
     p.add_argument("--seq", type=int, default=None, help="tokens per example (default 128; quick 32)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--ks", default=None, help="comma-separated k values (default 16,64,256; quick 16,64,256 "
                    "capped below the vocabulary)")
     args = p.parse_args()
+    if args.against:
+        return _common.run_against(args.against, args.against_runs)
     args.tokens = args.tokens or (512 if args.quick else 4096)
     args.seq = args.seq or (32 if args.quick else 128)
     args.ks = [int(x) for x in (args.ks or "16,64,256").split(",")]

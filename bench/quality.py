@@ -69,7 +69,7 @@ def main() -> None:
 
     from worker.engine.cache import CacheStore
     from worker.engine.distill import Inputs, run_distill
-    from worker.engine.spec import DistillSpec
+    from distillery_contract.specs import DistillSpec
     from worker.engine.train import Hooks
 
     with tempfile.TemporaryDirectory(prefix="distillery-quality-") as tmp:

@@ -15,7 +15,7 @@ from tests.engine.test_distill import make_spec, run, train_losses
 from worker.engine import lr_search
 from worker.engine.errors import Cancelled
 from worker.engine.guard import OK, ROLLBACK, SKIP, DivergenceGuard
-from worker.engine.spec import DivergenceGuardSpec
+from distillery_contract.specs import DivergenceGuardSpec
 from worker.engine.train import Hooks, TrainState
 
 
@@ -129,16 +129,16 @@ def nan_at_step_six(monkeypatch):
     """The 6th step's loss and gradients come out non-finite (as a blown-up step would), every run alike."""
     from worker.engine import train as train_mod
 
-    real = train_mod.Trainer.step
+    real = train_mod.Trainer._gradients
 
-    def step(self, state, loss_cfg):
+    def gradients(self, state, loss_cfg):
         result = real(self, state, loss_cfg)
         if state.step == 5:
             result.loss, result.grad_norm = math.nan, math.nan
             result.grads = tree_map(lambda g: g * math.nan, result.grads)
         return result
 
-    monkeypatch.setattr(train_mod.Trainer, "step", step)
+    monkeypatch.setattr(train_mod.Trainer, "_gradients", gradients)
 
 
 def test_rollback_restores_the_best_weights_and_resume_is_exact(tiny_student, tiny_teacher, tiny_text, tmp_path,

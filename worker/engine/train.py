@@ -1,4 +1,7 @@
-"""The training loop: one short loop around `Trainer.step`, with evaluation, guards, checkpoints and exact resume.
+"""The training loop: one short loop around `Trainer.train_step`, with evaluation, guards, checkpoints, exact resume.
+
+`Trainer.train_step` is the one place a training step is computed: the loop, the learning-rate search and
+bench/step_speed.py all call it.
 
 Each step takes `grad_accum` micro-batches (length-bucketed, order fixed by seed and epoch), computes the
 distillation loss against the teachers, averages the gradients, clips them, and applies AdamW with the stage's
@@ -35,7 +38,7 @@ from . import student as student_mod
 from .batches import Split
 from .checkpoints import Checkpoints
 from .errors import Cancelled
-from .spec import DistillSpec, TrainingSpec
+from distillery_contract.specs import DistillSpec, TrainingSpec
 
 
 @dataclass
@@ -103,11 +106,12 @@ class StepResult:
     grad_norm: float          # before clipping
     target_tokens: int
     tokens: int
-    grads: dict               # averaged and clipped, not yet applied
+    grads: dict               # averaged and clipped
+    verdict: guard_mod.Verdict = field(default_factory=lambda: guard_mod.Verdict(guard_mod.OK))  # OK: applied
 
 
 class Trainer:
-    """The model, its data and its loss: computes a step's gradients, applies them, evaluates."""
+    """The model, its data and its loss: takes training steps (`train_step`), evaluates."""
 
     def __init__(self, student: student_mod.Student, train_split: Split, valid_split: Split, tr: TrainingSpec,
                  weights: losses.FixedWeights):
@@ -121,7 +125,21 @@ class Trainer:
         logits = model(tokens[:, :-1])
         return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, self.weights, loss_cfg)
 
-    def step(self, state: TrainState, loss_cfg) -> StepResult:
+    def train_step(self, state: TrainState, loss_cfg, optimizer, *, seed_step: int,
+                   check: Callable[[StepResult], guard_mod.Verdict] | None = None) -> StepResult:
+        """One optimizer step at the optimizer's current learning rate: the micro-batches taken from `state`'s
+        data position (which advances), the random key reseeded from (seed, `seed_step`) for dropout, the
+        averaged and clipped gradients, then the AdamW update, unless `check` (called with the result before
+        the update) returns a verdict other than OK. The verdict is in the result (`verdict`)."""
+        mx.random.seed(self.tr.seed * 1_000_003 + seed_step)  # dropout's randomness: a function of (seed, step)
+        result = self._gradients(state, loss_cfg)
+        if check is not None:
+            result.verdict = check(result)
+        if result.verdict.action == guard_mod.OK:
+            self._apply(optimizer, result.grads)
+        return result
+
+    def _gradients(self, state: TrainState, loss_cfg) -> StepResult:
         """Gradients of one optimizer step (its micro-batches taken from `state`'s data position)."""
         grads, loss_sum, ntoks, n_in = None, 0.0, 0, 0
         for _ in range(self.tr.grad_accum):
@@ -141,7 +159,7 @@ class Trainer:
             norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads)
 
-    def apply(self, optimizer, grads: dict) -> None:
+    def _apply(self, optimizer, grads: dict) -> None:
         optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), optimizer.state)
 
@@ -258,15 +276,13 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
             stage = new_stage
             optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
             hooks.event("stage", f"stage {stage.name} starts at step {state.step}", stage=stage.name)
-        mx.random.seed(tr.seed * 1_000_003 + state.step)  # dropout's randomness: a function of (seed, step)
         lr = schedule.learning_rate(stage, state.step, tr.lr_schedule, tr.min_lr_ratio) * state.lr_scale
         set_learning_rate(optimizer, lr)
 
         t0 = time.perf_counter()
-        result = trainer.step(state, stage.loss)
-        verdict = guard.check_step(state, result.loss, result.grad_norm)
-        if verdict.action == guard_mod.OK:
-            trainer.apply(optimizer, result.grads)
+        result = trainer.train_step(state, stage.loss, optimizer, seed_step=state.step,
+                                    check=lambda r: guard.check_step(state, r.loss, r.grad_norm))
+        verdict = result.verdict
         dt = time.perf_counter() - t0
 
         state.step += 1
@@ -326,12 +342,10 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
         set_learning_rate(optimizer, rate)
         position, losses_seen = TrainState(), []
         for i in range(steps):
-            mx.random.seed(tr.seed * 1_000_003 + i)
-            result = trainer.step(position, stage.loss)
+            result = trainer.train_step(position, stage.loss, optimizer, seed_step=i, check=_finite)
             losses_seen.append(result.loss)
-            if not math.isfinite(result.loss) or not math.isfinite(result.grad_norm):
+            if result.verdict.action != guard_mod.OK:
                 break
-            trainer.apply(optimizer, result.grads)
         finite = all(math.isfinite(x) for x in losses_seen)
         val_kl = trainer.evaluate(tr.lr_search.eval_batches, spread=True)["val_kl"] if finite else math.inf
         trainer.set_trainable(start_weights)
@@ -344,6 +358,14 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
     result = lr_search.search(rates, steps, start_score, run_trial, on_trial)
     hooks.event("lr_search", f"learning rate {result['chosen']:g} chosen ({result['reason']})", **result)
     return result["chosen"], result
+
+
+def _finite(result: StepResult) -> guard_mod.Verdict:
+    """The learning-rate search's check: a trial stops, without the update, at a non-finite loss or gradient."""
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return guard_mod.Verdict(guard_mod.OK)
+    return guard_mod.Verdict(guard_mod.ROLLBACK, f"non-finite loss or gradient (loss {result.loss}, gradient "
+                             f"norm {result.grad_norm})")
 
 
 def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) -> optim.Optimizer:
