@@ -2,8 +2,8 @@
 
 Operations routes (/healthz, /readyz, /metrics, /schema) are open (the operator view of /metrics needs the
 metrics token); everything under /v1 needs an API key and sees only the caller's project. Handlers are thin:
-the domain packages (datasets, models_registry, jobs, artifacts) hold the logic. This process never imports
-MLX: from the engine it uses only spec, data and errors.
+the domain packages (datasets, models_registry, jobs, artifacts) hold the logic. This process imports nothing of
+the worker (no MLX): the job specs, dataset formats and job statuses come from `distillery_contract`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from worker.engine.distill import Inputs, build_teacher_cache, run_distill
 from worker.engine.errors import UserError
 from worker.engine.local import format_validation_error
 from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
-from worker.engine.spec import BenchmarkSpec, DistillSpec, TeacherCacheSpec
+from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from worker.engine.train import Hooks
 from worker import attempts
 from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint

@@ -24,6 +24,8 @@ import socket
 import traceback
 import uuid
 
+from distillery_contract.jobs import INTERNAL_ERROR, RESOURCE
+
 from service import queue
 from service.artifacts.service import job_output_dir, register_output_dir
 from service.db.models import Job
@@ -104,7 +106,7 @@ def _execute(info, owner: str, lease: JobLease, settings) -> None:
         _record(info, owner, settings, **outcome)
     except Exception as e:  # e.g. an output file that cannot be registered: fail the job, don't retry it forever
         log.exception("job %s: could not record its outcome", info.id)
-        _record(info, owner, settings, status=lifecycle.FAILED, error_code="internal_error",
+        _record(info, owner, settings, status=lifecycle.FAILED, error_code=INTERNAL_ERROR,
                 error_message=f"could not record the outcome: {type(e).__name__}: {str(e)[:300]}")
 
 
@@ -133,7 +135,7 @@ def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
             return _internal_error(info, e, recorder)
         where = getattr(e, "filename", None) or job_output_dir(settings.artifact_root, info)
         _discard_files(info, owner, settings)
-        return dict(status=lifecycle.FAILED, error_code="resource",
+        return dict(status=lifecycle.FAILED, error_code=RESOURCE,
                     error_message=f"the disk is full: could not write {where} ({e}); the run's partial files "
                                   f"were removed and {_free_space(where)}; free some space (e.g. delete finished "
                                   "jobs' files: DELETE /v1/jobs/{id}/files) and submit again")
@@ -162,7 +164,7 @@ def _internal_error(info, e: Exception, recorder) -> dict:
     tb = traceback.format_exc()
     log.error("job %s failed with an internal error:\n%s", info.id, tb)
     recorder.event("error", f"{type(e).__name__}: {e}", {"traceback": tb})
-    return dict(status=lifecycle.FAILED, error_code="internal_error",
+    return dict(status=lifecycle.FAILED, error_code=INTERNAL_ERROR,
                 error_message=f"{type(e).__name__}: {str(e)[:500]}")
 
 

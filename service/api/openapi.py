@@ -72,6 +72,23 @@ def publish_pydantic_schemas(app: Litestar, models: Iterable[type[BaseModel]]) -
 _RENAMED = {"not": "schema_not", "if": "schema_if", "else": "schema_else"}
 
 
+@dataclass
+class _SchemaWithNulls(Schema):
+    """A `Schema` that also writes the keywords whose value is null (`"default": null`), which `Schema` cannot
+    hold (its None means "absent"), so the published schema is pydantic's, keyword for keyword."""
+
+    null_keys: tuple[str, ...] = ()
+
+    @property
+    def _exclude_fields(self) -> set[str]:
+        return {*super()._exclude_fields, "null_keys"}
+
+    def to_schema(self) -> dict[str, Any]:
+        return {**super().to_schema(), **dict.fromkeys(self.null_keys)}
+
+    __hash__ = Schema.__hash__
+
+
 def _to_schema(node: Any) -> Any:
     """A JSON schema (dict) as Litestar's `Schema` objects (`$ref` as a `Reference`)."""
     if isinstance(node, list):
@@ -80,6 +97,10 @@ def _to_schema(node: Any) -> Any:
         return node
     if "$ref" in node:
         return Reference(ref=node["$ref"])
+    nulls = tuple(key for key, value in node.items() if value is None)
+    if nulls:
+        return _SchemaWithNulls(**_to_schema({k: v for k, v in node.items() if v is not None}).__dict__,
+                                null_keys=nulls)
     fields = {}
     for key, value in node.items():
         name = _RENAMED.get(key) or re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()

@@ -1,24 +1,19 @@
-"""What crosses the HTTP edge: request bodies (pydantic, so job specs validate with the engine's own models)
+"""What crosses the HTTP edge: request bodies (pydantic, so job specs validate with the contract's models)
 and response objects (msgspec structs), plus the converters from database rows."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal, get_args
+from typing import Any
 
 import msgspec
+from distillery_contract import specs as contract_specs
+from distillery_contract.jobs import JOB_KINDS, JOB_STATUSES, JobKind, JobStatus  # noqa: F401 (re-exported)
+from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.db.models import Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
-from worker.engine.spec import BenchmarkSpec, DistillSpec, TeacherCacheSpec
-
-JobKind = Literal["distill", "teacher_cache", "benchmark"]
-JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]  # as lifecycle
-JOB_KINDS: tuple[str, ...] = get_args(JobKind)
-JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
-SPEC_MODELS: dict[str, type[BaseModel]] = {"distill": DistillSpec, "teacher_cache": TeacherCacheSpec,
-                                           "benchmark": BenchmarkSpec}
 
 # Labels (dataset and model names) are shown, never used as file names; still, keep them printable.
 LABEL_RE = re.compile(r"^[\w][\w .,:()+@=-]{0,199}$")
@@ -61,10 +56,9 @@ class JobCreate(BaseModel):
 
 def request_models() -> list[type[BaseModel]]:
     """Every pydantic model a request body is validated with: the job specs and their parts, and the bodies."""
-    from worker.engine import spec as spec_module
-
-    parts = [v for v in vars(spec_module).values()
-             if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == spec_module.__name__]
+    parts = [v for v in vars(contract_specs).values()
+             if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == contract_specs.__name__
+             and not v.__name__.startswith("_")]   # not the private base class
     return [*parts, JobCreate, ModelRegister]
 
 

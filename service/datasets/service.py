@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from distillery_contract.records import FORMATS, DatasetError, JsonlChecker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,8 +24,6 @@ from service.db.models import Dataset, Job, new_id, utcnow
 from service.jobs.lifecycle import TERMINAL
 from service.jobs.references import dataset_ids
 from service.settings import Settings
-from worker.engine.data import FORMATS, JsonlChecker
-from worker.engine.errors import UserError
 
 TEXT_FIELDS = ("name", "format")
 UPLOAD_NAME = "<upload>"   # the file's name in validation messages, replaced by the client's file name
@@ -62,7 +61,7 @@ def create_dataset(session: Session, settings: Settings, project_id: str, upload
             checker.feed_file(upload.path)
         try:
             parsed_format = checker.close()
-        except UserError as e:
+        except DatasetError as e:
             raise _dataset_problem(str(e), UPLOAD_NAME, display or "upload") from None
         dataset_id = new_id("ds")
         final = dataset_dir(settings, project_id) / f"{dataset_id}.jsonl"

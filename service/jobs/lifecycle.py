@@ -16,16 +16,26 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 
+from distillery_contract.jobs import (  # noqa: F401 (the statuses are re-exported: `lifecycle.QUEUED`)
+    ACTIVE,
+    BASELINE_LABEL,
+    CANCEL_REQUESTED,
+    CANCELLED,
+    DEFAULT_MAX_SEQ_LEN,
+    DEFAULT_TOP_K,
+    DISTILLED_LABEL,
+    FAILED,
+    INTERNAL_ERROR,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+)
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, JobDependency, JobEvent, utcnow
 from service.jobs.references import spec_references
-
-QUEUED, RUNNING, CANCEL_REQUESTED = "queued", "running", "cancel_requested"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-ACTIVE = (RUNNING, CANCEL_REQUESTED)
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str, data: dict | None = None) -> JobEvent:
@@ -63,8 +73,8 @@ def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_
     Returns (job, the new jobs that may start at once)."""
     job = Job(project_id=project_id, kind=kind, spec=spec, parent_id=parent_id, total_steps=total_steps)
     if kind == "teacher_cache":   # submitted by hand: offline distill jobs on the same inputs reuse it
-        job.cache_key = teacher_cache_key(spec["teacher"], spec["data"], spec.get("top_k", 64),
-                                          spec.get("max_seq_len", 512))
+        job.cache_key = teacher_cache_key(spec["teacher"], spec["data"], spec.get("top_k", DEFAULT_TOP_K),
+                                          spec.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
     session.add(job)
     session.flush()
     add_event(session, job.id, "created", f"{kind} job created")
@@ -84,7 +94,8 @@ def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_
         for teacher in spec["teachers"]:
             for ds in datasets:
                 cache_job, created = get_or_create_cache_job(session, project_id, teacher["model"], ds,
-                                                             loss.get("top_k", 64), training.get("max_seq_len", 512))
+                                                             loss.get("top_k", DEFAULT_TOP_K),
+                                                             training.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
                 session.add(JobDependency(job_id=job.id, depends_on_id=cache_job.id))
                 if created:
                     new_caches.append(cache_job)
@@ -105,10 +116,10 @@ def evaluation_spec(job_id: str, spec: dict) -> dict:
     """The benchmark a distill spec's `evaluate` asks for: its first teacher as the reference, the student before
     training, the distilled student, and any further candidates."""
     ev = spec["evaluate"]
-    candidates = ([{"label": "student (before)", "student_of": job_id}] if ev.get("baseline", True) else []) + \
-        [{"label": "distilled", "adapter": job_id}] + list(ev.get("candidates") or [])
+    candidates = ([{"label": BASELINE_LABEL, "student_of": job_id}] if ev.get("baseline", True) else []) + \
+        [{"label": DISTILLED_LABEL, "adapter": job_id}] + list(ev.get("candidates") or [])
     out = {"reference": spec["teachers"][0]["model"], "candidates": candidates, "data": ev["data"],
-           "max_seq_len": ev.get("max_seq_len") or spec.get("training", {}).get("max_seq_len", 512)}
+           "max_seq_len": ev.get("max_seq_len") or spec.get("training", {}).get("max_seq_len", DEFAULT_MAX_SEQ_LEN)}
     out.update({k: ev[k] for k in ("batch_size", "max_examples", "speed") if ev.get(k) is not None})
     return out
 
@@ -129,7 +140,7 @@ def readiness(session: Session, job: Job) -> str:
 def fail_blocked(session: Session, job: Job) -> None:
     bad = next(d for d in dependencies(session, job.id) if d.status in (FAILED, CANCELLED))
     reason = f"{bad.kind} job {bad.id} {bad.status}" + (f": {bad.error_message}" if bad.error_message else "")
-    code = bad.error_code if bad.status == FAILED and bad.error_code else "internal_error"
+    code = bad.error_code if bad.status == FAILED and bad.error_code else INTERNAL_ERROR
     finish(session, job.id, None, FAILED, error_code=code, error_message=f"dependency failed — {reason}")
 
 

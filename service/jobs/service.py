@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from celery import Celery
+from distillery_contract.records import TRAINABLE_FORMATS
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,7 +44,6 @@ from service.api.schemas import (
 from service.db.models import ID_PATTERN, Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
 from service.jobs import lifecycle
 from service.jobs.references import Reference, spec_references
-from worker.engine.data import TRAINABLE_FORMATS
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from worker.engine import benchmark_metrics as metrics
 from worker.engine.benchmark_metrics import PairScores
 from worker.engine.benchmark_store import SCRATCH_DIR, ReferenceStore
 from worker.engine.errors import Cancelled, UserError
-from worker.engine.spec import BenchmarkSpec
+from distillery_contract.specs import BenchmarkSpec
 from worker.engine.train import Hooks
 
 NO_SPEED = {"enabled": False}

@@ -17,7 +17,7 @@ from tests.helpers import tiny
 from worker.engine import distill
 from worker.engine.cache import CacheStore
 from worker.engine.errors import Cancelled, UserError
-from worker.engine.spec import DistillSpec
+from distillery_contract.specs import DistillSpec
 from worker.engine.train import Hooks
 
 BASE = {

@@ -25,7 +25,7 @@ from worker.engine.losses import (
     student_buckets,
     teacher_buckets,
 )
-from worker.engine.spec import LossOverride, LossSpec
+from distillery_contract.specs import LossOverride, LossSpec
 
 # ------------------------------------------------------------------------------------------------------
 # NumPy references (float64, probability space where that is the plain definition)

@@ -21,7 +21,7 @@ from tests.helpers import tiny
 from worker.engine import models, preflight
 from worker.engine import student as student_mod
 from worker.engine.errors import UserError
-from worker.engine.spec import AdapterSpec, DistillSpec, StudentSpec
+from distillery_contract.specs import AdapterSpec, DistillSpec, StudentSpec
 
 TOKENS = mx.array(np.random.default_rng(0).integers(3, 500, (2, 24)), dtype=mx.int32)
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker.engine import schedule
-from worker.engine.spec import DistillSpec, LossSpec, TrainingSpec
+from distillery_contract.specs import DistillSpec, LossSpec, TrainingSpec
 
 MIN = {"student": {"model": "s"}, "teachers": [{"model": "t"}], "data": {"train": "d"}}
 
@@ -61,7 +61,7 @@ def test_defaults():
 
 
 def test_presets_fill_what_the_spec_leaves_out():
-    from worker.engine.spec import PRESETS, DistillSpec
+    from distillery_contract.specs import PRESETS, DistillSpec
 
     base = {"student": {"model": "s"}, "teachers": [{"model": "t"}], "data": {"train": "d"}}
     fast = DistillSpec.model_validate({**base, "preset": "fast"})

@@ -47,14 +47,14 @@ from .benchmark_metrics import PairScores, continuation_examples, mcq_metrics, p
 from .benchmark_passes import ModelScores, Progress, Workload, score_model
 from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
 from .errors import UserError
-from .spec import BenchmarkSpec
+from distillery_contract.jobs import REFERENCE_LABEL
+from distillery_contract.specs import BenchmarkSpec
 from .train import Hooks
 
 MCQ_PROMPT = "Question: {question}\nAnswer:"
 """Multiple-choice prompt; each choice is scored as the continuation " " + choice. Deliberately plain text even
 when the tokenizer has a chat template: one fixed format for every model, base or instruction-tuned."""
 
-REFERENCE_LABEL = "reference"
 HEADLINE = ("ppl", "kl", "top1_agreement", "mcq_accuracy", "pref_accuracy", "pref_accuracy_norm",
             "prefill_tokens_per_second", "decode_tokens_per_second", "peak_memory_bytes", "compression_ratio_params")
 TEXT_FORMATS = data_mod.TRAINABLE_FORMATS

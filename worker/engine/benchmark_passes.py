@@ -19,7 +19,7 @@ from . import models
 from .benchmark_metrics import measure_speed, reference_view, sequence_logprobs, text_sums
 from .benchmark_store import ReferenceStore
 from .errors import Cancelled
-from .spec import BenchmarkSpeed
+from distillery_contract.specs import BenchmarkSpeed
 from .train import Hooks
 
 

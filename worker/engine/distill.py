@@ -30,7 +30,7 @@ from . import models, preflight
 from . import student as student_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
 from .errors import UserError
-from .spec import DistillSpec, TeacherCacheSpec
+from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 from .train import Hooks, train
 
 CACHE_BATCH_SIZE = 8

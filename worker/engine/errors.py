@@ -5,18 +5,20 @@ memory); the service records it as `error.code = "user_error"` (`"resource"` for
 internal error.
 """
 
+from distillery_contract.jobs import RESOURCE, USER_ERROR
+
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and where (field, file and line)."""
 
-    code = "user_error"
+    code = USER_ERROR
 
 
 class ResourceError(UserError):
     """The machine lacks what the run needs (disk space): the message names the path, what is needed and what
     is there. Recorded as `error.code = "resource"`: the input may be fine, the operator must act."""
 
-    code = "resource"
+    code = RESOURCE
 
 
 class Cancelled(Exception):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import DivergenceGuardSpec
+from distillery_contract.specs import DivergenceGuardSpec
 
 OK, SKIP, ROLLBACK = "ok", "skip", "rollback"
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import UserError
-from .spec import DistillSpec
+from distillery_contract.specs import DistillSpec
 
 
 def default_cache_dir() -> Path:

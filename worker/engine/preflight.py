@@ -16,7 +16,7 @@ from pathlib import Path
 from . import data as data_mod
 from . import models
 from .errors import ResourceError, UserError
-from .spec import DistillSpec
+from distillery_contract.specs import DistillSpec
 
 GiB = 1 << 30
 

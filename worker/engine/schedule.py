@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .spec import LossSpec, ParamGroup, TrainingSpec
+from distillery_contract.specs import LossSpec, ParamGroup, TrainingSpec
 
 
 @dataclass(frozen=True)

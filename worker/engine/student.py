@@ -23,7 +23,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from . import models
 from .errors import UserError
-from .spec import AdapterSpec, ParamGroup, StudentSpec
+from distillery_contract.specs import AdapterSpec, ParamGroup, StudentSpec
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ._exceptions import (APIConnectionError, APIError, AuthenticationError, Bad
                           JobWarningIssued, PayloadTooLargeError, PermissionDeniedError, RateLimitError, ServerError,
                           WaitTimeout)
 from ._jobfile import SpecError, job_body
-from .specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
+from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from .types import Artifact, Checkpoint, Dataset, Event, Job, JobState, JobWarning, MetricPoint, Model, Progress
 
 __all__ = [

@@ -1,4 +1,10 @@
-"""The asynchronous twin of `Distillery`: the same calls (`_calls`), awaited. Iterators are async."""
+# The one hand-written client: `_client.py` (the synchronous `Distillery`) is generated from this file by
+# `python clients/python/tools/unasync.py`, which rewrites tokens (`async def` -> `def`, `await x` -> `x`,
+# `AsyncDistillery` -> `Distillery`, `anyio.sleep` -> `time.sleep`, ...; the rules are listed there) and stops on
+# anything async it has no rule for. Edit here, regenerate, commit both; tests/clients/test_sync_twin.py fails
+# while they disagree. Write what reads right in both twins (docstrings are rewritten too), and break long lines
+# right after an opening bracket: the rewrite shortens lines, so a continuation aligned to a bracket would drift.
+"""The asynchronous client: `AsyncDistillery()`, with resources `datasets`, `models`, `jobs`, `artifacts`."""
 
 from __future__ import annotations
 
@@ -21,24 +27,33 @@ from .types import TERMINAL, Artifact, Checkpoint, Dataset, Event, Job, JobState
 
 
 class AsyncDistillery(BaseClient):
-    """`async with AsyncDistillery() as client: job = await client.jobs.create("job.yaml")`."""
+    """`AsyncDistillery(base_url=None, api_key=None, *, profile=None, timeout=None, max_retries=None)`; unset
+    settings come from `DISTILLERY_*` variables, then the config file.
+
+        async with AsyncDistillery() as client:
+            job = await client.jobs.create("job.yaml")
+    """
+
+    # Every backoff wait goes through this hook, so a test can record the delays instead of sleeping.
+    _sleep = staticmethod(anyio.sleep)
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  http_client: httpx.AsyncClient | None = None, **kw: Any) -> None:
         super().__init__(base_url, api_key, **kw)
-        self._http = http_client or httpx.AsyncClient(base_url=self.base_url, headers=self._default_headers(),
-                                                      timeout=self.timeout)
+        self._http = http_client or httpx.AsyncClient(
+            base_url=self.base_url, headers=self._default_headers(), timeout=self.timeout)
         self.datasets = AsyncDatasets(self)
         self.models = AsyncModels(self)
         self.jobs = AsyncJobs(self)
         self.artifacts = AsyncArtifacts(self)
 
-    async def send(self, call: Call, *, stream: bool = False,
-                   read_timeout: float | None = None) -> httpx.Response:
+    # -- transport
+    async def send(self, call: Call, *, stream: bool = False, read_timeout: float | None = None) -> httpx.Response:
+        """Send with retries; a response below 400, else the typed error. Streamed responses must be closed."""
         attempt = 0
         while True:
             response = None
-            for f in (call.files or {}).values():
+            for f in (call.files or {}).values():   # a retried upload starts its file again
                 if isinstance(f, tuple) and hasattr(f[1], "seek"):
                     f[1].seek(0)
             try:
@@ -53,16 +68,18 @@ class AsyncDistillery(BaseClient):
                 if response.status_code < 400:
                     return response
                 if not self._should_retry(attempt, response):
-                    await response.aread()
+                    await response.aread()   # the error's detail is in the body
                     raise error_for(response)
                 await response.aclose()
-            await anyio.sleep(self._delay(attempt, response))
+            await self._sleep(self._delay(attempt, response))
             attempt += 1
 
     async def call(self, call: Call) -> Any:
+        """Send `call` and return its parsed answer."""
         return call.result(await self.send(call))
 
     async def pages(self, make: Callable[[Any], Call], after: Any = None) -> AsyncIterator[Any]:
+        """Every item across pages: `make(after)` builds the call for the page after a cursor."""
         while True:
             items, has_more = await self.call(make(after))
             for item in items:
@@ -73,6 +90,7 @@ class AsyncDistillery(BaseClient):
 
     @asynccontextmanager
     async def stream(self, call: Call, read_timeout: float | None = None) -> AsyncIterator[httpx.Response]:
+        """The response with its body unread, closed when the block ends."""
         response = await self.send(call, stream=True, read_timeout=read_timeout)
         try:
             yield response
@@ -96,11 +114,13 @@ class _Resource:
 
 class AsyncDatasets(_Resource):
     async def upload(self, path: str | Path, *, name: str | None = None, format: str | None = None) -> Dataset:
+        """Upload a JSONL file (formats: text, completions, chat, preference, mcq; detected unless given)."""
         path = Path(path)
         with path.open("rb") as fh:
             return await self._client.call(calls.upload_dataset(fh, path.name, name, format))
 
     def list(self, *, limit: int | None = None) -> AsyncIterator[Dataset]:
+        """Every dataset, newest first, fetched `limit` per page."""
         return self._client.pages(lambda after: calls.list_datasets(limit, after))
 
     async def get(self, id: str) -> Dataset:
@@ -112,9 +132,11 @@ class AsyncDatasets(_Resource):
 
 class AsyncModels(_Resource):
     async def add(self, path: str | Path, *, name: str | None = None) -> Model:
+        """Register a model folder or GGUF file that is on the server's disk."""
         return await self._client.call(calls.register_model(path, name))
 
     async def upload(self, path: str | Path, *, name: str | None = None) -> Model:
+        """Upload a local GGUF file; the server imports it."""
         path = Path(path)
         with path.open("rb") as fh:
             return await self._client.call(calls.upload_model(fh, path.name, name))
@@ -128,10 +150,12 @@ class AsyncModels(_Resource):
 
 class AsyncJobs(_Resource):
     async def create(self, spec: Any, *, parent_id: str | None = None, idempotency_key: str | None = None) -> Job:
+        """Submit a job from a typed spec (`DistillSpec`...), a `{kind, spec}` dict, or a YAML/JSON file."""
         return await self._client.call(calls.create_job(job_body(spec, parent_id), idempotency_key))
 
     def list(self, *, status: str | None = None, kind: str | None = None, parent_id: str | None = None,
              limit: int | None = None) -> AsyncIterator[Job]:
+        """Every job, newest first; `parent_id` lists a job's children (e.g. its evaluation)."""
         return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after, parent_id))
 
     async def get(self, id: str) -> Job:
@@ -141,6 +165,7 @@ class AsyncJobs(_Resource):
         return await self._client.call(calls.cancel_job(id))
 
     async def events(self, id: str, *, after: int | None = None) -> list[Event]:
+        """The job's stored events so far, oldest first."""
         return [e async for e in self._client.pages(lambda cursor: calls.list_events(id, cursor), after)]
 
     async def metrics(self, id: str, *, name: str | None = None) -> list[MetricPoint]:
@@ -153,11 +178,14 @@ class AsyncJobs(_Resource):
         return await self._client.call(calls.list_artifacts(id))
 
     async def stream_events(self, id: str, *, after: int | None = None) -> AsyncIterator[Event]:
+        """The job's events as they happen, until it ends. A dropped connection is resumed where it broke."""
         async for message in self._follow(id, after):
             if message.id is not None:
                 yield Event.model_validate(message.data)
 
     async def _follow(self, id: str, after: int | None, deadline: float | None = None) -> AsyncIterator[Message]:
+        """Every SSE message; reconnects with Last-Event-ID until a terminal state has been seen and the server
+        closed the stream. With a `deadline` (monotonic time) it stops quietly when that passes."""
         client, failures, status, snapshot = self._client, 0, None, None
         while True:
             read_timeout = None
@@ -183,17 +211,21 @@ class AsyncJobs(_Resource):
                         yield message
                 if status in TERMINAL:
                     return
-            except httpx.TransportError:
+            except httpx.TransportError:   # the connection broke mid-stream
                 if deadline is not None and time.monotonic() >= deadline:
                     return   # the caller's time is up, not the stream's fault
-            failures += 1
+            failures += 1    # broke, or closed before the job ended (a proxy's timeout): resume
             if failures > client.max_retries:
                 raise APIConnectionError(f"lost the event stream of job {id} {failures} times")
-            await anyio.sleep(client._delay(failures - 1, None))
+            await client._sleep(client._delay(failures - 1, None))
 
-    async def wait(self, id: str, *, timeout: float | None = None, progress: bool = False, poll: float = 2.0,
-                   on_state: Callable[[JobState], None] | None = None,
-                   on_event: Callable[[Event], None] | None = None) -> Job:
+    async def wait(
+        self, id: str, *, timeout: float | None = None, progress: bool = False, poll: float = 2.0,
+        on_state: Callable[[JobState], None] | None = None, on_event: Callable[[Event], None] | None = None,
+    ) -> Job:
+        """Follow the job to its end (over SSE, or by polling where streaming fails) and return it; raise
+        `JobFailedError` if it failed or was cancelled, `WaitTimeout` after `timeout` seconds. The callbacks
+        are plain functions, called as states and events arrive."""
         deadline = None if timeout is None else time.monotonic() + timeout
         job = await self.get(id)
         with JobProgress(job.id, job.kind, enabled=progress) as bar:
@@ -217,13 +249,14 @@ class AsyncJobs(_Resource):
                 except (APIConnectionError, APIError) as e:
                     if isinstance(e, APIError) and e.status in (401, 403, 404):
                         raise
-                    while True:
+                    while True:                     # no event stream here: poll instead
                         job = await self.get(id)
                         state(JobState(status=job.status, progress=job.progress, summary=job.summary))
                         if job.done:
                             break
                         if deadline is not None and time.monotonic() > deadline:
                             raise WaitTimeout(job, timeout) from None
+                        # the poll interval is a real wait, not a backoff: it stays outside the `_sleep` hook
                         await anyio.sleep(poll)
             job = await self.get(id)
             state(JobState(status=job.status, progress=job.progress, summary=job.summary))
@@ -242,27 +275,33 @@ class AsyncArtifacts(_Resource):
     async def get(self, id: str) -> Artifact:
         return await self._client.call(calls.get_artifact(id))
 
-    async def download(self, job_id: str, dest: str | Path, *,
-                       names: Callable[[str], bool] | None = None) -> list[Path]:
+    async def download(
+        self, job_id: str, dest: str | Path, *, names: Callable[[str], bool] | None = None,
+    ) -> list[Path]:
+        """Write the job's artifacts under `dest` (keeping folders such as `student/`), each checked against
+        its sha256. An interrupted download resumes from its `.part` file with an HTTP Range request."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         return [await self.download_file(a, artifact_target(dest, a)) for a in await self.list(job_id)
                 if names is None or names(a.name)]
 
     async def download_file(self, artifact: Artifact, target: str | Path) -> Path:
+        """One artifact to `target`, resumed from `<target>.part` if one is there; nothing fetched if `target`
+        already holds it."""
         part = PartialFile(Path(target), artifact)
         if part.already_done():
             return part.target
         attempt = 0
         while True:
             try:
-                async with self._client.stream(calls.artifact_content(artifact.id, part.request_headers())) as response:
+                call = calls.artifact_content(artifact.id, part.request_headers())   # Range: from what we have
+                async with self._client.stream(call) as response:
                     with part.begin(response) as fh:
                         async for chunk in response.aiter_bytes():
                             part.write(fh, chunk)
                     return part.finish(response)
-            except httpx.TransportError as e:
+            except httpx.TransportError as e:   # broke mid-body: go on from what arrived
                 if attempt >= self._client.max_retries:
                     raise APIConnectionError(f"download of {artifact.name} failed: {e}") from e
-            await anyio.sleep(self._client._delay(attempt, None))
+            await self._client._sleep(self._client._delay(attempt, None))
             attempt += 1

@@ -1,6 +1,6 @@
 """Job bodies (`{"kind", "spec"}`) from what users have at hand: a typed spec, a dict, or a YAML/JSON file.
-They are checked here with the same models the API uses, so a mistake is reported before anything is sent,
-naming the field and, for a file, its line."""
+They are checked here with the models the API validates with (distillery_contract.specs), so a mistake is
+reported before anything is sent, naming the field and, for a file, its line."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from pydantic import BaseModel, ValidationError
 
 from ._exceptions import DistilleryError
-from .specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
 
 KIND_OF = {DistillSpec: "distill", TeacherCacheSpec: "teacher_cache", BenchmarkSpec: "benchmark"}
 

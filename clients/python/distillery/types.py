@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
+from distillery_contract.jobs import TERMINAL, JobStatus  # noqa: F401 (TERMINAL is re-exported for the clients)
 from pydantic import BaseModel, ConfigDict
-
-JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class _Obj(BaseModel):
@@ -54,7 +52,7 @@ class Progress(_Obj):
 
 
 class JobError(_Obj):
-    code: str | None = None      # user_error (the input must change) or internal_error
+    code: str | None = None      # distillery_contract.ERROR_CODES: user_error, resource or internal_error
     message: str | None = None
 
 

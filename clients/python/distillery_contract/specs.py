@@ -1,7 +1,12 @@
-"""Job specs (SPEC §4) as pydantic models: the one definition the API validates and the engine runs.
+"""Job specs as pydantic models: what `POST /v1/jobs` accepts, the one definition the API validates, the engine
+runs and the SDK checks before sending.
 
-Pure pydantic, no MLX, so the API process can import it. Unknown fields are rejected everywhere so that a
-typo (`learning_rat`) is an error naming the field, never a silently ignored setting.
+Pure pydantic (no MLX, no HTTP), so every process can import it. Unknown fields are rejected everywhere, so
+that a typo (`learning_rat`) is an error naming the field, never a silently ignored setting; values are not
+coerced (`top_k: true` is an error). The API publishes these models' own JSON schemas in its OpenAPI document.
+
+    from distillery_contract import DistillSpec
+    spec = DistillSpec(student={"model": student_id}, teachers=[{"model": teacher_id}], data={"train": ds_id})
 """
 
 from __future__ import annotations
@@ -11,10 +16,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .jobs import BENCHMARK, DEFAULT_MAX_SEQ_LEN, DEFAULT_TOP_K, DISTILL, EVALUATE_LABELS, MAX_STEPS, TEACHER_CACHE
+
+__all__ = [
+    "DistillSpec", "TeacherCacheSpec", "BenchmarkSpec", "SPEC_MODELS", "PRESETS", "PresetName", "apply_preset",
+    "StudentSpec", "QuantizeSpec", "TeacherSpec", "DataSpec", "LossKind", "LossSpec", "LossOverride", "AdapterSpec",
+    "ParamGroup", "StageSpec", "Rate", "LRSearchSpec", "DivergenceGuardSpec", "TrainingSpec", "OutputSpec",
+    "BenchmarkCandidate", "BenchmarkData", "BenchmarkSpeed", "EvaluateSpec", "EVALUATE_LABELS", "MAX_STEPS",
+]
+
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 
-
-MAX_STEPS = 10_000_000   # also bounds the sum of stage steps (the job row stores total steps as a 32-bit int)
 
 
 class _Spec(BaseModel):
@@ -77,7 +89,7 @@ class LossSpec(_Spec):
     kind: LossKind = "forward_kl"
     temperature: float = Field(1.0, gt=0, le=20)
     alpha: float = Field(1.0, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to CE on labels.")
-    top_k: int = Field(64, ge=1, le=4096, description="Teacher log-probs kept per position (offline mode).")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=4096, description="Teacher log-probs kept per position (offline mode).")
     beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of generalised JSD.")
     skew: float = Field(0.1, ge=0, lt=1, description="Skew of skew KL: KL(p || skew*p + (1-skew)*q).")
 
@@ -176,7 +188,7 @@ class TrainingSpec(_Spec):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of the peak.")
     weight_decay: float = Field(0.0, ge=0, le=10.0)
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Global-norm clipping; null disables it.")
-    max_seq_len: int = Field(512, ge=8, le=131072)
+    max_seq_len: int = Field(DEFAULT_MAX_SEQ_LEN, ge=8, le=131072)
     seed: int = Field(42, ge=0, lt=2**32, description="Seeds data order, adapter initialisation, dropout.")
     eval_every: int = Field(100, gt=0, le=MAX_STEPS)
     eval_batches: int | None = Field(None, gt=0, le=1_000_000, description="Cap on validation batches per evaluation.")
@@ -206,8 +218,8 @@ class OutputSpec(_Spec):
 class TeacherCacheSpec(_Spec):
     teacher: str
     data: str
-    top_k: int = Field(64, ge=1, le=4096)
-    max_seq_len: int = Field(512, ge=8, le=131072)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=4096)
+    max_seq_len: int = Field(DEFAULT_MAX_SEQ_LEN, ge=8, le=131072)
 
 
 class BenchmarkCandidate(_Spec):
@@ -256,8 +268,8 @@ class BenchmarkSpec(_Spec):
     reference: str = Field(description="The reference (teacher) model id or path.")
     candidates: list[BenchmarkCandidate] = Field(min_length=1, max_length=16)
     data: BenchmarkData
-    max_seq_len: int = Field(512, ge=8, le=131072, description="Longer texts are cut into windows; longer "
-                             "multiple-choice / preference prompts keep their last tokens.")
+    max_seq_len: int = Field(DEFAULT_MAX_SEQ_LEN, ge=8, le=131072, description="Longer texts are cut into "
+                             "windows; longer multiple-choice / preference prompts keep their last tokens.")
     batch_size: int = Field(4, gt=0, le=1024, description="Sequences per forward pass.")
     max_examples: int | None = Field(None, gt=0, description="Use at most the first N records of each dataset.")
     speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
@@ -294,8 +306,6 @@ class EvaluateSpec(_Spec):
                 raise ValueError(f"label {c.label!r} is taken by the evaluation's own rows")
         return v
 
-
-EVALUATE_LABELS = ("distilled", "student (before)", "reference")
 
 
 PresetName = Literal["fast", "quality", "memory"]
@@ -372,8 +382,5 @@ class DistillSpec(_Spec):
         return self
 
 
-class JobFile(_Spec):
-    """A job as written in YAML: `kind` + `spec`."""
-
-    kind: Literal["distill", "teacher_cache"]
-    spec: dict
+# The spec model of each job kind.
+SPEC_MODELS: dict[str, type[_Spec]] = {DISTILL: DistillSpec, TEACHER_CACHE: TeacherCacheSpec, BENCHMARK: BenchmarkSpec}
