@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 def add_common_args(parser) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="mlx-lm model folder (default: SmolLM2-135M from worker.realdata.smollm2_model())")
+                        help="mlx-lm model folder (default: SmolLM2-135M from service.commands.realdata.smollm2_model())")
     parser.add_argument("--quick", action="store_true",
                         help="tiny random model (tests/helpers/tiny.py) and small sizes: a smoke test in seconds")
 
@@ -206,7 +206,7 @@ def resolve_model(args, tmp: Path) -> Path:
         return tiny_models(tmp / "quick-model")
     if args.model is not None:
         return args.model
-    from worker.realdata import smollm2_model
+    from service.commands.realdata import smollm2_model
 
     return smollm2_model()
 
@@ -217,7 +217,7 @@ def shakespeare_examples(tokenizer, n: int, length: int, tmp: Path, *, offset: i
     realdata.shakespeare_splits → data.load_jsonl → data.tokenize(max_seq_len=length), keeping full windows.
     """
     from worker.engine import data as data_mod
-    from worker.realdata import shakespeare_splits
+    from service.commands.realdata import shakespeare_splits
 
     want = n + offset
     passages = max(8, want // 2)

@@ -76,7 +76,7 @@ def main() -> None:
         tmp = Path(tmp)
         teacher = _common.resolve_model(args, tmp)
         if args.data == "shakespeare" and not args.quick:
-            from worker.realdata import shakespeare_splits
+            from service.commands.realdata import shakespeare_splits
 
             data = shakespeare_splits(tmp / "data", train=600, valid=60, test=1, max_chars=600)
         else:

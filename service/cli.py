@@ -138,13 +138,13 @@ def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress
 @click.option("--steps", type=int, default=40, show_default=True)
 def demo_cmd(work: Path, steps: int) -> None:
     """SmolLM2-135M teaches a 24-layer student on Shakespeare; distillation vs plain SFT, before and after."""
-    from worker.demo import choose_blas_threads
+    from service.commands.demo import choose_blas_threads
 
     choose_blas_threads()   # before OpenBLAS loads: in this process and in the dev server it starts
     from worker.engine import blas
 
     print(blas.enable())
-    from worker.demo import run_demo
+    from service.commands.demo import run_demo
 
     run_demo(work, steps=steps)
 

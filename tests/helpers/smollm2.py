@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from worker import realdata
+from service.commands import realdata
 
 
 def cache_dir() -> Path:

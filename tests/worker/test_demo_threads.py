@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from worker import demo
+from service.commands import demo
 
 
 def test_threads_follow_the_free_cores(monkeypatch):

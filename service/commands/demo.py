@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from worker import realdata
+from service.commands import realdata
 
-FLOW = Path(__file__).resolve().parents[1] / "clients" / "python" / "examples" / "demo_flow.py"
+FLOW = Path(__file__).resolve().parents[2] / "clients" / "python" / "examples" / "demo_flow.py"
 
 
 def choose_blas_threads(probe_seconds: float = 1.0) -> int:
