@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test install
+.PHONY: demo test install check lint format type-check imports
 
 install: $(STAMP)
 
@@ -20,3 +20,21 @@ demo: $(STAMP)
 # One OpenBLAS thread per process: the tests run an API, workers and pytest side by side on few cores.
 test: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/pytest
+
+# Before every commit: formatting, lint, types, the import rules between floors, the generated sync client.
+check: lint type-check imports
+	$(PY) clients/python/tools/unasync.py --check
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+type-check: $(STAMP)
+	$(VENV)/bin/mypy
+
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parents[1]     # the tree these bench scripts belong to
+HERE = Path(__file__).resolve().parents[1]  # the tree these bench scripts belong to
 # The repository the scripts import the engine (worker/, tests/helpers) from: this tree, or the other
 # revision's worktree when run_against starts this script there.
 REPO = Path(os.environ.get("DISTILLERY_BENCH_REPO") or HERE).resolve()
@@ -45,18 +45,34 @@ import numpy as np  # noqa: E402
 
 
 def add_common_args(parser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="mlx-lm model folder (default: SmolLM2-135M from service.commands.realdata.smollm2_model())")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny random model (tests/helpers/tiny.py) and small sizes: a smoke test in seconds")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="mlx-lm model folder (default: SmolLM2-135M from service.commands.realdata.smollm2_model())",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny random model (tests/helpers/tiny.py) and small sizes: a smoke test in seconds",
+    )
 
 
 def add_against_args(parser) -> None:
-    parser.add_argument("--against", metavar="REV", default=None,
-                        help="time this script on git revision REV's engine too (a temporary worktree) and print "
-                             "this tree's RESULT figures over REV's")
-    parser.add_argument("--against-runs", type=int, default=2, metavar="N",
-                        help="with --against: runs per side, alternating (this, REV, REV, this, ...; default 2)")
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        default=None,
+        help="time this script on git revision REV's engine too (a temporary worktree) and print "
+        "this tree's RESULT figures over REV's",
+    )
+    parser.add_argument(
+        "--against-runs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --against: runs per side, alternating (this, REV, REV, this, ...; default 2)",
+    )
 
 
 def run_against(rev: str, runs: int = 2) -> None:
@@ -85,7 +101,7 @@ def run_against(rev: str, runs: int = 2) -> None:
     try:
         _git("worktree", "add", "--detach", "--quiet", str(tree), sha)
         for r in range(runs):
-            for side in (("this", "rev") if r % 2 == 0 else ("rev", "this")):
+            for side in ("this", "rev") if r % 2 == 0 else ("rev", "this"):
                 root = HERE if side == "this" else tree
                 name = "this" if side == "this" else sha[:10]
                 results[side].append(_run_child(script, argv, root, f"{name} {len(results[side]) + 1}/{runs}"))
@@ -121,16 +137,23 @@ def _run_child(script: Path, argv: list[str], root: Path, label: str) -> dict[st
     """One run of `script` importing the engine from `root`, its output echoed with a prefix; its RESULT."""
     env = {**os.environ, "DISTILLERY_BENCH_REPO": str(root)}
     print(f"\n-- run [{label}] (engine from {root})", flush=True)
-    proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *argv],
+        env=env,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     result = None
     for line in proc.stdout:
         print(f"[{label}] {line}", end="", flush=True)
         if line.startswith("RESULT "):
             result = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
     if proc.wait() != 0 or result is None:
-        raise SystemExit(f"run [{label}] failed (exit status {proc.returncode}"
-                         f"{', no RESULT line' if result is None else ''})")
+        raise SystemExit(
+            f"run [{label}] failed (exit status {proc.returncode}{', no RESULT line' if result is None else ''})"
+        )
     return result
 
 
@@ -140,8 +163,7 @@ _NUMBER = re.compile(r"^(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)([A-Za-z/%]*)$")
 def _compare(results: dict[str, list[dict[str, str]]], rev: str) -> None:
     this, other = results["this"], results["rev"]
     name = this[-1].get("name", "bench")
-    print(f"\n== {name}: this tree vs {rev} (medians over {len(this)} and {len(other)} run(s); "
-          "ratio = this / REV)")
+    print(f"\n== {name}: this tree vs {rev} (medians over {len(this)} and {len(other)} run(s); ratio = this / REV)")
     print(f"{'':24} {'this':>12} {rev:>12} {'':6} {'ratio':>7}")
     ratios = []
     for key in this[-1]:
@@ -183,8 +205,10 @@ def header(name: str, args) -> None:
     _START = (time.perf_counter(), _busy_seconds(), _own_seconds())
     print(f"== {name}")
     print(f"blas: {BLAS}")
-    print(f"cpus: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), load average at start: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"cpus: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), load average at start: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"args: {vars(args)}")
     sys.stdout.flush()
 
@@ -216,8 +240,8 @@ def shakespeare_examples(tokenizer, n: int, length: int, tmp: Path, *, offset: i
 
     realdata.shakespeare_splits → data.load_jsonl → data.tokenize(max_seq_len=length), keeping full windows.
     """
-    from worker.engine import data as data_mod
     from service.commands.realdata import shakespeare_splits
+    from worker.engine import data as data_mod
 
     want = n + offset
     passages = max(8, want // 2)
@@ -238,7 +262,7 @@ class Rounds:
 
     def __init__(self, names: list[str]):
         self.times: dict[str, list[float]] = {n: [] for n in names}
-        self.others: list[float] = []   # cores used by other processes during each round
+        self.others: list[float] = []  # cores used by other processes during each round
 
     def clean(self, threshold: float = 0.15, at_least: int = 3) -> list[int]:
         """Rounds during which other processes used < `threshold` cores; all rounds if fewer than `at_least`."""
@@ -271,8 +295,12 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1, 
         wall = time.perf_counter() - t0
         rounds.others.append(max(0.0, (_busy_seconds() - busy0) - (_own_seconds() - own0)) / wall)
         if verbose:
-            print(f"  round {r + 1}/{reps}: " + "  ".join(f"{n}={rounds.times[n][-1]:.3f}s" for n in names)
-                  + f"  (others {rounds.others[-1]:.2f} cores)", flush=True)
+            print(
+                f"  round {r + 1}/{reps}: "
+                + "  ".join(f"{n}={rounds.times[n][-1]:.3f}s" for n in names)
+                + f"  (others {rounds.others[-1]:.2f} cores)",
+                flush=True,
+            )
     return rounds
 
 
@@ -280,8 +308,12 @@ def report(rounds: Rounds, base: str, work: float, unit: str = "tok/s") -> dict[
     """Table of medians over the clean rounds; returns name -> ratio (baseline time / its time)."""
     clean = rounds.clean()
     n = len(rounds.others)
-    note = ("all rounds" if len(clean) == n else f"{len(clean)} of {n} rounds, those with other processes "
-            f"using < 0.15 cores (rounds {[r + 1 for r in clean]})")
+    note = (
+        "all rounds"
+        if len(clean) == n
+        else f"{len(clean)} of {n} rounds, those with other processes "
+        f"using < 0.15 cores (rounds {[r + 1 for r in clean]})"
+    )
     if len(clean) == n and any(o >= 0.15 for o in rounds.others):
         note = "all rounds (too few clean ones: outside load, treat with care)"
     b = rounds.of(base, clean)
@@ -294,8 +326,10 @@ def report(rounds: Rounds, base: str, work: float, unit: str = "tok/s") -> dict[
         m = median(ts)
         ratios[name] = mb / m
         print(f"{name:26} {m:9.3f} {work / m:9.1f} {mb / m:7.3f} {paired_ratio(b, ts):7.3f}   {spread(ts)}")
-    print("(ratio = baseline median / its median = its speed relative to the baseline; paired = median of "
-          "per-round ratios)")
+    print(
+        "(ratio = baseline median / its median = its speed relative to the baseline; paired = median of "
+        "per-round ratios)"
+    )
     return ratios
 
 
@@ -344,10 +378,26 @@ def load_note() -> str:
     return text
 
 
-__all__ = ["BLAS", "REPO", "np", "add_common_args", "add_against_args", "run_against", "header",
-           "resolve_model", "shakespeare_examples",
-           "interleaved", "report", "Rounds", "median", "paired_ratio", "spread", "micro", "load_note",
-           "tiny_models"]
+__all__ = [
+    "BLAS",
+    "REPO",
+    "np",
+    "add_common_args",
+    "add_against_args",
+    "run_against",
+    "header",
+    "resolve_model",
+    "shakespeare_examples",
+    "interleaved",
+    "report",
+    "Rounds",
+    "median",
+    "paired_ratio",
+    "spread",
+    "micro",
+    "load_note",
+    "tiny_models",
+]
 
 
 def run_in_tmp(prefix: str, run: Callable, args) -> None:
@@ -369,4 +419,3 @@ def load_model(args, tmp: Path):
     model_dir = resolve_model(args, tmp)
     model, tokenizer, _ = models.load_model(model_dir)
     return model_dir, model, tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-

@@ -27,9 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 SMOLLM2_135M = {
-    "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
-    "vocab_size": 49152, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 49152,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
 }
 
 
@@ -54,12 +63,16 @@ def child(args: argparse.Namespace) -> None:
     report: dict = {"blas": described, "matmul": []}
     tokens = args.batch * args.seq
     cfg = SMOLLM2_135M
-    shapes = [(cfg["hidden_size"], cfg["hidden_size"]), (cfg["hidden_size"], cfg["intermediate_size"]),
-              (cfg["intermediate_size"], cfg["hidden_size"]), (cfg["hidden_size"], cfg["vocab_size"])]
+    shapes = [
+        (cfg["hidden_size"], cfg["hidden_size"]),
+        (cfg["hidden_size"], cfg["intermediate_size"]),
+        (cfg["intermediate_size"], cfg["hidden_size"]),
+        (cfg["hidden_size"], cfg["vocab_size"]),
+    ]
     for k, n in shapes:
         a, b = mx.random.normal((tokens, k)), mx.random.normal((k, n))
         assert a.dtype == b.dtype == mx.float32
-        per_call = timed(lambda: mx.eval(a @ b), args.seconds)
+        per_call = timed(lambda a=a, b=b: mx.eval(a @ b), args.seconds)
         gflops = 2 * tokens * k * n / per_call / 1e9
         report["matmul"].append({"shape": f"{tokens}x{k} @ {k}x{n}", "gflops": gflops})
 
@@ -88,8 +101,17 @@ def run(args: argparse.Namespace, blas_off: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_BLAS"}
     if blas_off:
         env["DISTILLERY_BLAS"] = "off"
-    cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--seq", str(args.seq),
-           "--seconds", str(args.seconds)] + ([args.model] if args.model else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--seconds",
+        str(args.seconds),
+    ] + ([args.model] if args.model else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"benchmark child failed:\n{done.stderr[-3000:]}")

@@ -22,13 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (first: enables OpenBLAS before MLX is imported)
-from _common import np  # noqa: E402
-
 import mlx.core as mx  # noqa: E402
+from _common import np  # noqa: E402
 
 from worker.engine import cache as cache_mod  # noqa: E402
 from worker.engine import data as data_mod  # noqa: E402
-from worker.engine import models  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +36,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="tokens of text (default 4096; quick 512)")
     p.add_argument("--seq", type=int, default=None, help="tokens per example (default 128; quick 32)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--ks", default=None, help="comma-separated k values (default 16,64,256; quick 16,64,256 "
-                   "capped below the vocabulary)")
+    p.add_argument(
+        "--ks",
+        default=None,
+        help="comma-separated k values (default 16,64,256; quick 16,64,256 capped below the vocabulary)",
+    )
     args = p.parse_args()
     if args.against:
         return _common.run_against(args.against, args.against_runs)
@@ -62,8 +63,17 @@ def run(args, tmp: Path) -> None:
 
     caches = {}
     for k in ks:
-        c = cache_mod.build(model, examples, tmp / f"cache-k{k}", key=f"k{k}", top_k=k, batch_size=args.batch,
-                            pad_id=pad_id, meta={}, sample_batches=0)
+        c = cache_mod.build(
+            model,
+            examples,
+            tmp / f"cache-k{k}",
+            key=f"k{k}",
+            top_k=k,
+            batch_size=args.batch,
+            pad_id=pad_id,
+            meta={},
+            sample_batches=0,
+        )
         disk = sum(f.stat().st_size for f in c.path.iterdir() if f.suffix == ".npy")
         caches[k] = (c, disk)
         print(f"  built k={k}: {c.meta['build_tokens_per_second']:.0f} tok/s", flush=True)
@@ -91,17 +101,20 @@ def run(args, tmp: Path) -> None:
             topmass = mx.exp(mx.take_along_axis(logp, ids.astype(mx.int32), axis=-1)).sum(-1)
             mass[k].append(np.array(topmass)[sel])
     entropy = np.concatenate(ent)
-    print(f"\nteacher entropy over the {counted} target positions: mean {entropy.mean():.3f} nats, "
-          f"median {np.median(entropy):.3f}")
-    print(f"\n{'k':>5} {'row B/tok':>10} {'disk B/tok':>11} {'mean KL (nats)':>15} "
-          f"{'top-k mass':>11} {'mass p10':>9}")
+    print(
+        f"\nteacher entropy over the {counted} target positions: mean {entropy.mean():.3f} nats, "
+        f"median {np.median(entropy):.3f}"
+    )
+    print(f"\n{'k':>5} {'row B/tok':>10} {'disk B/tok':>11} {'mean KL (nats)':>15} {'top-k mass':>11} {'mass p10':>9}")
     parts = []
     for k in ks:
         c, disk = caches[k]
         kl = kl_sum[k] / counted
         mk = np.concatenate(mass[k])
-        print(f"{k:5d} {c.meta['bytes_per_token']:10d} {disk / n_tokens:11.1f} "
-              f"{kl:15.4f} {mk.mean():11.4f} {np.percentile(mk, 10):9.4f}")
+        print(
+            f"{k:5d} {c.meta['bytes_per_token']:10d} {disk / n_tokens:11.1f} "
+            f"{kl:15.4f} {mk.mean():11.4f} {np.percentile(mk, 10):9.4f}"
+        )
         parts.append(f"k{k}_bytes={c.meta['bytes_per_token']} k{k}_kl={kl:.4f} k{k}_mass={mk.mean():.4f}")
     print()
     print(_common.load_note())

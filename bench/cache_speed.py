@@ -35,13 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (first: enables OpenBLAS before MLX is imported)
-from _common import np  # noqa: E402
-
 import mlx.core as mx  # noqa: E402
+from _common import np  # noqa: E402
 
 from worker.engine import cache as cache_mod  # noqa: E402
 from worker.engine import data as data_mod  # noqa: E402
-from worker.engine import models  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,11 +68,13 @@ def main() -> None:
 def run(args, tmp: Path) -> None:
     model_dir, model, tokenizer, pad_id = _common.load_model(args, tmp)
     examples = _common.shakespeare_examples(tokenizer, args.batch * args.batches, args.seq, tmp)
-    groups = [examples[g * args.batch:(g + 1) * args.batch] for g in range(args.batches)]
+    groups = [examples[g * args.batch : (g + 1) * args.batch] for g in range(args.batches)]
     per_call = sum(len(e.tokens) for e in groups[0])
     print(f"model: {model_dir} ({len(model.layers)} layers, vocab {model.args.vocab_size})")
-    print(f"data: {len(examples)} examples x {args.seq} tokens in {len(groups)} batches of {args.batch}; each "
-          f"timed call processes one batch ({per_call} tokens), round r uses batch r mod {len(groups)}; k={args.k}")
+    print(
+        f"data: {len(examples)} examples x {args.seq} tokens in {len(groups)} batches of {args.batch}; each "
+        f"timed call processes one batch ({per_call} tokens), round r uses batch r mod {len(groups)}; k={args.k}"
+    )
 
     def cycling(fn):
         calls = itertools.count()
@@ -88,8 +89,17 @@ def run(args, tmp: Path) -> None:
 
     def build(group) -> None:
         out = tmp / f"cache-{next(counter)}"
-        cache_mod.build(model, group, out, key="bench", top_k=args.k, batch_size=args.batch, pad_id=pad_id,
-                        meta={}, sample_batches=0)
+        cache_mod.build(
+            model,
+            group,
+            out,
+            key="bench",
+            top_k=args.k,
+            batch_size=args.batch,
+            pad_id=pad_id,
+            meta={},
+            sample_batches=0,
+        )
         shutil.rmtree(out, ignore_errors=True)
 
     print("\ntimed rounds (seconds per batch):")
@@ -99,15 +109,18 @@ def run(args, tmp: Path) -> None:
     mb = _common.median(rounds.of("plain_forward", clean))
 
     if not args.no_explore:
-        explore(model, examples, data_mod.eval_batches([len(e.tokens) for e in examples], args.batch), pad_id,
-                args, tmp, mb)
+        explore(
+            model, examples, data_mod.eval_batches([len(e.tokens) for e in examples], args.batch), pad_id, args, tmp, mb
+        )
 
     mc = _common.median(rounds.of("cache_build", clean))
     print()
     print(_common.load_note())
-    print(f"RESULT name=cache_speed ratio={ratios['cache_build']:.3f} baseline={per_call / mb:.1f}tok/s "
-          f"candidate={per_call / mc:.1f}tok/s batch={args.batch}x{args.seq} k={args.k} "
-          f"rounds={len(clean)}/{len(rounds.others)}")
+    print(
+        f"RESULT name=cache_speed ratio={ratios['cache_build']:.3f} baseline={per_call / mb:.1f}tok/s "
+        f"candidate={per_call / mc:.1f}tok/s batch={args.batch}x{args.seq} k={args.k} "
+        f"rounds={len(clean)}/{len(rounds.others)}"
+    )
 
 
 def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: float) -> None:
@@ -144,7 +157,7 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
     row("  mx.exp over V (MLX CPU exp is scalar)", lambda: mx.eval(mx.exp(logits)))
     row("  mx.max over V", lambda: mx.eval(mx.max(logits, axis=-1)))
     row("  NumPy logsumexp over V, 1 thread", lambda: np.log(np.exp(flat - flat.max(-1, keepdims=True)).sum(-1)))
-    row("  mx.argpartition over V", lambda: mx.eval(mx.argpartition(logits, kth=V - k, axis=-1)[..., V - k:]))
+    row("  mx.argpartition over V", lambda: mx.eval(mx.argpartition(logits, kth=V - k, axis=-1)[..., V - k :]))
     row("  mx.topk over V (values only)", lambda: mx.eval(mx.topk(logits, k, axis=-1)))
 
     # The engine's answer against a float64 reference.
@@ -157,9 +170,11 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
     same = np.mean([set(a) == set(b) for a, b in zip(ids_np, ref_ids)])
     e_lp = np.abs(np.array(lps).reshape(-1, k) - ref).max()
     e_tail = np.abs(np.exp(np.array(tail).reshape(-1)) - np.maximum(1.0 - np.exp(ref).sum(-1), 0.0)).max()
-    print(f"  check vs a float64 reference (float16 storage step at |logprob| = 8 is 7.8e-03): same top-k id set "
-          f"in {same * 100:.2f}% of rows (ties may differ); max |logprob error| {e_lp:.1e}; max |tail mass error| "
-          f"{e_tail:.1e}")
+    print(
+        f"  check vs a float64 reference (float16 storage step at |logprob| = 8 is 7.8e-03): same top-k id set "
+        f"in {same * 100:.2f}% of rows (ties may differ); max |logprob error| {e_lp:.1e}; max |tail mass error| "
+        f"{e_tail:.1e}"
+    )
 
 
 if __name__ == "__main__":

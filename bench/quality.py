@@ -20,13 +20,13 @@ top-1 agreement with the teacher, before training (step 0) and for the adapter t
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (OpenBLAS before MLX)
-
 import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
+
+import _common  # noqa: F401  (OpenBLAS before MLX)
 
 DROP = (13, 15)
 
@@ -35,7 +35,7 @@ def pydoc_splits(out: Path, every: int = 10, chars: int = 1200) -> dict[str, Pat
     import pydoc_data.topics as topics
 
     texts = [v for _, v in sorted(topics.topics.items()) if len(v) > 400]
-    chunks = [v[i:i + chars] for v in texts for i in range(0, len(v), chars)]
+    chunks = [v[i : i + chars] for v in texts for i in range(0, len(v), chars)]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl", "valid": out / "valid.jsonl"}
     paths["train"].write_text("".join(json.dumps({"text": c}) + "\n" for i, c in enumerate(chunks) if i % every))
@@ -46,8 +46,10 @@ def pydoc_splits(out: Path, every: int = 10, chars: int = 1200) -> dict[str, Pat
 def cases(args, n_layers: int) -> list[tuple[str, dict, dict]]:
     keep = [i for i in range(n_layers) if i not in DROP] if n_layers > max(DROP) else list(range(n_layers - 1))
     pruned = {"keep_layers": keep}
-    out = [(f"pruned-{len(keep)}", pruned, {"learning_rate": "auto"}),
-           ("quantized-4", {"quantize": {"bits": 4, "group_size": 64}}, {"learning_rate": "auto"})]
+    out = [
+        (f"pruned-{len(keep)}", pruned, {"learning_rate": "auto"}),
+        ("quantized-4", {"quantize": {"bits": 4, "group_size": 64}}, {"learning_rate": "auto"}),
+    ]
     if args.fixed_lr:
         out.append(("fixed-lr", pruned, {"learning_rate": args.fixed_lr}))
     return [c for c in out if c[0].split("-")[0] in args.cases or c[0] in args.cases]
@@ -67,9 +69,9 @@ def main() -> None:
     args.cases = args.cases.split(",")
     _common.header("quality: distillation on capable students", args)
 
+    from distillery_contract.specs import DistillSpec
     from worker.engine.cache import CacheStore
     from worker.engine.distill import Inputs, run_distill
-    from distillery_contract.specs import DistillSpec
     from worker.engine.train import Hooks
 
     with tempfile.TemporaryDirectory(prefix="distillery-quality-") as tmp:
@@ -82,19 +84,31 @@ def main() -> None:
         else:
             data = pydoc_splits(tmp / "data")
         n_layers = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
-        store = CacheStore(tmp / "caches")   # one teacher cache serves every case
+        store = CacheStore(tmp / "caches")  # one teacher cache serves every case
         rows = []
         for name, student, training in cases(args, n_layers):
             if args.quick and "quantize" in student:
                 student = {"quantize": {"bits": 4, "group_size": 32}}
-            spec = DistillSpec.model_validate({
-                "student": {"model": str(teacher), **student}, "teachers": [{"model": str(teacher)}],
-                "data": {"train": str(data["train"]), "valid": str(data["valid"])},
-                "loss": {"kind": "forward_kl", "top_k": 64},
-                "adapter": {"type": "lora", "rank": 16, "scale": 20.0},
-                "training": {"steps": args.steps, "batch_size": args.batch, "max_seq_len": args.seq,
-                             "lr_schedule": "constant", "warmup_steps": 0, "seed": 1, "eval_every": args.eval_every,
-                             "checkpoint_every": args.steps, **training}})
+            spec = DistillSpec.model_validate(
+                {
+                    "student": {"model": str(teacher), **student},
+                    "teachers": [{"model": str(teacher)}],
+                    "data": {"train": str(data["train"]), "valid": str(data["valid"])},
+                    "loss": {"kind": "forward_kl", "top_k": 64},
+                    "adapter": {"type": "lora", "rank": 16, "scale": 20.0},
+                    "training": {
+                        "steps": args.steps,
+                        "batch_size": args.batch,
+                        "max_seq_len": args.seq,
+                        "lr_schedule": "constant",
+                        "warmup_steps": 0,
+                        "seed": 1,
+                        "eval_every": args.eval_every,
+                        "checkpoint_every": args.steps,
+                        **training,
+                    },
+                }
+            )
             inputs = Inputs(student=teacher, teachers=[teacher], train=data["train"], valid=data["valid"])
             t0 = time.perf_counter()
 
@@ -106,15 +120,19 @@ def main() -> None:
             rows.append((name, summary, time.perf_counter() - t0))
 
     print()
-    print("| case | rate | val KL before → after | ratio | ppl before → after | top-1 before → after | best step "
-          "| rollbacks | wall |")
+    print(
+        "| case | rate | val KL before → after | ratio | ppl before → after | top-1 before → after | best step "
+        "| rollbacks | wall |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, s, wall in rows:
         i, f = s["initial"], s["final"]
         rate = f"{s['learning_rate']:g}" + (" (auto)" if s["lr_search"] else "")
-        print(f"| {name} | {rate} | {i['val_kl']:.4f} → {f['val_kl']:.4f} | {f['val_kl'] / i['val_kl']:.3f} | "
-              f"{i['val_ppl']:.2f} → {f['val_ppl']:.2f} | {i['val_top1_agreement']:.3f} → "
-              f"{f['val_top1_agreement']:.3f} | {s['best']['step']} | {len(s['rollbacks'])} | {wall:.0f} s |")
+        print(
+            f"| {name} | {rate} | {i['val_kl']:.4f} → {f['val_kl']:.4f} | {f['val_kl'] / i['val_kl']:.3f} | "
+            f"{i['val_ppl']:.2f} → {f['val_ppl']:.2f} | {i['val_top1_agreement']:.3f} → "
+            f"{f['val_top1_agreement']:.3f} | {s['best']['step']} | {len(s['rollbacks'])} | {wall:.0f} s |"
+        )
     for name, s, _ in rows:
         for w in s["warnings"]:
             print(f"{name}: warning {w['code']}: {w['message']}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,8 +54,9 @@ def ts(value: str) -> float:
 
 
 def cli(env: dict, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     if r.returncode:
         raise SystemExit(f"distillery-server {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
     return r.stdout
@@ -64,8 +64,9 @@ def cli(env: dict, *args: str) -> str:
 
 def start(env: dict, folder: Path, name: str, *args: str) -> subprocess.Popen:
     log = open(folder / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -94,9 +95,14 @@ def main() -> None:
     db_url = create_pg_database("distillery_bench", migrate=False)
     work = Path(tempfile.mkdtemp(prefix="distillery-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
-    env.update(DISTILLERY_DATABASE_URL=db_url, DISTILLERY_BROKER_URL=args.redis,
-               DISTILLERY_ARTIFACT_ROOT=str(work / "artifacts"), DISTILLERY_CACHE_DIR=str(work / "cache"),
-               OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        DISTILLERY_DATABASE_URL=db_url,
+        DISTILLERY_BROKER_URL=args.redis,
+        DISTILLERY_ARTIFACT_ROOT=str(work / "artifacts"),
+        DISTILLERY_CACHE_DIR=str(work / "cache"),
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     procs: list[subprocess.Popen] = []
     rows: list[tuple[str, str]] = []
     try:
@@ -137,16 +143,26 @@ def main() -> None:
             ids[name] = r.json()["id"]
 
         def cache_spec(top_k: int = 16) -> dict:
-            return {"kind": "teacher_cache",
-                    "spec": {"teacher": ids["teacher"], "data": ids["train"], "top_k": top_k, "max_seq_len": 48}}
+            return {
+                "kind": "teacher_cache",
+                "spec": {"teacher": ids["teacher"], "data": ids["train"], "top_k": top_k, "max_seq_len": 48},
+            }
 
-        distill = {"kind": "distill", "spec": {
-            "student": {"model": ids["student"]}, "teachers": [{"model": ids["teacher"]}], "teacher_mode": "offline",
-            "data": {"train": ids["train"], "valid": ids["valid"]}, "loss": {"top_k": 16},
-            "adapter": {"rank": 4}, "training": {"steps": 4, "batch_size": 4, "max_seq_len": 48}}}
+        distill = {
+            "kind": "distill",
+            "spec": {
+                "student": {"model": ids["student"]},
+                "teachers": [{"model": ids["teacher"]}],
+                "teacher_mode": "offline",
+                "data": {"train": ids["train"], "valid": ids["valid"]},
+                "loss": {"top_k": 16},
+                "adapter": {"rank": 4},
+                "training": {"steps": 4, "batch_size": 4, "max_seq_len": 48},
+            },
+        }
 
         # ---------------------------------------------------------------- (a) submission latency
-        for _ in range(10):   # warm-up: connections, caches, the first cache jobs of the distill spec
+        for _ in range(10):  # warm-up: connections, caches, the first cache jobs of the distill spec
             c.post("/v1/jobs", json=cache_spec()).raise_for_status()
             c.post("/v1/jobs", json=distill).raise_for_status()
         job_ids: list[str] = []
@@ -160,9 +176,13 @@ def main() -> None:
                 assert r.status_code == 201, r.text
                 job_ids.append(r.json()["id"])
             wall = time.perf_counter() - t_all
-            rows.append((f"(a) POST /v1/jobs {label}",
-                         f"n={args.n}  p50 {pct(lat, .5) * 1e3:6.1f} ms  p99 {pct(lat, .99) * 1e3:6.1f} ms  "
-                         f"max {max(lat) * 1e3:6.1f} ms  ({args.n / wall:.0f}/s)"))
+            rows.append(
+                (
+                    f"(a) POST /v1/jobs {label}",
+                    f"n={args.n}  p50 {pct(lat, 0.5) * 1e3:6.1f} ms  p99 {pct(lat, 0.99) * 1e3:6.1f} ms  "
+                    f"max {max(lat) * 1e3:6.1f} ms  ({args.n / wall:.0f}/s)",
+                )
+            )
             print(rows[-1][0], rows[-1][1])
         queued = broker.llen("distillery")
 
@@ -175,8 +195,12 @@ def main() -> None:
             c.get(f"/v1/jobs/{target}").raise_for_status()
             lat.append(time.perf_counter() - t1)
         seq_rps = args.gets / (time.perf_counter() - t0)
-        rows.append(("(b) GET /v1/jobs/{id} sequential",
-                     f"{seq_rps:7.0f} req/s  p50 {pct(lat, .5) * 1e3:5.1f} ms  p99 {pct(lat, .99) * 1e3:5.1f} ms"))
+        rows.append(
+            (
+                "(b) GET /v1/jobs/{id} sequential",
+                f"{seq_rps:7.0f} req/s  p50 {pct(lat, 0.5) * 1e3:5.1f} ms  p99 {pct(lat, 0.99) * 1e3:5.1f} ms",
+            )
+        )
         print(*rows[-1])
         per = args.gets // args.clients
         lats: list[list[float]] = [[] for _ in range(args.clients)]
@@ -199,17 +223,24 @@ def main() -> None:
             th.join()
         conc_rps = per * args.clients / (time.perf_counter() - t0)
         all_lat = [x for lst in lats for x in lst]
-        rows.append((f"(b) GET /v1/jobs/{{id}} {args.clients} clients",
-                     f"{conc_rps:7.0f} req/s  p50 {pct(all_lat, .5) * 1e3:5.1f} ms  "
-                     f"p99 {pct(all_lat, .99) * 1e3:5.1f} ms  errors {len(errors)}"))
+        rows.append(
+            (
+                f"(b) GET /v1/jobs/{{id}} {args.clients} clients",
+                f"{conc_rps:7.0f} req/s  p50 {pct(all_lat, 0.5) * 1e3:5.1f} ms  "
+                f"p99 {pct(all_lat, 0.99) * 1e3:5.1f} ms  errors {len(errors)}",
+            )
+        )
         print(*rows[-1])
 
         # ---------------------------------------------------------------- (c) submit -> running
         # the jobs of (a) stay queued in the database; their messages go, so the worker sees only (c)'s
         broker.flushdb()
         wenv = {**env, "DISTILLERY_ENQUEUE_GRACE_SECONDS": "86400"}
-        procs.append(worker := start(wenv, work, "worker", "worker", "--loglevel", "info",
-                                     "--hostname", f"bench-{os.getpid()}@%h"))
+        procs.append(
+            worker := start(
+                wenv, work, "worker", "worker", "--loglevel", "info", "--hostname", f"bench-{os.getpid()}@%h"
+            )
+        )
 
         def run_one(top_k: int, poll: float = 0.005) -> tuple[float, float, float]:
             t0 = time.time()
@@ -231,34 +262,46 @@ def main() -> None:
             raise SystemExit(f"job {jid} did not finish:\n{(work / 'worker.log').read_text()[-4000:]}")
 
         t0 = time.perf_counter()
-        run_one(100)   # warm-up: worker start, MLX import, first model load (not counted)
+        run_one(100)  # warm-up: worker start, MLX import, first model load (not counted)
         print(f"worker up and first job done in {time.perf_counter() - t0:.1f}s")
         server, client_seen = [], []
         for i in range(args.m):
-            time.sleep(0.3)   # the worker back at its idle wait
+            time.sleep(0.3)  # the worker back at its idle wait
             s, cseen, _ = run_one(101 + i)
             server.append(s)
             client_seen.append(cseen)
-        rows.append((f"(c) submit -> started_at (server clocks)",
-                     f"m={args.m}  p50 {pct(server, .5) * 1e3:6.1f} ms  p99 {pct(server, .99) * 1e3:6.1f} ms  "
-                     f"max {max(server) * 1e3:6.1f} ms"))
+        rows.append(
+            (
+                "(c) submit -> started_at (server clocks)",
+                f"m={args.m}  p50 {pct(server, 0.5) * 1e3:6.1f} ms  p99 {pct(server, 0.99) * 1e3:6.1f} ms  "
+                f"max {max(server) * 1e3:6.1f} ms",
+            )
+        )
         print(*rows[-1])
-        rows.append((f"(c) POST sent -> running seen (client)",
-                     f"m={args.m}  p50 {pct(client_seen, .5) * 1e3:6.1f} ms  p99 {pct(client_seen, .99) * 1e3:6.1f} ms"
-                     f"  (5 ms polling)"))
+        rows.append(
+            (
+                "(c) POST sent -> running seen (client)",
+                f"m={args.m}  p50 {pct(client_seen, 0.5) * 1e3:6.1f} ms  p99 {pct(client_seen, 0.99) * 1e3:6.1f} ms"
+                f"  (5 ms polling)",
+            )
+        )
         print(*rows[-1])
 
         print()
-        print(f"Distillery service latency — API ({url}) on PostgreSQL, Redis broker; "
-              f"{os.cpu_count()} CPUs shared by client, API, PostgreSQL, Redis and worker")
+        print(
+            f"Distillery service latency — API ({url}) on PostgreSQL, Redis broker; "
+            f"{os.cpu_count()} CPUs shared by client, API, PostgreSQL, Redis and worker"
+        )
         width = max(len(r[0]) for r in rows)
         print("-" * (width + 70))
         for name, value in rows:
             print(f"{name:<{width}}  {value}")
         print("-" * (width + 70))
         print(f"(a) left {queued} messages in Redis (no worker); (c) used a fresh teacher_cache job each time")
-        print(f"RESULT submit_p50_ms={pct_a(rows)} get_seq_rps={seq_rps:.0f} get_{args.clients}c_rps={conc_rps:.0f} "
-              f"submit_to_running_p50_ms={pct(server, .5) * 1e3:.1f} submit_to_running_p99_ms={pct(server, .99) * 1e3:.1f}")
+        print(
+            f"RESULT submit_p50_ms={pct_a(rows)} get_seq_rps={seq_rps:.0f} get_{args.clients}c_rps={conc_rps:.0f} "
+            f"submit_to_running_p50_ms={pct(server, 0.5) * 1e3:.1f} submit_to_running_p99_ms={pct(server, 0.99) * 1e3:.1f}"
+        )
         c.close()
     finally:
         for p in reversed(procs):

@@ -43,22 +43,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (first: enables OpenBLAS before MLX is imported)
-from _common import np  # noqa: E402
-
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+from _common import np  # noqa: E402
 from mlx.nn.utils import average_gradients  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 
+from distillery_contract.specs import AdapterSpec, LossSpec, StudentSpec  # noqa: E402
 from worker.engine import cache as cache_mod  # noqa: E402
 from worker.engine import data as data_mod  # noqa: E402
 from worker.engine import losses, models  # noqa: E402
 from worker.engine import student as student_mod  # noqa: E402
 from worker.engine import train as train_mod  # noqa: E402
 from worker.engine.batches import CachedTeacher, Split  # noqa: E402
-from distillery_contract.specs import AdapterSpec, LossSpec, StudentSpec  # noqa: E402
 
 
 def main() -> None:
@@ -92,21 +91,35 @@ def run(args, tmp: Path) -> None:
     batches = data_mod.eval_batches(lengths, args.batch)
 
     # The teacher cache for these examples, built by the engine with the full teacher.
-    cache = cache_mod.build(teacher, examples, tmp / "cache", key="bench", top_k=args.k, batch_size=8,
-                            pad_id=pad_id, meta={}, sample_batches=0)
-    print(f"teacher cache: {cache.meta['tokens']} tokens, k={cache.top_k}, "
-          f"{cache.meta['build_tokens_per_second']:.0f} tok/s to build")
+    cache = cache_mod.build(
+        teacher,
+        examples,
+        tmp / "cache",
+        key="bench",
+        top_k=args.k,
+        batch_size=8,
+        pad_id=pad_id,
+        meta={},
+        sample_batches=0,
+    )
+    print(
+        f"teacher cache: {cache.meta['tokens']} tokens, k={cache.top_k}, "
+        f"{cache.meta['build_tokens_per_second']:.0f} tok/s to build"
+    )
     del teacher
     mx.clear_cache()
 
     mx.random.seed(42)
-    student = student_mod.build_student(StudentSpec(model=str(model_dir), keep_layers=keep), AdapterSpec(),
-                                        model_dir, tmp / "out")
+    student = student_mod.build_student(
+        StudentSpec(model=str(model_dir), keep_layers=keep), AdapterSpec(), model_dir, tmp / "out"
+    )
     model, acfg = student.model, student.adapter_config
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    print(f"student: {len(model.layers)} of {n_layers} layers (keep {keep[:4]}...), {acfg['fine_tune_type']} "
-          f"rank {acfg['lora_parameters']['rank']} scale {acfg['lora_parameters']['scale']} on "
-          f"{acfg['num_layers']} layers, {n_trainable / 1e6:.2f}M trainable; batch {args.batch} x {args.seq}")
+    print(
+        f"student: {len(model.layers)} of {n_layers} layers (keep {keep[:4]}...), {acfg['fine_tune_type']} "
+        f"rank {acfg['lora_parameters']['rank']} scale {acfg['lora_parameters']['scale']} on "
+        f"{acfg['num_layers']} layers, {n_trainable / 1e6:.2f}M trainable; batch {args.batch} x {args.seq}"
+    )
 
     split = Split(examples, [CachedTeacher(cache, np.arange(len(examples)))])
     weights = losses.FixedWeights([1.0])
@@ -182,9 +195,11 @@ def run(args, tmp: Path) -> None:
     print()
     print(_common.load_note())
     extra = "".join(f" {n}={r:.3f}" for n, r in ratios.items() if n not in ("mlx_lm_sft", "distill_step"))
-    print(f"RESULT name=step_speed ratio={ratios['distill_step']:.3f} baseline={step_tokens / mb:.1f}tok/s "
-          f"candidate={step_tokens / mc:.1f}tok/s batch={args.batch}x{args.seq} k={args.k}{extra} "
-          f"rounds={len(clean)}/{len(rounds.others)}")
+    print(
+        f"RESULT name=step_speed ratio={ratios['distill_step']:.3f} baseline={step_tokens / mb:.1f}tok/s "
+        f"candidate={step_tokens / mc:.1f}tok/s batch={args.batch}x{args.seq} k={args.k}{extra} "
+        f"rounds={len(clean)}/{len(rounds.others)}"
+    )
 
 
 def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None:
@@ -195,8 +210,9 @@ def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None
     logits = mx.array(np.array(logits))  # detached copy
     targets = tokens[:, 1:]
     t = teachers[0]
-    print(f"\nexplore: loss forward+backward w.r.t. logits {tuple(logits.shape)} "
-          f"(baseline step {step_s * 1000:.0f} ms)")
+    print(
+        f"\nexplore: loss forward+backward w.r.t. logits {tuple(logits.shape)} (baseline step {step_s * 1000:.0f} ms)"
+    )
 
     def row(name: str, f) -> float:
         g = mx.grad(lambda x: f(x).sum())
@@ -233,15 +249,17 @@ def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None
     np.put_along_axis(rest, ids, -np.inf, -1)
     mr = rest.max(-1, keepdims=True)
     ref = np.concatenate([top, np.log(np.exp(rest - mr).sum(-1, keepdims=True)) + mr], -1)
-    sel = np.array(mask).reshape(-1).astype(bool)   # real positions (padding rows hold dummy ids)
+    sel = np.array(mask).reshape(-1).astype(bool)  # real positions (padding rows hold dummy ids)
     small = sel & (ref[:, -1] < np.log(1e-4))
     got = np.array(losses.student_buckets(logits, t.topk_ids, 1.0)).reshape(ref.shape)
     err = np.abs(got - ref)
     tail_small = f"{err[small, -1].max():.1e}" if small.any() else "n/a"
-    print(f"  engine buckets vs float64 reference over {sel.sum()} target positions (student tail mass: median "
-          f"{np.exp(np.median(ref[sel, -1])):.2e}, min {np.exp(ref[sel, -1].min()):.2e}; {small.sum()} below "
-          f"1e-4): max |error| top-k {err[sel, :-1].max():.1e}, tail bucket {err[sel, -1].max():.1e} (where "
-          f"tail < 1e-4: {tail_small})")
+    print(
+        f"  engine buckets vs float64 reference over {sel.sum()} target positions (student tail mass: median "
+        f"{np.exp(np.median(ref[sel, -1])):.2e}, min {np.exp(ref[sel, -1].min()):.2e}; {small.sum()} below "
+        f"1e-4): max |error| top-k {err[sel, :-1].max():.1e}, tail bucket {err[sel, -1].max():.1e} (where "
+        f"tail < 1e-4: {tail_small})"
+    )
     # A confident student (logits scaled up): tails of 1e-6 and below.
     sharp = logits * 4.0
     zs = z * 4.0
@@ -250,11 +268,13 @@ def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None
     rs = lq.copy()
     np.put_along_axis(rs, ids, -np.inf, -1)
     mrs = rs.max(-1, keepdims=True)
-    ref_tail = (np.log(np.exp(rs - mrs).sum(-1)) + mrs[:, 0])
+    ref_tail = np.log(np.exp(rs - mrs).sum(-1)) + mrs[:, 0]
     got_tail = np.array(losses.student_buckets(sharp, t.topk_ids, 1.0)).reshape(ref.shape)[:, -1]
-    print(f"  a sharper student (logits x 4; tail mass median {np.exp(np.median(ref_tail[sel])):.1e}, "
-          f"min {np.exp(ref_tail[sel].min()):.1e}): engine max |tail bucket error| "
-          f"{np.abs(got_tail - ref_tail)[sel].max():.1e}")
+    print(
+        f"  a sharper student (logits x 4; tail mass median {np.exp(np.median(ref_tail[sel])):.1e}, "
+        f"min {np.exp(ref_tail[sel].min()):.1e}): engine max |tail bucket error| "
+        f"{np.abs(got_tail - ref_tail)[sel].max():.1e}"
+    )
 
 
 if __name__ == "__main__":

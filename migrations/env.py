@@ -22,8 +22,7 @@ def run_migrations() -> None:
     engine = make_engine(url)
     with engine.connect() as connection:
         # batch mode: SQLite can only alter tables by copying them, Alembic does that for us
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                          compare_type=True)
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True, compare_type=True)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

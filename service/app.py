@@ -20,7 +20,6 @@ from sqlalchemy.orm import sessionmaker
 
 from service.api.auth import ApiKeyMiddleware
 from service.api.auth_limit import FailedAuthLimit
-from service.api.uploads import UploadSlots
 from service.api.deps import provide_caller, provide_session, provide_settings
 from service.api.metrics import AppMetrics, metrics_middleware
 from service.api.openapi import (
@@ -31,6 +30,7 @@ from service.api.openapi import (
 )
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.schemas import JOB_KINDS, JOB_STATUSES, request_models
+from service.api.uploads import UploadSlots
 from service.artifacts.controller import ArtifactController
 from service.datasets.controller import DatasetController
 from service.db.availability import availability_for
@@ -54,14 +54,23 @@ def _version() -> str:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
     sessions = sessionmaker(engine_for(settings.database_url), expire_on_commit=False)
-    celery = make_celery(settings.broker_url)   # this app's own, so its broker_url is the one in `settings`
+    celery = make_celery(settings.broker_url)  # this app's own, so its broker_url is the one in `settings`
     database = availability_for(settings.database_url)
-    state = State({"settings": settings, "sessions": sessions, "celery": celery, "enqueuer": Enqueuer(celery),
-                   "database": database, "metrics": AppMetrics(sessions, database),
-                   "auth_failures": FailedAuthLimit(settings.auth_failure_burst, settings.auth_failure_per_second),
-                   "streams": EventHub(sessions, settings.events_poll_seconds, settings.streams_per_key,
-                                       settings.streams_total),
-                   "uploads": UploadSlots(settings.max_concurrent_uploads)})
+    state = State(
+        {
+            "settings": settings,
+            "sessions": sessions,
+            "celery": celery,
+            "enqueuer": Enqueuer(celery),
+            "database": database,
+            "metrics": AppMetrics(sessions, database),
+            "auth_failures": FailedAuthLimit(settings.auth_failure_burst, settings.auth_failure_per_second),
+            "streams": EventHub(
+                sessions, settings.events_poll_seconds, settings.streams_per_key, settings.streams_total
+            ),
+            "uploads": UploadSlots(settings.max_concurrent_uploads),
+        }
+    )
 
     v1 = Router(
         path="/v1",
@@ -83,8 +92,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version=_version(),
             path="/schema",
             description="Self-hosted knowledge distillation: datasets, models, jobs, artifacts.",
-            components=Components(security_schemes={
-                "bearer": SecurityScheme(type="http", scheme="bearer", description="dst_<prefix>_<secret>")}),
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", description="dst_<prefix>_<secret>")
+                }
+            ),
         ),
         state=state,
         debug=False,

@@ -40,8 +40,14 @@ def api_cmd(host: str | None, port: int | None) -> None:
     from service.settings import get_settings
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                proxy_headers=True, timeout_graceful_shutdown=5, log_config=UVICORN_LOG_CONFIG)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        proxy_headers=True,
+        timeout_graceful_shutdown=5,
+        log_config=UVICORN_LOG_CONFIG,
+    )
 
 
 @main.group("keys")
@@ -115,8 +121,12 @@ def import_gguf_cmd(src: Path, out: Path, dtype: str) -> None:
 @main.command("distill")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Teacher caches and imported models (default: ~/.cache/distillery).")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Teacher caches and imported models (default: ~/.cache/distillery).",
+)
 @click.option("--no-progress", is_flag=True, help="Plain log lines instead of a progress bar.")
 def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress: bool) -> None:
     """Run one distill spec (YAML: `kind: distill` + `spec`, or the spec alone) locally, without API or queue."""
@@ -140,7 +150,7 @@ def demo_cmd(work: Path, steps: int) -> None:
     """SmolLM2-135M teaches a 24-layer student on Shakespeare; distillation vs plain SFT, before and after."""
     from service.commands.demo import choose_blas_threads
 
-    choose_blas_threads()   # before OpenBLAS loads: in this process and in the dev server it starts
+    choose_blas_threads()  # before OpenBLAS loads: in this process and in the dev server it starts
     from worker.engine import blas
 
     print(blas.enable())
@@ -151,8 +161,12 @@ def demo_cmd(work: Path, steps: int) -> None:
 
 @main.command("worker")
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Jobs run at once by this worker.")
-@click.option("--pool", type=click.Choice(["solo", "prefork"]), default=None,
-              help="solo (default with concurrency 1): jobs run in this process; prefork: in child processes.")
+@click.option(
+    "--pool",
+    type=click.Choice(["solo", "prefork"]),
+    default=None,
+    help="solo (default with concurrency 1): jobs run in this process; prefork: in child processes.",
+)
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--hostname", default=None, help="Celery node name (default: celery@<host>).")
 def worker_cmd(concurrency: int, pool: str | None, loglevel: str, hostname: str | None) -> None:

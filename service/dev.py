@@ -82,7 +82,9 @@ class WorkerProcess:
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "service.cli", "worker", "--loglevel", "info"]
-        self.proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, preexec_fn=_die_with_parent if sys.platform == "linux" else None
+        )
 
     def _watchdog(self) -> None:
         while not self.stopping:
@@ -98,7 +100,7 @@ class WorkerProcess:
         self.stopping = True
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)   # warm shutdown: the running job checkpoints and is released
+        self.proc.send_signal(signal.SIGTERM)  # warm shutdown: the running job checkpoints and is released
         try:
             self.proc.wait(WORKER_STOP_SECONDS)
         except subprocess.TimeoutExpired:
@@ -125,8 +127,9 @@ def run_dev(host: str, port: int, project: str, new_key: bool) -> None:
 
     url = f"http://{host}:{port}"
     click.echo(f"Distillery dev: API {url} (OpenAPI at {url}/schema)")
-    click.echo(f"  database  {settings.database_url}\n  broker    {settings.broker_url}\n"
-               f"  artifacts {settings.artifact_root}")
+    click.echo(
+        f"  database  {settings.database_url}\n  broker    {settings.broker_url}\n  artifacts {settings.artifact_root}"
+    )
     if key:
         click.echo(f"API key for project {project!r} (shown once; export DISTILLERY_API_KEY=...):")
         click.echo(key)
@@ -145,8 +148,9 @@ def run_dev(host: str, port: int, project: str, new_key: bool) -> None:
 
         from service.logs import UVICORN_LOG_CONFIG
 
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
-                    log_config=UVICORN_LOG_CONFIG)
+        uvicorn.run(
+            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, log_config=UVICORN_LOG_CONFIG
+        )
     except KeyboardInterrupt:
         pass
     finally:

@@ -25,11 +25,13 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 def escape_controls(text: str, keep: str = "") -> str:
     """`text` with each control character (but those in `keep`) written as an escape: `\\r` reads `\\x0d`."""
+
     def escape(match: re.Match[str]) -> str:
         char = match.group()
         if char in keep:
             return char
         return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
     return _CONTROL.sub(escape, text)
 
 
@@ -56,10 +58,16 @@ def _uvicorn_log_config() -> dict:
     config = copy.deepcopy(LOGGING_CONFIG)
     config["formatters"]["default"].update({"()": f"{__name__}.SafeFormatter", "use_colors": False})
     config["formatters"]["access"].update({"()": f"{__name__}.SafeAccessFormatter", "use_colors": False})
-    config["formatters"]["service"] = {"()": f"{__name__}.SafeFormatter", "use_colors": False,
-                                       "fmt": "%(levelprefix)s %(name)s: %(message)s"}
-    config["handlers"]["service"] = {"formatter": "service", "class": "logging.StreamHandler",
-                                     "stream": "ext://sys.stderr"}
+    config["formatters"]["service"] = {
+        "()": f"{__name__}.SafeFormatter",
+        "use_colors": False,
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+    }
+    config["handlers"]["service"] = {
+        "formatter": "service",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
     config["loggers"]["service"] = {"level": "INFO"}
     config["root"] = {"handlers": ["service"], "level": "WARNING"}
     return config

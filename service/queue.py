@@ -49,7 +49,7 @@ def transport_options(broker_url: str) -> dict:
             # Redis redelivers an unacknowledged message after this; jobs can run for hours, and the
             # database lease (not the broker) is what detects a dead worker, so make it long.
             "visibility_timeout": 12 * 3600,
-            "max_retries": 1,          # publishing: fail fast when the broker is down; the sweeper retries
+            "max_retries": 1,  # publishing: fail fast when the broker is down; the sweeper retries
         }
     return {"max_retries": 1}
 
@@ -90,7 +90,7 @@ def broker_restarted(app: Celery | None = None) -> bool:
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         return bool(client.set(EPOCH_KEY, secrets.token_hex(8), nx=True))
-    except redis.RedisError:   # unreachable now: the sweep goes on (requeues need no broker); next round asks again
+    except redis.RedisError:  # unreachable now: the sweep goes on (requeues need no broker); next round asks again
         return False
     finally:
         client.close()

@@ -24,20 +24,20 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_upload_bytes: int = 2 << 30            # datasets and GGUF uploads
-    max_concurrent_uploads: int = 4            # uploads one API process receives at once (429 past it)
-    model_roots: list[Path] = []               # server folders models may be registered from ([] = anywhere readable)
-    auth_failure_burst: int = 20               # failed authentications one client address may make at once,
-    auth_failure_per_second: float = 2.0       # then this many a second (429 past it; service.api.auth_limit)
-    metrics_token: SecretStr | None = None     # shows the operator view of /metrics (service.api.metrics)
+    max_upload_bytes: int = 2 << 30  # datasets and GGUF uploads
+    max_concurrent_uploads: int = 4  # uploads one API process receives at once (429 past it)
+    model_roots: list[Path] = []  # server folders models may be registered from ([] = anywhere readable)
+    auth_failure_burst: int = 20  # failed authentications one client address may make at once,
+    auth_failure_per_second: float = 2.0  # then this many a second (429 past it; service.api.auth_limit)
+    metrics_token: SecretStr | None = None  # shows the operator view of /metrics (service.api.metrics)
 
-    lease_seconds: int = 60                    # a running job's lease; renewed every lease_seconds / 3
-    sweep_seconds: int = 15                    # how often workers look for lost or never-enqueued jobs
-    enqueue_grace_seconds: int = 600           # a sent job still queued after this is sent again (a message
-                                               # lost with the broker); never-sent jobs are sent at once
-    events_poll_seconds: float = 0.5           # SSE: how often the streams look for new events
-    streams_per_key: int = 64                  # SSE: open event streams one API key may hold
-    streams_total: int = 2000                  # SSE: open event streams one API process serves
+    lease_seconds: int = 60  # a running job's lease; renewed every lease_seconds / 3
+    sweep_seconds: int = 15  # how often workers look for lost or never-enqueued jobs
+    enqueue_grace_seconds: int = 600  # a sent job still queued after this is sent again (a message
+    # lost with the broker); never-sent jobs are sent at once
+    events_poll_seconds: float = 0.5  # SSE: how often the streams look for new events
+    streams_per_key: int = 64  # SSE: open event streams one API key may hold
+    streams_total: int = 2000  # SSE: open event streams one API process serves
 
 
 @lru_cache

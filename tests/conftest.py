@@ -68,4 +68,3 @@ def fresh_pg_url() -> Iterator[str]:
     url = create_pg_database("distillery_e2e", migrate=False)
     yield url
     drop_pg_database(url)
-

@@ -23,9 +23,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ATTEMPTS = ".attempts"
-LINKED = "checkpoints"          # resume state: hard-linked
-COPY_MAX_BYTES = 64 << 20       # other files an attempt inherits are small (metrics, spec marker); big ones
-                                # (the pruned `student/`, `fused/`, a benchmark's stores) are rebuilt
+LINKED = "checkpoints"  # resume state: hard-linked
+COPY_MAX_BYTES = 64 << 20  # other files an attempt inherits are small (metrics, spec marker); big ones
+# (the pruned `student/`, `fused/`, a benchmark's stores) are rebuilt
 
 
 def attempt_dir(job_dir: Path, attempt: int) -> Path:
@@ -36,7 +36,7 @@ def prepare(job_dir: Path, attempt: int) -> Path:
     """The folder attempt `attempt` works in, seeded from the newest earlier attempt (or, for a run started
     before attempts had folders, from the job folder itself)."""
     work = attempt_dir(job_dir, attempt)
-    if work.exists():   # the same attempt number again cannot happen (claims count up), but never mix runs
+    if work.exists():  # the same attempt number again cannot happen (claims count up), but never mix runs
         shutil.rmtree(work)
     source = _newest_before(job_dir, attempt)
     if source is None and (job_dir / LINKED).is_dir():
@@ -66,7 +66,7 @@ def moved_paths(value, work: Path, job_dir: Path):
     if isinstance(value, list):
         return [moved_paths(v, work, job_dir) for v in value]
     if isinstance(value, str) and (value == str(work) or value.startswith(str(work) + os.sep)):
-        return str(job_dir) + value[len(str(work)):]
+        return str(job_dir) + value[len(str(work)) :]
     return value
 
 
@@ -88,7 +88,7 @@ def _inherit(source: Path, work: Path) -> None:
     if linked.is_dir():
         for path in linked.rglob("*"):
             if path.name.startswith(".tmp-") or any(p.startswith(".tmp-") for p in path.relative_to(linked).parts):
-                continue   # a checkpoint its attempt never finished writing
+                continue  # a checkpoint its attempt never finished writing
             target = work / LINKED / path.relative_to(linked)
             if path.is_dir():
                 target.mkdir(parents=True, exist_ok=True)

@@ -54,16 +54,25 @@ def _redact(url: str) -> str:
         return url.split("@")[-1]
 
 
-def start_worker(concurrency: int = 1, loglevel: str = "info", pool: str | None = None,
-                 hostname: str | None = None) -> None:
+def start_worker(
+    concurrency: int = 1, loglevel: str = "info", pool: str | None = None, hostname: str | None = None
+) -> None:
     """Run a worker in this process until it is shut down. `solo` (the default with concurrency 1) runs the
     job in this process: no fork after start-up, which MLX's Metal backend needs, and a warm shutdown releases
     the running job at its next step. `prefork` runs `concurrency` jobs in child processes; its warm shutdown
     waits for the running jobs to end (a killed child's job is resumed elsewhere once its lease expires)."""
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     pool = pool or ("solo" if concurrency == 1 else "prefork")
-    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={QUEUE}",
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--queues={QUEUE}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)

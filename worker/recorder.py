@@ -20,9 +20,8 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -56,10 +55,14 @@ def jsonable(value):
 
 def metric_rows(job_id: str, record: dict) -> list[dict]:
     """StepMetric rows (as dicts, for a bulk insert): one per finite numeric field of a train/eval record."""
-    return [dict(job_id=job_id, step=int(record["step"]), kind=record["kind"], name=name, value=float(value))
-            for name, value in record.items()
-            if name not in NOT_METRICS and not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value)]
+    return [
+        dict(job_id=job_id, step=int(record["step"]), kind=record["kind"], name=name, value=float(value))
+        for name, value in record.items()
+        if name not in NOT_METRICS
+        and not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+    ]
 
 
 class LeaseLost(Exception):
@@ -77,13 +80,20 @@ def insert_metrics(session: Session, rows: list[dict]) -> None:
     if not rows:
         return
     dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
-    session.execute(dialect.insert(StepMetric).on_conflict_do_nothing(
-        index_elements=["job_id", "kind", "step", "name"]), rows)
+    session.execute(
+        dialect.insert(StepMetric).on_conflict_do_nothing(index_elements=["job_id", "kind", "step", "name"]), rows
+    )
 
 
 class JobRecorder:
-    def __init__(self, job_id: str, owner: str | None = None, on_lost: Callable[[str], None] | None = None,
-                 flush_seconds: float = 2.0, progress_event_seconds: float = 3.0):
+    def __init__(
+        self,
+        job_id: str,
+        owner: str | None = None,
+        on_lost: Callable[[str], None] | None = None,
+        flush_seconds: float = 2.0,
+        progress_event_seconds: float = 3.0,
+    ):
         self.job_id, self.owner, self.on_lost = job_id, owner, on_lost
         self.flush_seconds, self.progress_event_seconds = flush_seconds, progress_event_seconds
         self._events: list[tuple[str, str, dict]] = []
@@ -117,8 +127,11 @@ class JobRecorder:
             self.maybe_flush()
 
     def progress(self, record: dict) -> None:
-        self._progress = {"progress_step": int(record["step"]), "total_steps": record.get("total_steps"),
-                          "eta_seconds": jsonable(record.get("eta_seconds"))}
+        self._progress = {
+            "progress_step": int(record["step"]),
+            "total_steps": record.get("total_steps"),
+            "eta_seconds": jsonable(record.get("eta_seconds")),
+        }
         self.maybe_flush()
 
     def checkpoint(self, step: int, path: Path) -> None:
@@ -148,8 +161,12 @@ class JobRecorder:
                 session.add_all(JobEvent(job_id=self.job_id, kind=k, message=m, data=d) for k, m, d in self._events)
                 insert_metrics(session, self._metrics)
                 if values:
-                    session.execute(update(Job).where(Job.id == self.job_id).values(**values)
-                                    .execution_options(synchronize_session=False))
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id)
+                        .values(**values)
+                        .execution_options(synchronize_session=False)
+                    )
         except LeaseLost as e:
             self._lost(str(e))
             self._events, self._metrics, self._progress, self._summary_dirty = [], [], None, False
@@ -181,8 +198,13 @@ def sync_to_checkpoint(job_id: str, out_dir: Path, owner: str | None = None) -> 
             session.execute(delete(StepMetric).where(StepMetric.job_id == job_id))
             return None
         session.execute(delete(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step > step))
-        have = dict(session.execute(select(StepMetric.kind, func.max(StepMetric.step))
-                                    .where(StepMetric.job_id == job_id).group_by(StepMetric.kind)).all())
+        have = dict(
+            session.execute(
+                select(StepMetric.kind, func.max(StepMetric.step))
+                .where(StepMetric.job_id == job_id)
+                .group_by(StepMetric.kind)
+            ).all()
+        )
         metrics_file = out_dir / "metrics.jsonl"
         if metrics_file.exists():
             for line in metrics_file.read_text().splitlines():
@@ -201,13 +223,19 @@ def sync_checkpoints(job_id: str, root: Path, owner: str | None = None) -> None:
 
 def write_checkpoint_rows(session: Session, job_id: str, root: Path) -> None:
     """Checkpoint rows = the resumable `step-N/` folders on disk (older ones are pruned by the engine)."""
-    on_disk = {json.loads((p / "state.json").read_text())["step"]: p
-               for p in root.glob("step-*") if (p / "state.json").is_file()}
+    on_disk = {
+        json.loads((p / "state.json").read_text())["step"]: p
+        for p in root.glob("step-*")
+        if (p / "state.json").is_file()
+    }
     rows = {c.step: c for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id))}
     for step, row in rows.items():
         if step not in on_disk:
             session.delete(row)
-        elif row.path != str(on_disk[step].resolve()):   # the same step, now in another attempt's folder
+        elif row.path != str(on_disk[step].resolve()):  # the same step, now in another attempt's folder
             row.path = str(on_disk[step].resolve())
-    session.add_all(Checkpoint(job_id=job_id, step=step, path=str(path.resolve()))
-                    for step, path in on_disk.items() if step not in rows)
+    session.add_all(
+        Checkpoint(job_id=job_id, step=step, path=str(path.resolve()))
+        for step, path in on_disk.items()
+        if step not in rows
+    )

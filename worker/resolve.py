@@ -57,8 +57,10 @@ class Resolver:
         root = artifact_root(self.settings)
         path = stored_path(self.settings, row.path).resolve()
         if not path.is_relative_to(root):
-            raise RuntimeError(f"dataset {ref} lies at {path}, outside this worker's artifact root {root}: "
-                               "DISTILLERY_ARTIFACT_ROOT must name the same storage on the API and every worker")
+            raise RuntimeError(
+                f"dataset {ref} lies at {path}, outside this worker's artifact root {root}: "
+                "DISTILLERY_ARTIFACT_ROOT must name the same storage on the API and every worker"
+            )
         if not path.is_file():
             raise RuntimeError(f"dataset {ref}: its file {path} is missing from the artifact root")
         return path

@@ -13,18 +13,18 @@ from pathlib import Path
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from service.artifacts.service import job_output_dir
 from service.db.models import TeacherCacheRecord
 from service.db.session import session_scope
 from service.settings import Settings
+from worker import attempts
+from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
 from worker.engine.cache import CacheStore
 from worker.engine.distill import Inputs, build_teacher_cache, run_distill
 from worker.engine.errors import UserError
 from worker.engine.local import format_validation_error
-from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
-from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from worker.engine.train import Hooks
-from worker import attempts
 from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint
 from worker.resolve import Resolver
 
@@ -40,7 +40,7 @@ class JobInfo:
     kind: str
     spec: dict
     attempts: int
-    owner: str | None = None      # the lease owner of this attempt: every write of the run is fenced by it
+    owner: str | None = None  # the lease owner of this attempt: every write of the run is fenced by it
 
 
 def work_dir(settings: Settings, job: JobInfo) -> Path:
@@ -55,8 +55,9 @@ class Result:
 
 
 def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop) -> Result:
-    hooks = Hooks(on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint,
-                  should_stop=should_stop)
+    hooks = Hooks(
+        on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint, should_stop=should_stop
+    )
     if job.kind == "teacher_cache":
         return teacher_cache(job, settings, hooks)
     if job.kind == "distill":
@@ -89,12 +90,29 @@ def teacher_cache(job: JobInfo, settings: Settings, hooks: Hooks) -> Result:
     try:
         with session_scope() as session:
             if session.get(TeacherCacheRecord, meta["key"]) is None:
-                session.add(TeacherCacheRecord(key=meta["key"], job_id=job.id, path=str(cache.path.resolve()),
-                                               tokens=int(meta["tokens"]), size_bytes=size, meta=meta))
+                session.add(
+                    TeacherCacheRecord(
+                        key=meta["key"],
+                        job_id=job.id,
+                        path=str(cache.path.resolve()),
+                        tokens=int(meta["tokens"]),
+                        size_bytes=size,
+                        meta=meta,
+                    )
+                )
     except IntegrityError:  # another worker recorded the same cache at the same moment
         pass
-    keys = ("key", "tokens", "examples", "top_k", "vocab_size", "bytes_per_token", "reconstruction_kl",
-            "build_seconds", "build_tokens_per_second")
+    keys = (
+        "key",
+        "tokens",
+        "examples",
+        "top_k",
+        "vocab_size",
+        "bytes_per_token",
+        "reconstruction_kl",
+        "build_seconds",
+        "build_tokens_per_second",
+    )
     return Result(summary={**{k: meta.get(k) for k in keys}, "size_bytes": size})
 
 
@@ -116,7 +134,9 @@ def distill(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hook
         log.info("job %s resumes from its checkpoint at step %d", job.id, resumed_at)
     recorder.progress({"step": resumed_at or 0, "total_steps": spec.training.steps})
     recorder.flush()
-    summary = run_distill(spec, inputs, out_dir, teacher_caches(settings, job.project_id), hooks, on_progress=recorder.progress)
+    summary = run_distill(
+        spec, inputs, out_dir, teacher_caches(settings, job.project_id), hooks, on_progress=recorder.progress
+    )
     return Result(summary=jsonable(summary), out_dir=out_dir)
 
 
@@ -135,8 +155,10 @@ def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Ho
             adapter, metrics = r.adapter(c.adapter, f"{at}.adapter"), out / "metrics.jsonl"
         model = r.model(c.model, f"{at}.model") if c.model else r.student_of(c.adapter, f"{at}.adapter")
         candidates.append(CandidateInput(c.label, model, adapter, metrics if metrics and metrics.is_file() else None))
-    data = {name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None
-            for name in ("text", "mcq", "preference")}
+    data = {
+        name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None
+        for name in ("text", "mcq", "preference")
+    }
     inputs = BenchmarkInputs(reference=r.model(spec.reference, "reference"), candidates=candidates, **data)
     out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)
     summary = run_benchmark(spec, inputs, out_dir, hooks, on_progress=recorder.progress)

@@ -42,7 +42,7 @@ def sweep_once(resend_after_seconds: int) -> list[str]:
         with session_scope() as session:
             mine = lifecycle.take_for_sending(session, job_id, resend_after_seconds)
         if not mine:
-            continue   # another sweeper sends it
+            continue  # another sweeper sends it
         if queue.send(job_id):
             sent.append(job_id)
         else:

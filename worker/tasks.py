@@ -25,7 +25,6 @@ import traceback
 import uuid
 
 from distillery_contract.jobs import INTERNAL_ERROR, RESOURCE
-
 from service import queue
 from service.artifacts.service import job_output_dir, register_output_dir
 from service.db.models import Job
@@ -36,7 +35,7 @@ from worker.lease import JobLease
 
 log = logging.getLogger(__name__)
 
-UNPUBLISHED = ("checkpoints/", "spec.json")   # resume state and the run's spec marker stay internal
+UNPUBLISHED = ("checkpoints/", "spec.json")  # resume state and the run's spec marker stay internal
 
 
 def owner_id() -> str:
@@ -83,8 +82,9 @@ def _ready(job_id: str) -> bool:
 def _info(job: Job, owner: str):
     from worker.runs import JobInfo
 
-    return JobInfo(id=job.id, project_id=job.project_id, kind=job.kind, spec=dict(job.spec), attempts=job.attempts,
-                   owner=owner)
+    return JobInfo(
+        id=job.id, project_id=job.project_id, kind=job.kind, spec=dict(job.spec), attempts=job.attempts, owner=owner
+    )
 
 
 def _execute(info, owner: str, lease: JobLease, settings) -> None:
@@ -106,8 +106,14 @@ def _execute(info, owner: str, lease: JobLease, settings) -> None:
         _record(info, owner, settings, **outcome)
     except Exception as e:  # e.g. an output file that cannot be registered: fail the job, don't retry it forever
         log.exception("job %s: could not record its outcome", info.id)
-        _record(info, owner, settings, status=lifecycle.FAILED, error_code=INTERNAL_ERROR,
-                error_message=f"could not record the outcome: {type(e).__name__}: {str(e)[:300]}")
+        _record(
+            info,
+            owner,
+            settings,
+            status=lifecycle.FAILED,
+            error_code=INTERNAL_ERROR,
+            error_message=f"could not record the outcome: {type(e).__name__}: {str(e)[:300]}",
+        )
 
 
 def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
@@ -124,8 +130,9 @@ def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
             return None
         if lease.shutdown and not lease.cancel_requested:
             with session_scope() as session:
-                lifecycle.release(session, info.id, owner, "worker shutting down; queued again to resume "
-                                  "from its last checkpoint")
+                lifecycle.release(
+                    session, info.id, owner, "worker shutting down; queued again to resume from its last checkpoint"
+                )
             return None
         return dict(status=lifecycle.CANCELLED, error_message="cancelled")
     except UserError as e:
@@ -135,10 +142,13 @@ def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
             return _internal_error(info, e, recorder)
         where = getattr(e, "filename", None) or job_output_dir(settings.artifact_root, info)
         _discard_files(info, owner, settings)
-        return dict(status=lifecycle.FAILED, error_code=RESOURCE,
-                    error_message=f"the disk is full: could not write {where} ({e}); the run's partial files "
-                                  f"were removed and {_free_space(where)}; free some space (e.g. delete finished "
-                                  "jobs' files: DELETE /v1/jobs/{id}/files) and submit again")
+        return dict(
+            status=lifecycle.FAILED,
+            error_code=RESOURCE,
+            error_message=f"the disk is full: could not write {where} ({e}); the run's partial files "
+            f"were removed and {_free_space(where)}; free some space (e.g. delete finished "
+            "jobs' files: DELETE /v1/jobs/{id}/files) and submit again",
+        )
     return dict(status=lifecycle.SUCCEEDED, summary=result.summary, out_dir=result.out_dir)
 
 
@@ -164,8 +174,7 @@ def _internal_error(info, e: Exception, recorder) -> dict:
     tb = traceback.format_exc()
     log.error("job %s failed with an internal error:\n%s", info.id, tb)
     recorder.event("error", f"{type(e).__name__}: {e}", {"traceback": tb})
-    return dict(status=lifecycle.FAILED, error_code=INTERNAL_ERROR,
-                error_message=f"{type(e).__name__}: {str(e)[:500]}")
+    return dict(status=lifecycle.FAILED, error_code=INTERNAL_ERROR, error_message=f"{type(e).__name__}: {str(e)[:500]}")
 
 
 def _free_space(path) -> str:
@@ -191,7 +200,7 @@ def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:
         if out_dir is not None:
             job_dir = job_output_dir(settings.artifact_root, info)
             attempts.publish(out_dir, job_dir)
-            if outcome.get("summary") is not None:   # paths the run reported now lie in the job's folder
+            if outcome.get("summary") is not None:  # paths the run reported now lie in the job's folder
                 outcome["summary"] = attempts.moved_paths(outcome["summary"], out_dir, job_dir)
             register_output_dir(session, info, job_dir, settings.artifact_root, exclude=UNPUBLISHED)
             write_checkpoint_rows(session, info.id, job_dir / "checkpoints")
@@ -201,8 +210,9 @@ def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:
             return
     if out_dir is not None:
         attempts.discard(job_output_dir(settings.artifact_root, info))
-    log.info("job %s %s%s", info.id, outcome["status"],
-             f": {outcome['error_message']}" if outcome.get("error_code") else "")
+    log.info(
+        "job %s %s%s", info.id, outcome["status"], f": {outcome['error_message']}" if outcome.get("error_code") else ""
+    )
 
 
 def _sync_checkpoints(info, owner: str, settings) -> None:

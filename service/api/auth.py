@@ -30,7 +30,7 @@ from service.db.models import ApiKey, Project, utcnow
 from service.settings import Settings
 
 KEY_PREFIX = "dst"
-LAST_USED_RESOLUTION = timedelta(minutes=1)   # write last_used_at at most this often per key
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # write last_used_at at most this often per key
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,11 @@ def create_api_key(session: Session, project_name: str) -> tuple[ApiKey, str]:
 
 def revoke_api_key(session: Session, key_id_or_prefix: str) -> int:
     """Revoke keys by id or prefix; returns how many were revoked."""
-    rows = session.scalars(select(ApiKey).where(
-        (ApiKey.id == key_id_or_prefix) | (ApiKey.prefix == key_id_or_prefix), ApiKey.revoked_at.is_(None))).all()
+    rows = session.scalars(
+        select(ApiKey).where(
+            (ApiKey.id == key_id_or_prefix) | (ApiKey.prefix == key_id_or_prefix), ApiKey.revoked_at.is_(None)
+        )
+    ).all()
     for row in rows:
         row.revoked_at = utcnow()
     return len(rows)
@@ -89,8 +92,9 @@ def resolve_key(session: Session, key: str) -> Caller | None:
     if parts is None:
         return None
     presented = hash_key(key)
-    rows = session.execute(select(ApiKey, Project.name).join(Project, Project.id == ApiKey.project_id)
-                           .where(ApiKey.prefix == parts[0])).all()
+    rows = session.execute(
+        select(ApiKey, Project.name).join(Project, Project.id == ApiKey.project_id).where(ApiKey.prefix == parts[0])
+    ).all()
     match = None
     for row, project_name in rows:
         # compare every candidate, so the time taken does not tell which one matched

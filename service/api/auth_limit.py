@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from service.api.problems import Problem
 
-MAX_ADDRESSES = 10_000         # buckets kept; past it the least recently failing address is forgotten
-MAX_ACCEPTED_KEYS = 4096       # recently accepted key hashes remembered
+MAX_ADDRESSES = 10_000  # buckets kept; past it the least recently failing address is forgotten
+MAX_ACCEPTED_KEYS = 4096  # recently accepted key hashes remembered
 
 
 @dataclass
@@ -53,8 +53,11 @@ class FailedAuthLimit:
             if bucket is None or bucket.tokens >= 1 or key_hash in self._accepted:
                 return
             wait = math.ceil((1 - bucket.tokens) / self.per_second)
-        raise Problem(429, f"too many failed authentications from this address; retry after {wait} s",
-                      headers={"Retry-After": str(wait)})
+        raise Problem(
+            429,
+            f"too many failed authentications from this address; retry after {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
 
     def failed(self, address: str, key_hash: str | None) -> None:
         """One failed authentication from `address`; the key it presented is no longer vouched for."""

@@ -53,8 +53,11 @@ def header_key(request: Request) -> str | None:
         return None
     key = key.strip()
     if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
-        raise Problem(422, f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable characters",
-                      errors=[{"field": HEADER, "message": f"must be 1-{MAX_KEY_LENGTH} printable characters"}])
+        raise Problem(
+            422,
+            f"{HEADER} must be 1-{MAX_KEY_LENGTH} printable characters",
+            errors=[{"field": HEADER, "message": f"must be 1-{MAX_KEY_LENGTH} printable characters"}],
+        )
     return key
 
 
@@ -63,7 +66,7 @@ async def provide_idempotency(request: Request) -> IdempotencyKey | None:
     key = header_key(request)
     if key is None:
         return None
-    body = await request.body()   # cached by Litestar: the handler's `data` parses the same bytes
+    body = await request.body()  # cached by Litestar: the handler's `data` parses the same bytes
     return IdempotencyKey(key, fingerprint(request.method, request.url.path, body))
 
 
@@ -85,17 +88,30 @@ def find(session: Session, project_id: str, idem: IdempotencyKey | None) -> Repl
         return None
     if record.request_hash != idem.request_hash:
         message = "this key was already used with a different request"
-        raise Problem(422, f"{HEADER}: {message}", errors=[{"field": HEADER, "message": message}],
-                      slug="idempotency-key-reused", title="Idempotency key reused")
+        raise Problem(
+            422,
+            f"{HEADER}: {message}",
+            errors=[{"field": HEADER, "message": message}],
+            slug="idempotency-key-reused",
+            title="Idempotency key reused",
+        )
     return Replay(record.status_code, record.response)
 
 
-def remember(session: Session, project_id: str, idem: IdempotencyKey | None, status_code: int,
-             body: dict[str, Any]) -> None:
+def remember(
+    session: Session, project_id: str, idem: IdempotencyKey | None, status_code: int, body: dict[str, Any]
+) -> None:
     """Add the response to the current transaction (nothing without a key)."""
     if idem is not None:
-        session.add(IdempotencyRecord(project_id=project_id, key=idem.key, request_hash=idem.request_hash,
-                                      status_code=status_code, response=body))
+        session.add(
+            IdempotencyRecord(
+                project_id=project_id,
+                key=idem.key,
+                request_hash=idem.request_hash,
+                status_code=status_code,
+                response=body,
+            )
+        )
 
 
 def commit(session: Session, project_id: str, idem: IdempotencyKey | None) -> Replay | None:

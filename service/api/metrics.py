@@ -16,8 +16,15 @@ import logging
 from time import perf_counter
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter,
-                               Histogram, generate_latest)
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,7 +52,7 @@ class JobsByStatus:
         try:
             with self.sessions() as session:
                 counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-        except Exception as e:   # a scrape must not fail because the database does; /readyz reports that
+        except Exception as e:  # a scrape must not fail because the database does; /readyz reports that
             if unavailable(e):
                 self.database.failed(e)
             else:
@@ -60,15 +67,20 @@ class AppMetrics:
     def __init__(self, sessions: sessionmaker[Session], database: Availability) -> None:
         # per app, so several apps (tests) never share counters
         self.public = CollectorRegistry()
-        self.registry = CollectorRegistry()   # the operator view: the public one and everything below
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):   # the process's own
+        self.registry = CollectorRegistry()  # the operator view: the public one and everything below
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # the process's own
             self.public.register(collector)
             self.registry.register(collector)
-        self.requests = Counter("distillery_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("distillery_http_request_duration_seconds", "HTTP request latency",
-                                 ["method", "route"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.requests = Counter(
+            "distillery_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "distillery_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.registry.register(JobsByStatus(sessions, database))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -97,12 +109,13 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, send_and_note)
-        except Exception as e:   # raised by middleware further in (auth): answered outside
+        except Exception as e:  # raised by middleware further in (auth): answered outside
             status = status_for(e)
             raise
         finally:
             metrics: AppMetrics = scope["litestar_app"].state.metrics
-            metrics.observe(scope["method"], scope.get("path_template") or "unmatched", status,
-                            perf_counter() - started)
+            metrics.observe(
+                scope["method"], scope.get("path_template") or "unmatched", status, perf_counter() - started
+            )
 
     return middleware

@@ -32,13 +32,19 @@ from service.api.problems import PROBLEM_JSON
 
 
 def _form_schema(fields: dict[str, str], required: list[str]) -> Schema:
-    props = {name: Schema(type=OpenAPIType.STRING, format="binary" if kind == "binary" else None)
-             for name, kind in fields.items()}
+    props = {
+        name: Schema(type=OpenAPIType.STRING, format="binary" if kind == "binary" else None)
+        for name, kind in fields.items()
+    }
     return Schema(type=OpenAPIType.OBJECT, properties=props, required=required)
 
 
-def multipart_body(fields: dict[str, str], required: list[str], json_fields: dict[str, str] | None = None,
-                   json_required: list[str] | None = None) -> type[Operation]:
+def multipart_body(
+    fields: dict[str, str],
+    required: list[str],
+    json_fields: dict[str, str] | None = None,
+    json_required: list[str] | None = None,
+) -> type[Operation]:
     """An Operation class whose request body is a multipart form (`fields`: name -> "binary" | "string"),
     and optionally, as an alternative, a JSON object of string fields."""
     content = {"multipart/form-data": OpenAPIMediaType(schema=_form_schema(fields, required))}
@@ -61,8 +67,8 @@ def publish_pydantic_schemas(app: Litestar, models: Iterable[type[BaseModel]]) -
     published document accepts what the API accepts (less the cross-field rules no JSON schema can state)."""
     schemas = _document(app).components.schemas
     for model in models:
-        if model.__name__ == "JobCreate":   # `spec` is checked by a plain validator: keep Litestar's oneOf of
-            schemas["JobCreate"].additional_properties = False    # the spec models, and close the object
+        if model.__name__ == "JobCreate":  # `spec` is checked by a plain validator: keep Litestar's oneOf of
+            schemas["JobCreate"].additional_properties = False  # the spec models, and close the object
             continue
         doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in {**doc.pop("$defs", {}), model.__name__: doc}.items():
@@ -99,8 +105,9 @@ def _to_schema(node: Any) -> Any:
         return Reference(ref=node["$ref"])
     nulls = tuple(key for key, value in node.items() if value is None)
     if nulls:
-        return _SchemaWithNulls(**_to_schema({k: v for k, v in node.items() if v is not None}).__dict__,
-                                null_keys=nulls)
+        return _SchemaWithNulls(
+            **_to_schema({k: v for k, v in node.items() if v is not None}).__dict__, null_keys=nulls
+        )
     fields = {}
     for key, value in node.items():
         name = _RENAMED.get(key) or re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
@@ -145,7 +152,7 @@ class ProblemResponse:
     status: int
     description: str
     where: RouteRule
-    headers: dict[str, str] = field(default_factory=dict)   # header name -> description
+    headers: dict[str, str] = field(default_factory=dict)  # header name -> description
 
 
 def under_v1(route: Route) -> bool:
@@ -168,7 +175,7 @@ def only(*keys: str) -> RouteRule:
     return lambda route: route.key in keys
 
 
-UPLOADS = ("POST /v1/datasets", "POST /v1/models")    # multipart streamed to disk (service.api.uploads)
+UPLOADS = ("POST /v1/datasets", "POST /v1/models")  # multipart streamed to disk (service.api.uploads)
 JOB_CREATE = "POST /v1/jobs"
 EVENT_STREAM = "GET /v1/jobs/{job_id}/events/stream"
 DOWNLOAD = "GET /v1/artifacts/{artifact_id}/content"
@@ -179,28 +186,46 @@ RETRY_AFTER = {"Retry-After": "Seconds to wait before retrying."}
 # response. A test reads the statuses back from the document, and the API fuzz checks that every status the
 # app answers is listed for its operation.
 PROBLEM_RESPONSES: tuple[ProblemResponse, ...] = (
-    ProblemResponse(400, "The body is not valid JSON or multipart/form-data, or is nested too deeply.",
-                    reads_body),
-    ProblemResponse(401, "Missing, malformed, unknown or revoked API key (`Authorization: Bearer <key>`).",
-                    under_v1, {"WWW-Authenticate": "`Bearer realm=\"distillery\"`"}),
+    ProblemResponse(400, "The body is not valid JSON or multipart/form-data, or is nested too deeply.", reads_body),
+    ProblemResponse(
+        401,
+        "Missing, malformed, unknown or revoked API key (`Authorization: Bearer <key>`).",
+        under_v1,
+        {"WWW-Authenticate": '`Bearer realm="distillery"`'},
+    ),
     ProblemResponse(401, "A wrong metrics token (checked only when the server has one).", only(METRICS)),
     ProblemResponse(404, "No such object in the caller's project.", has_path_id),
     ProblemResponse(409, "The dataset is used by an unfinished job.", only("DELETE /v1/datasets/{dataset_id}")),
     ProblemResponse(409, "The job has already finished.", only("POST /v1/jobs/{job_id}/cancel")),
-    ProblemResponse(409, "The job, or a job using its output, is unfinished; or its files are a shared teacher "
-                         "cache.", only("DELETE /v1/jobs/{job_id}/files")),
+    ProblemResponse(
+        409,
+        "The job, or a job using its output, is unfinished; or its files are a shared teacher cache.",
+        only("DELETE /v1/jobs/{job_id}/files"),
+    ),
     ProblemResponse(413, "The body is larger than the limit.", only(JOB_CREATE, *UPLOADS)),
     ProblemResponse(415, "Content-Type is not one this operation reads.", only(JOB_CREATE, *UPLOADS)),
     ProblemResponse(416, "The Range is outside the artifact.", only(DOWNLOAD), {"Content-Range": "`bytes */<size>`"}),
-    ProblemResponse(422, "Validation failed: `errors` names each bad field (a parameter, a header or a path into "
-                         "the body) or dataset line. An Idempotency-Key reused for another request is one too.",
-                    takes_input),
-    ProblemResponse(429, "Too many failed authentications from this address.",
-                    lambda route: under_v1(route) or route.key == METRICS, RETRY_AFTER),
-    ProblemResponse(429, "The server is already receiving as many uploads as it takes at once.", only(*UPLOADS),
-                    RETRY_AFTER),
-    ProblemResponse(429, "This API key (or this server) already has as many event streams open as allowed.",
-                    only(EVENT_STREAM), RETRY_AFTER),
+    ProblemResponse(
+        422,
+        "Validation failed: `errors` names each bad field (a parameter, a header or a path into "
+        "the body) or dataset line. An Idempotency-Key reused for another request is one too.",
+        takes_input,
+    ),
+    ProblemResponse(
+        429,
+        "Too many failed authentications from this address.",
+        lambda route: under_v1(route) or route.key == METRICS,
+        RETRY_AFTER,
+    ),
+    ProblemResponse(
+        429, "The server is already receiving as many uploads as it takes at once.", only(*UPLOADS), RETRY_AFTER
+    ),
+    ProblemResponse(
+        429,
+        "This API key (or this server) already has as many event streams open as allowed.",
+        only(EVENT_STREAM),
+        RETRY_AFTER,
+    ),
     ProblemResponse(503, "The database is unavailable.", under_v1, RETRY_AFTER),
     ProblemResponse(503, "The database or the broker is unreachable.", only("GET /readyz")),
     ProblemResponse(507, "The server's disk is full: the upload was not stored.", only(*UPLOADS)),
@@ -212,8 +237,10 @@ PROBLEM_SCHEMA = Schema(
     description="RFC 9457 problem details: every 4xx and 5xx response of the API.",
     required=["type", "title", "status", "detail", "errors"],
     properties={
-        "type": Schema(type=OpenAPIType.STRING, description="`urn:distillery:problem:<slug>`: the kind of problem, "
-                                                            "stable for programs to test."),
+        "type": Schema(
+            type=OpenAPIType.STRING,
+            description="`urn:distillery:problem:<slug>`: the kind of problem, stable for programs to test.",
+        ),
         "title": Schema(type=OpenAPIType.STRING, description="A short summary of the kind."),
         "status": Schema(type=OpenAPIType.INTEGER, minimum=400, maximum=599, description="The HTTP status."),
         "detail": Schema(type=OpenAPIType.STRING, description="What was wrong with this request."),
@@ -224,7 +251,7 @@ PROBLEM_ERROR_SCHEMA = Schema(
     type=OpenAPIType.OBJECT,
     title="ProblemError",
     description="One thing wrong: a `field` (a parameter, a header, or a dotted path into the body) or a "
-                "dataset `line`.",
+    "dataset `line`.",
     required=["message"],
     properties={
         "field": Schema(type=OpenAPIType.STRING),
@@ -246,17 +273,26 @@ def publish_problem_responses(app: Litestar, rules: tuple[ProblemResponse, ...] 
     document.components.schemas["ProblemError"] = PROBLEM_ERROR_SCHEMA
     problem = OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Problem"))
     for route in _routes(document):
-        responses = {status: response for status, response in (route.operation.responses or {}).items()
-                     if not status.startswith(("4", "5"))}
+        responses = {
+            status: response
+            for status, response in (route.operation.responses or {}).items()
+            if not status.startswith(("4", "5"))
+        }
         causes: dict[int, list[ProblemResponse]] = {}
         for rule in rules:
             if rule.where(route):
                 causes.setdefault(rule.status, []).append(rule)
         for status, matched in causes.items():
-            headers = {name: OpenAPIHeader(schema=Schema(type=OpenAPIType.STRING), description=text)
-                       for rule in matched for name, text in rule.headers.items()}
-            responses[str(status)] = OpenAPIResponse(description=" ".join(rule.description for rule in matched),
-                                                     content={PROBLEM_JSON: problem}, headers=headers or None)
+            headers = {
+                name: OpenAPIHeader(schema=Schema(type=OpenAPIType.STRING), description=text)
+                for rule in matched
+                for name, text in rule.headers.items()
+            }
+            responses[str(status)] = OpenAPIResponse(
+                description=" ".join(rule.description for rule in matched),
+                content={PROBLEM_JSON: problem},
+                headers=headers or None,
+            )
         route.operation.responses = dict(sorted(responses.items()))
 
 
@@ -285,25 +321,31 @@ _BINARY = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
 
 # What the non-JSON successes really send (Litestar documents each as application/json): route key -> responses
 SUCCESS_CONTENT: dict[str, tuple[SuccessContent, ...]] = {
-    METRICS: (SuccessContent(200, "Prometheus metrics (text exposition format).", "text/plain",
-                                    Schema(type=OpenAPIType.STRING)),),
-    EVENT_STREAM: (SuccessContent(200, "The job's events as server-sent events.", "text/event-stream",
-                                  Schema(type=OpenAPIType.STRING)),),
+    METRICS: (
+        SuccessContent(
+            200, "Prometheus metrics (text exposition format).", "text/plain", Schema(type=OpenAPIType.STRING)
+        ),
+    ),
+    EVENT_STREAM: (
+        SuccessContent(
+            200, "The job's events as server-sent events.", "text/event-stream", Schema(type=OpenAPIType.STRING)
+        ),
+    ),
     DOWNLOAD: (
         SuccessContent(200, "The whole file, in the artifact's own content type.", "*/*", _BINARY),
-        SuccessContent(206, "The requested byte range (Content-Range says which).", "*/*", _BINARY)),
+        SuccessContent(206, "The requested byte range (Content-Range says which).", "*/*", _BINARY),
+    ),
 }
 
 
-def publish_success_content(app: Litestar, content: dict[str, tuple[SuccessContent, ...]] = SUCCESS_CONTENT
-                            ) -> None:
+def publish_success_content(app: Litestar, content: dict[str, tuple[SuccessContent, ...]] = SUCCESS_CONTENT) -> None:
     """Replace the successes of `content`'s routes with what they really send."""
     for route in _routes(_document(app)):
         responses = route.operation.responses or {}
         for success in content.get(route.key, ()):
             responses[str(success.status)] = OpenAPIResponse(
-                description=success.description,
-                content={success.media_type: OpenAPIMediaType(schema=success.schema)})
+                description=success.description, content={success.media_type: OpenAPIMediaType(schema=success.schema)}
+            )
         route.operation.responses = dict(sorted(responses.items()))
 
 

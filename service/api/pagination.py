@@ -18,8 +18,15 @@ MAX_LIMIT = 100
 T = TypeVar("T")
 
 
-def page(session: Session, stmt: Select, id_column: InstrumentedAttribute, limit: int, after: Any | None,
-         *, ascending: bool = False) -> tuple[Sequence[Any], bool]:
+def page(
+    session: Session,
+    stmt: Select,
+    id_column: InstrumentedAttribute,
+    limit: int,
+    after: Any | None,
+    *,
+    ascending: bool = False,
+) -> tuple[Sequence[Any], bool]:
     """(rows, has_more) of one page: rows after the cursor in the list's order, one extra row fetched to
     know whether another page follows."""
     if after is not None:

@@ -27,7 +27,7 @@ from service.db.availability import UNAVAILABLE_TYPES, unavailable
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-DATABASE_RETRY_AFTER_SECONDS = 5   # what a 503 for an unavailable database tells clients to wait
+DATABASE_RETRY_AFTER_SECONDS = 5  # what a 503 for an unavailable database tells clients to wait
 
 # status -> (type slug, title) for problems raised without a more specific slug
 _DEFAULTS: dict[int, tuple[str, str]] = {
@@ -53,8 +53,16 @@ def problem_type(slug: str) -> str:
 class Problem(Exception):
     """An error response the service means to give; `errors` entries are {"field"|"line": ..., "message": ...}."""
 
-    def __init__(self, status: int, detail: str, *, errors: list[dict[str, Any]] | None = None,
-                 slug: str | None = None, title: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        slug: str | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         default_slug, default_title = _DEFAULTS.get(status, ("error", "Error"))
         self.status = status
@@ -65,8 +73,13 @@ class Problem(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"type": problem_type(self.slug), "title": self.title, "status": self.status,
-                "detail": self.detail, "errors": self.errors}
+        return {
+            "type": problem_type(self.slug),
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "errors": self.errors,
+        }
 
     def to_response(self) -> Response:
         return Response(self.body(), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers)
@@ -116,8 +129,11 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         elif status == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
         elif status == 400 and isinstance(exc.__cause__, SerializationException):
-            problem = Problem(400, f"the body is not valid JSON: {detail}",
-                              errors=[{"field": "body", "message": f"not valid JSON: {detail}"}])
+            problem = Problem(
+                400,
+                f"the body is not valid JSON: {detail}",
+                errors=[{"field": "body", "message": f"not valid JSON: {detail}"}],
+            )
             return _with_headers(problem, exc).to_response()
         problem = Problem(status, detail)
     return _with_headers(problem, exc).to_response()
@@ -133,8 +149,9 @@ def _with_headers(problem: Problem, exc: HTTPException) -> Problem:
 def handle_too_deep(request: Request, exc: RecursionError) -> Response:
     """JSON nested deeper than a parser's stack (a body of 1,000 `[`): the request's fault, not ours."""
     log.warning("%s %s: body nested too deeply to parse", request.method, request.url.path)
-    return Problem(400, "the body is nested too deeply to parse",
-                   errors=[{"field": "body", "message": "nested too deeply"}]).to_response()
+    return Problem(
+        400, "the body is nested too deeply to parse", errors=[{"field": "body", "message": "nested too deeply"}]
+    ).to_response()
 
 
 def handle_database_error(request: Request, exc: Exception) -> Response:
@@ -143,8 +160,9 @@ def handle_database_error(request: Request, exc: Exception) -> Response:
     if not unavailable(exc):
         return handle_internal_error(request, exc)
     request.app.state.database.failed(exc)
-    return Problem(503, "the database is unavailable; retry shortly",
-                   headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}).to_response()
+    return Problem(
+        503, "the database is unavailable; retry shortly", headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+    ).to_response()
 
 
 def handle_internal_error(request: Request, exc: Exception) -> Response:
@@ -183,8 +201,17 @@ def status_for(exc: Exception) -> int:
     return 503 if unavailable(exc) else 500
 
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "Problem", "from_field_errors", "invalid",
-           "not_found", "pydantic_errors", "problem_type", "status_for"]
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "PROBLEM_JSON",
+    "Problem",
+    "from_field_errors",
+    "invalid",
+    "not_found",
+    "pydantic_errors",
+    "problem_type",
+    "status_for",
+]
 
 
 def json_body_guard(connection, _handler) -> None:
@@ -193,5 +220,8 @@ def json_body_guard(connection, _handler) -> None:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         shown = media or "none"
-        raise Problem(415, f"Content-Type: expected application/json, got {shown}",
-                      errors=[{"field": "Content-Type", "message": f"expected application/json, got {shown}"}])
+        raise Problem(
+            415,
+            f"Content-Type: expected application/json, got {shown}",
+            errors=[{"field": "Content-Type", "message": f"expected application/json, got {shown}"}],
+        )

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import msgspec
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
 from distillery_contract import specs as contract_specs
 from distillery_contract.jobs import JOB_KINDS, JOB_STATUSES, JobKind, JobStatus  # noqa: F401 (re-exported)
 from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
 from service.db.models import Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
 
 # Labels (dataset and model names) are shown, never used as file names; still, keep them printable.
@@ -49,16 +49,21 @@ class JobCreate(BaseModel):
     @classmethod
     def _spec_of_kind(cls, value: Any, info: ValidationInfo) -> BaseModel:
         model = SPEC_MODELS.get(info.data.get("kind", ""))
-        if model is None:   # `kind` is invalid and reported as such; the spec cannot be judged without it
+        if model is None:  # `kind` is invalid and reported as such; the spec cannot be judged without it
             return value
         return model.model_validate(value)
 
 
 def request_models() -> list[type[BaseModel]]:
     """Every pydantic model a request body is validated with: the job specs and their parts, and the bodies."""
-    parts = [v for v in vars(contract_specs).values()
-             if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == contract_specs.__name__
-             and not v.__name__.startswith("_")]   # not the private base class
+    parts = [
+        v
+        for v in vars(contract_specs).values()
+        if isinstance(v, type)
+        and issubclass(v, BaseModel)
+        and v.__module__ == contract_specs.__name__
+        and not v.__name__.startswith("_")
+    ]  # not the private base class
     return [*parts, JobCreate, ModelRegister]
 
 
@@ -132,7 +137,7 @@ class ErrorOut(msgspec.Struct):
 
 class JobOut(msgspec.Struct):
     id: str
-    kind: JobKind       # Literal types: the OpenAPI schema lists the values (msgspec does not check on encode)
+    kind: JobKind  # Literal types: the OpenAPI schema lists the values (msgspec does not check on encode)
     status: JobStatus
     spec: dict[str, Any]
     created_at: datetime
@@ -194,19 +199,40 @@ class ReadyOut(msgspec.Struct):
 
 
 def dataset_out(row: Dataset) -> DatasetOut:
-    return DatasetOut(id=row.id, name=row.name, format=row.format, sha256=row.sha256, size_bytes=row.size_bytes,
-                      records=row.records, created_at=as_utc(row.created_at))
+    return DatasetOut(
+        id=row.id,
+        name=row.name,
+        format=row.format,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        records=row.records,
+        created_at=as_utc(row.created_at),
+    )
 
 
 def model_out(row: Model) -> ModelOut:
-    return ModelOut(id=row.id, name=row.name, format=row.format, source=row.source,
-                    path=row.path if row.source == "path" else None, fingerprint=row.fingerprint,
-                    info=dict(row.info or {}), created_at=as_utc(row.created_at))
+    return ModelOut(
+        id=row.id,
+        name=row.name,
+        format=row.format,
+        source=row.source,
+        path=row.path if row.source == "path" else None,
+        fingerprint=row.fingerprint,
+        info=dict(row.info or {}),
+        created_at=as_utc(row.created_at),
+    )
 
 
 def artifact_out(row: Artifact) -> ArtifactOut:
-    return ArtifactOut(id=row.id, job_id=row.job_id, name=row.name, size_bytes=row.size_bytes, sha256=row.sha256,
-                       content_type=row.content_type, created_at=as_utc(row.created_at))
+    return ArtifactOut(
+        id=row.id,
+        job_id=row.job_id,
+        name=row.name,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        content_type=row.content_type,
+        created_at=as_utc(row.created_at),
+    )
 
 
 def job_out(row: Job, artifacts: list[Artifact]) -> JobOut:
@@ -214,17 +240,26 @@ def job_out(row: Job, artifacts: list[Artifact]) -> JobOut:
     fraction = min(1.0, row.progress_step / total) if total else None
     error = ErrorOut(code=row.error_code, message=row.error_message) if row.error_code else None
     return JobOut(
-        id=row.id, kind=row.kind, status=row.status, spec=dict(row.spec or {}), created_at=as_utc(row.created_at),
-        started_at=as_utc(row.started_at), finished_at=as_utc(row.finished_at),
-        progress=ProgressOut(step=row.progress_step, total_steps=total, fraction=fraction,
-                             eta_seconds=row.eta_seconds),
-        summary=dict(row.summary or {}), error=error, parent_id=row.parent_id,
-        cancel_requested=bool(row.cancel_requested), artifacts=[artifact_out(a) for a in artifacts])
+        id=row.id,
+        kind=row.kind,
+        status=row.status,
+        spec=dict(row.spec or {}),
+        created_at=as_utc(row.created_at),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
+        progress=ProgressOut(step=row.progress_step, total_steps=total, fraction=fraction, eta_seconds=row.eta_seconds),
+        summary=dict(row.summary or {}),
+        error=error,
+        parent_id=row.parent_id,
+        cancel_requested=bool(row.cancel_requested),
+        artifacts=[artifact_out(a) for a in artifacts],
+    )
 
 
 def event_out(row: JobEvent) -> EventOut:
-    return EventOut(id=row.id, kind=row.kind, message=row.message, data=dict(row.data or {}),
-                    created_at=as_utc(row.created_at))
+    return EventOut(
+        id=row.id, kind=row.kind, message=row.message, data=dict(row.data or {}), created_at=as_utc(row.created_at)
+    )
 
 
 def metric_out(row: StepMetric) -> MetricPointOut:

@@ -21,7 +21,7 @@ from service.api.problems import Problem
 
 FILE_FIELD = "file"
 MAX_TEXT_FIELD_BYTES = 4096
-MULTIPART_OVERHEAD = 1 << 20      # headers and text fields allowed on top of the file itself
+MULTIPART_OVERHEAD = 1 << 20  # headers and text fields allowed on top of the file itself
 WRITE_BUFFER = 1 << 20
 
 
@@ -33,12 +33,12 @@ class FileCheck(Protocol):
 
 @dataclass
 class Upload:
-    path: Path                    # the temporary file holding the `file` part; the caller moves or deletes it
-    filename: str | None          # as the client named it: a label for messages, never a path
+    path: Path  # the temporary file holding the `file` part; the caller moves or deletes it
+    filename: str | None  # as the client named it: a label for messages, never a path
     size: int
     sha256: str
     fields: dict[str, str] = field(default_factory=dict)
-    check: Any = None             # the FileCheck that saw the bytes, with the text fields known when it began
+    check: Any = None  # the FileCheck that saw the bytes, with the text fields known when it began
     check_fields: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self, method: str, path: str) -> str:
@@ -67,17 +67,26 @@ class UploadSlots:
 
     def take(self) -> None:
         if self.active >= self.limit:
-            raise Problem(429, f"the server is already receiving {self.limit} uploads; retry shortly",
-                          slug="too-many-uploads", title="Too many uploads at once",
-                          headers={"Retry-After": "10"})
+            raise Problem(
+                429,
+                f"the server is already receiving {self.limit} uploads; retry shortly",
+                slug="too-many-uploads",
+                title="Too many uploads at once",
+                headers={"Retry-After": "10"},
+            )
         self.active += 1
 
     def give_back(self) -> None:
         self.active -= 1
 
 
-async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_fields: tuple[str, ...],
-                         check: Callable[[dict[str, str]], FileCheck] | None = None) -> Upload:
+async def receive_upload(
+    request: Request,
+    tmp_dir: Path,
+    max_bytes: int,
+    text_fields: tuple[str, ...],
+    check: Callable[[dict[str, str]], FileCheck] | None = None,
+) -> Upload:
     """Parse a multipart/form-data body with one `file` part and optional `text_fields`. `check`, given the
     text fields sent before the file, makes the FileCheck that sees the file's bytes as they are written.
 
@@ -98,16 +107,26 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
         return await _receive(request, options["boundary"], tmp_dir, max_bytes, text_fields, check)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise Problem(507, "the server's disk is full: the upload was not stored", slug="insufficient-storage",
-                          title="Insufficient storage",
-                          errors=[{"field": FILE_FIELD, "message": "no space left on the server's disk"}]) from None
+            raise Problem(
+                507,
+                "the server's disk is full: the upload was not stored",
+                slug="insufficient-storage",
+                title="Insufficient storage",
+                errors=[{"field": FILE_FIELD, "message": "no space left on the server's disk"}],
+            ) from None
         raise
     finally:
         slots.give_back()
 
 
-async def _receive(request: Request, boundary: str, tmp_dir: Path, max_bytes: int, text_fields: tuple[str, ...],
-                   check: Callable[[dict[str, str]], FileCheck] | None) -> Upload:
+async def _receive(
+    request: Request,
+    boundary: str,
+    tmp_dir: Path,
+    max_bytes: int,
+    text_fields: tuple[str, ...],
+    check: Callable[[dict[str, str]], FileCheck] | None,
+) -> Upload:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".upload-", suffix=".part")
     out = os.fdopen(fd, "wb")
@@ -125,8 +144,15 @@ async def _receive(request: Request, boundary: str, tmp_dir: Path, max_bytes: in
     return upload
 
 
-async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int,
-                 text_fields: tuple[str, ...], check: Callable[[dict[str, str]], FileCheck] | None) -> Upload:
+async def _parse(
+    request: Request,
+    boundary: str,
+    out,
+    tmp: Path,
+    max_bytes: int,
+    text_fields: tuple[str, ...],
+    check: Callable[[dict[str, str]], FileCheck] | None,
+) -> Upload:
     digest = hashlib.sha256()
     fields: dict[str, str] = {}
     buffer = bytearray()
@@ -139,10 +165,11 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
     file_check: FileCheck | None = None
     check_fields: dict[str, str] = {}
 
-    def write(data: bytes) -> None:   # in a worker thread: the check may parse what it sees
+    def write(data: bytes) -> None:  # in a worker thread: the check may parse what it sees
         out.write(data)
         if file_check is not None:
             file_check.feed(data)
+
     try:
         with PushMultipartParser(boundary, max_segment_count=len(text_fields) + 2) as parser:
             async for chunk in request.stream():
@@ -162,7 +189,7 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
                         elif segment.name not in text_fields:
                             allowed = ", ".join((FILE_FIELD,) + text_fields)
                             raise _field_problem(segment.name or "(unnamed)", f"unknown field (allowed: {allowed})")
-                    elif event:   # payload bytes of the current part
+                    elif event:  # payload bytes of the current part
                         if segment.name == FILE_FIELD:
                             size += len(event)
                             if size > max_bytes:
@@ -176,7 +203,7 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
                             text += event
                             if len(text) > MAX_TEXT_FIELD_BYTES:
                                 raise _field_problem(segment.name, f"longer than {MAX_TEXT_FIELD_BYTES} bytes")
-                    else:         # end of the current part
+                    else:  # end of the current part
                         if segment.name != FILE_FIELD:
                             try:
                                 fields[segment.name] = text.decode(segment.charset or "utf-8")
@@ -193,13 +220,23 @@ async def _parse(request: Request, boundary: str, out, tmp: Path, max_bytes: int
     if not seen_file:
         raise _field_problem(FILE_FIELD, "a file part named 'file' is required")
     await anyio.to_thread.run_sync(out.flush)
-    return Upload(path=tmp, filename=filename, size=size, sha256=digest.hexdigest(), fields=fields,
-                  check=file_check, check_fields=check_fields)
+    return Upload(
+        path=tmp,
+        filename=filename,
+        size=size,
+        sha256=digest.hexdigest(),
+        fields=fields,
+        check=file_check,
+        check_fields=check_fields,
+    )
 
 
 def _too_large(max_bytes: int) -> Problem:
-    return Problem(413, f"the upload is larger than the limit of {max_bytes} bytes",
-                   errors=[{"field": FILE_FIELD, "message": f"larger than {max_bytes} bytes"}])
+    return Problem(
+        413,
+        f"the upload is larger than the limit of {max_bytes} bytes",
+        errors=[{"field": FILE_FIELD, "message": f"larger than {max_bytes} bytes"}],
+    )
 
 
 def _field_problem(name: str, message: str) -> Problem:

@@ -31,13 +31,17 @@ class ArtifactController(Controller):
     def retrieve(self, session: SessionDep, caller: CallerDep, artifact_id: PathId) -> ArtifactOut:
         return artifact_out(_get(session, caller.project_id, artifact_id))
 
-    @get("/{artifact_id:str}/content", summary="Download an artifact (Range supported)",
-         description="Headers: `X-Content-SHA256` (hex) and `Digest: sha-256=<base64>` of the whole file, "
-                     "`ETag`, `Accept-Ranges: bytes`. A single `Range: bytes=a-b` gives 206; an unsatisfiable "
-                     "one 416.")
+    @get(
+        "/{artifact_id:str}/content",
+        summary="Download an artifact (Range supported)",
+        description="Headers: `X-Content-SHA256` (hex) and `Digest: sha-256=<base64>` of the whole file, "
+        "`ETag`, `Accept-Ranges: bytes`. A single `Range: bytes=a-b` gives 206; an unsatisfiable "
+        "one 416.",
+    )
     async def content(self, request: Request, caller: CallerDep, state: State, artifact_id: PathId) -> Response:
-        row, path = await anyio.to_thread.run_sync(_locate, state.sessions, state.settings.artifact_root,
-                                                   caller.project_id, artifact_id)
+        row, path = await anyio.to_thread.run_sync(
+            _locate, state.sessions, state.settings.artifact_root, caller.project_id, artifact_id
+        )
         size = (await anyio.Path(path).stat()).st_size
         etag = f'"{row.sha256}"'
         headers = {
@@ -50,11 +54,14 @@ class ArtifactController(Controller):
         wanted = request.headers.get("range")
         if_range = request.headers.get("if-range")
         if wanted and if_range and if_range.strip() != etag:
-            wanted = None   # the client's copy is of another version: send it all
+            wanted = None  # the client's copy is of another version: send it all
         span = parse_range(wanted, size) if wanted else None
         if span == "unsatisfiable":
-            raise Problem(416, f"range {wanted!r} is outside the {size} bytes of artifact {artifact_id}",
-                          headers={"Content-Range": f"bytes */{size}"})
+            raise Problem(
+                416,
+                f"range {wanted!r} is outside the {size} bytes of artifact {artifact_id}",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
         if span is None:
             headers["Content-Length"] = str(size)
             return Stream(_read(path, 0, size), media_type=row.content_type, headers=headers)
@@ -70,7 +77,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     m = _RANGE.match(header.strip())
     if not m or (not m[1] and not m[2]):
         return None
-    if not m[1]:   # suffix: the last N bytes
+    if not m[1]:  # suffix: the last N bytes
         n = _offset(m[2])
         if n == 0 or size == 0:
             return "unsatisfiable"
@@ -96,8 +103,9 @@ def _get(session: Session, project_id: str, artifact_id: str) -> Artifact:
     return row
 
 
-def _locate(factory: sessionmaker[Session], artifact_root: Path, project_id: str,
-            artifact_id: str) -> tuple[Artifact, Path]:
+def _locate(
+    factory: sessionmaker[Session], artifact_root: Path, project_id: str, artifact_id: str
+) -> tuple[Artifact, Path]:
     with factory() as session:
         row = _get(session, project_id, artifact_id)
     path = resolve_inside(artifact_root, row.path)
@@ -108,7 +116,7 @@ def _locate(factory: sessionmaker[Session], artifact_root: Path, project_id: str
 
 def _download_name(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
-    return re.sub(r'[^\w.+-]', "_", base) or "artifact"
+    return re.sub(r"[^\w.+-]", "_", base) or "artifact"
 
 
 async def _read(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:

@@ -18,9 +18,13 @@ from sqlalchemy.orm import Session
 from service.db.models import Artifact, Job
 
 CHUNK = 1 << 20
-DEFAULT_EXCLUDE = ("checkpoints/",)   # resumable training state, not a deliverable
-CONTENT_TYPES = {".safetensors": "application/octet-stream", ".jsonl": "application/jsonl",
-                 ".json": "application/json", ".gguf": "application/octet-stream"}
+DEFAULT_EXCLUDE = ("checkpoints/",)  # resumable training state, not a deliverable
+CONTENT_TYPES = {
+    ".safetensors": "application/octet-stream",
+    ".jsonl": "application/jsonl",
+    ".json": "application/json",
+    ".gguf": "application/octet-stream",
+}
 
 
 def job_output_dir(artifact_root: Path, job: Job) -> Path:
@@ -51,8 +55,15 @@ def resolve_inside(artifact_root: Path, stored: str) -> Path | None:
     return path
 
 
-def register_artifact(session: Session, job: Job, file: Path, artifact_root: Path, *, name: str | None = None,
-                      content_type: str | None = None) -> Artifact:
+def register_artifact(
+    session: Session,
+    job: Job,
+    file: Path,
+    artifact_root: Path,
+    *,
+    name: str | None = None,
+    content_type: str | None = None,
+) -> Artifact:
     """Record one file of a job (hashing it). `name` defaults to the file name; registering the same name
     again (a resumed run rewrote it) updates the row instead of adding another."""
     root = Path(artifact_root).expanduser().resolve()
@@ -72,8 +83,9 @@ def register_artifact(session: Session, job: Job, file: Path, artifact_root: Pat
     return row
 
 
-def register_output_dir(session: Session, job: Job, out_dir: Path, artifact_root: Path,
-                        exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[Artifact]:
+def register_output_dir(
+    session: Session, job: Job, out_dir: Path, artifact_root: Path, exclude: Iterable[str] = DEFAULT_EXCLUDE
+) -> list[Artifact]:
     """Record every file under `out_dir` as an artifact named by its relative path (`student/config.json`),
     except those under an excluded prefix."""
     out_dir = Path(out_dir).resolve()

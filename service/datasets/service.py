@@ -10,10 +10,10 @@ import os
 import re
 from pathlib import Path
 
-from distillery_contract.records import FORMATS, DatasetError, JsonlChecker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from distillery_contract.records import FORMATS, DatasetError, JsonlChecker
 from service.api import idempotency
 from service.api.idempotency import IdempotencyKey, Replay
 from service.api.pagination import page
@@ -26,7 +26,7 @@ from service.jobs.references import dataset_ids
 from service.settings import Settings
 
 TEXT_FIELDS = ("name", "format")
-UPLOAD_NAME = "<upload>"   # the file's name in validation messages, replaced by the client's file name
+UPLOAD_NAME = "<upload>"  # the file's name in validation messages, replaced by the client's file name
 
 
 def dataset_dir(settings: Settings, project_id: str) -> Path:
@@ -39,8 +39,9 @@ def upload_check(fields: dict[str, str]) -> JsonlChecker:
     return JsonlChecker(UPLOAD_NAME, fmt if fmt in FORMATS else None)
 
 
-def create_dataset(session: Session, settings: Settings, project_id: str, upload: Upload,
-                   idem_key: str | None, request_path: str) -> tuple[int, dict] | Replay:
+def create_dataset(
+    session: Session, settings: Settings, project_id: str, upload: Upload, idem_key: str | None, request_path: str
+) -> tuple[int, dict] | Replay:
     """Validate and store an upload. Always consumes `upload.path` (moved into place or removed)."""
     try:
         idem = IdempotencyKey(idem_key, upload.fingerprint("POST", request_path)) if idem_key else None
@@ -48,7 +49,7 @@ def create_dataset(session: Session, settings: Settings, project_id: str, upload
         if replay is not None:
             return replay
         display = _display_name(upload.filename)
-        label = upload.fields.get("name") or None   # an empty field means no name
+        label = upload.fields.get("name") or None  # an empty field means no name
         if label is not None and (problem := check_label(label)):
             raise invalid("name", problem)
         name = label or display
@@ -56,7 +57,7 @@ def create_dataset(session: Session, settings: Settings, project_id: str, upload
         if fmt is not None and fmt not in FORMATS:
             raise invalid("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         checker = upload.check
-        if checker is None or checker.stated != fmt:   # no check yet, or the format came after the file
+        if checker is None or checker.stated != fmt:  # no check yet, or the format came after the file
             checker = JsonlChecker(UPLOAD_NAME, fmt)
             checker.feed_file(upload.path)
         try:
@@ -65,12 +66,20 @@ def create_dataset(session: Session, settings: Settings, project_id: str, upload
             raise _dataset_problem(str(e), UPLOAD_NAME, display or "upload") from None
         dataset_id = new_id("ds")
         final = dataset_dir(settings, project_id) / f"{dataset_id}.jsonl"
-        os.replace(upload.path, final)   # same directory, so atomic
+        os.replace(upload.path, final)  # same directory, so atomic
     finally:
-        upload.discard()   # no-op once moved
+        upload.discard()  # no-op once moved
     try:
-        row = Dataset(id=dataset_id, project_id=project_id, name=name or dataset_id, format=parsed_format,
-                      path=str(final), sha256=upload.sha256, size_bytes=upload.size, records=checker.count)
+        row = Dataset(
+            id=dataset_id,
+            project_id=project_id,
+            name=name or dataset_id,
+            format=parsed_format,
+            path=str(final),
+            sha256=upload.sha256,
+            size_bytes=upload.size,
+            records=checker.count,
+        )
         session.add(row)
         session.flush()
         body = to_json(dataset_out(row))
@@ -108,8 +117,11 @@ def delete_dataset(session: Session, project_id: str, dataset_id: str) -> None:
     live = session.scalars(select(Job).where(Job.project_id == project_id, Job.status.not_in(TERMINAL))).all()
     users = [j.id for j in live if dataset_id in dataset_ids(j.kind, j.spec or {})]
     if users:
-        raise Problem(409, f"dataset {dataset_id} is used by unfinished job(s) {', '.join(users[:5])}; "
-                           "cancel them or wait for them to finish")
+        raise Problem(
+            409,
+            f"dataset {dataset_id} is used by unfinished job(s) {', '.join(users[:5])}; "
+            "cancel them or wait for them to finish",
+        )
     row.deleted_at = utcnow()
     session.commit()
 

@@ -24,15 +24,25 @@ from service.db.session import engine_for
 
 log = logging.getLogger(__name__)
 
-SETTLE_SECONDS = 1.0   # an outage is over at the first success this long after the last failure
+SETTLE_SECONDS = 1.0  # an outage is over at the first success this long after the last failure
 
 # The exception types that may mean "unavailable"; `unavailable()` decides for each error.
-UNAVAILABLE_TYPES = (sa.OperationalError, sa.InterfaceError, sa.DisconnectionError, sa.TimeoutError,
-                     psycopg.OperationalError, psycopg.InterfaceError)
+UNAVAILABLE_TYPES = (
+    sa.OperationalError,
+    sa.InterfaceError,
+    sa.DisconnectionError,
+    sa.TimeoutError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 
 # sqlite3 raises OperationalError for mistakes too ("no such table"): only these mean "try again later"
-_SQLITE_UNAVAILABLE = ("database is locked", "database table is locked", "unable to open database file",
-                       "disk i/o error")
+_SQLITE_UNAVAILABLE = (
+    "database is locked",
+    "database table is locked",
+    "unable to open database file",
+    "disk i/o error",
+)
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -42,7 +52,7 @@ def unavailable(exc: BaseException) -> bool:
     if not isinstance(exc, UNAVAILABLE_TYPES):
         return False
     cause = getattr(exc, "orig", None)
-    if isinstance(cause, sqlite3.Error):   # SQLite: only a locked or unreadable file is worth a retry
+    if isinstance(cause, sqlite3.Error):  # SQLite: only a locked or unreadable file is worth a retry
         return isinstance(cause, sqlite3.OperationalError) and str(cause).lower().startswith(_SQLITE_UNAVAILABLE)
     return True
 
@@ -73,7 +83,7 @@ class Availability:
         log.warning("database unavailable, answering 503 until it is back: %s", _first_line(exc))
 
     def answered(self) -> None:
-        if self.down_since is None:   # the common case, without the lock
+        if self.down_since is None:  # the common case, without the lock
             return
         with self._lock:
             now = time.monotonic()

@@ -11,7 +11,19 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -75,7 +87,7 @@ class Dataset(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(20))
-    path: Mapped[str] = mapped_column(Text)             # under the artifact root
+    path: Mapped[str] = mapped_column(Text)  # under the artifact root
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     records: Mapped[int] = mapped_column(Integer)
@@ -88,11 +100,11 @@ class Model(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    source: Mapped[str] = mapped_column(String(20))     # path | upload
-    format: Mapped[str] = mapped_column(String(20))     # mlx | gguf
+    source: Mapped[str] = mapped_column(String(20))  # path | upload
+    format: Mapped[str] = mapped_column(String(20))  # mlx | gguf
     path: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(64))  # content hash at registration: part of cache keys
-    info: Mapped[dict] = mapped_column(default=dict)      # config summary: model_type, layers, vocab, params
+    info: Mapped[dict] = mapped_column(default=dict)  # config summary: model_type, layers, vocab, params
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -104,12 +116,12 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     spec: Mapped[dict]
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)   # teacher_cache jobs: dedup key
+    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)  # teacher_cache jobs: dedup key
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    enqueued_at: Mapped[datetime | None]                 # last time a message was handed to the broker
+    enqueued_at: Mapped[datetime | None]  # last time a message was handed to the broker
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
@@ -151,13 +163,15 @@ class StepMetric(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     step: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(20))       # train | eval
+    kind: Mapped[str] = mapped_column(String(20))  # train | eval
     name: Mapped[str] = mapped_column(String(80))
     value: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_step_metrics_job_name_step", "job_id", "name", "step"),
-                      # a step's number is written once, whoever retries or resumes (see worker.recorder)
-                      Index("uq_step_metrics_point", "job_id", "kind", "step", "name", unique=True))
+    __table_args__ = (
+        Index("ix_step_metrics_job_name_step", "job_id", "name", "step"),
+        # a step's number is written once, whoever retries or resumes (see worker.recorder)
+        Index("uq_step_metrics_point", "job_id", "kind", "step", "name", unique=True),
+    )
 
 
 class Checkpoint(Base):
@@ -176,8 +190,8 @@ class Artifact(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(Text)             # relative to the job's output: adapters.safetensors, student/...
-    path: Mapped[str] = mapped_column(Text)             # under the artifact root
+    name: Mapped[str] = mapped_column(Text)  # relative to the job's output: adapters.safetensors, student/...
+    path: Mapped[str] = mapped_column(Text)  # under the artifact root
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str] = mapped_column(String(100))

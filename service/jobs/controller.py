@@ -10,7 +10,7 @@ from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import CallerDep, ID_PATTERN, PathId, SessionDep
+from service.api.deps import ID_PATTERN, CallerDep, PathId, SessionDep
 from service.api.idempotency import IdempotencyKey, Replay, provide_idempotency
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.api.problems import invalid, json_body_guard
@@ -26,10 +26,15 @@ class JobController(Controller):
     tags = ["jobs"]
     dependencies = {"idem": Provide(provide_idempotency)}
 
-    @post("/", sync_to_thread=True, summary="Create a job", request_max_body_size=1 << 20,
-          guards=[json_body_guard])
-    def create(self, data: JSONBody[JobCreate], session: SessionDep, caller: CallerDep, state: State,
-               idem: NamedDependency[IdempotencyKey | None]) -> Response[JobOut]:
+    @post("/", sync_to_thread=True, summary="Create a job", request_max_body_size=1 << 20, guards=[json_body_guard])
+    def create(
+        self,
+        data: JSONBody[JobCreate],
+        session: SessionDep,
+        caller: CallerDep,
+        state: State,
+        idem: NamedDependency[IdempotencyKey | None],
+    ) -> Response[JobOut]:
         result = service.create_job(session, state.enqueuer, caller.project_id, data, idem)
         if isinstance(result, Replay):
             return result.response()
@@ -37,11 +42,16 @@ class JobController(Controller):
         return Response(body, status_code=status)
 
     @get("/", sync_to_thread=True, summary="List jobs, newest first")
-    def list(self, session: SessionDep, caller: CallerDep, status: FromQuery[str | None] = None,
-             kind: FromQuery[str | None] = None,
-             parent_id: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN),
-             limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
-             after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN)) -> JobPage:
+    def list(
+        self,
+        session: SessionDep,
+        caller: CallerDep,
+        status: FromQuery[str | None] = None,
+        kind: FromQuery[str | None] = None,
+        parent_id: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN),
+        limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+        after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN),
+    ) -> JobPage:
         return service.list_jobs(session, caller.project_id, status, kind, limit, after, parent_id)
 
     @get("/{job_id:str}", sync_to_thread=True, summary="Get a job")
@@ -49,33 +59,53 @@ class JobController(Controller):
         return service.get_job_out(session, caller.project_id, job_id)
 
     @post("/{job_id:str}/cancel", sync_to_thread=True, summary="Cancel a job", status_code=200)
-    def cancel(self, session: SessionDep, caller: CallerDep, job_id: PathId,
-               idem: NamedDependency[IdempotencyKey | None]) -> Response[JobOut]:
+    def cancel(
+        self, session: SessionDep, caller: CallerDep, job_id: PathId, idem: NamedDependency[IdempotencyKey | None]
+    ) -> Response[JobOut]:
         result = service.cancel_job(session, caller.project_id, job_id, idem)
         if isinstance(result, Replay):
             return result.response()
         status, body = result
         return Response(body, status_code=status)
 
-    @delete("/{job_id:str}/files", sync_to_thread=True, status_code=200, summary="Delete a finished job's files",
-            description="Frees the disk space of a finished job: its outputs, checkpoints and every attempt's "
-                        "files. Its events, metrics and summary stay; its artifacts are gone. 409 while the job "
-                        "or a job using its output is unfinished.")
+    @delete(
+        "/{job_id:str}/files",
+        sync_to_thread=True,
+        status_code=200,
+        summary="Delete a finished job's files",
+        description="Frees the disk space of a finished job: its outputs, checkpoints and every attempt's "
+        "files. Its events, metrics and summary stay; its artifacts are gone. 409 while the job "
+        "or a job using its output is unfinished.",
+    )
     def delete_files(self, session: SessionDep, caller: CallerDep, state: State, job_id: PathId) -> dict:
         return service.delete_job_files(session, state.settings.artifact_root, caller.project_id, job_id)
 
     @get("/{job_id:str}/events", sync_to_thread=True, summary="A job's events, oldest first")
-    def events(self, session: SessionDep, caller: CallerDep, job_id: PathId,
-               after: int | None = Parameter(default=None, ge=0),
-               limit: int = Parameter(default=MAX_EVENT_PAGE, ge=1, le=MAX_EVENT_PAGE)) -> EventPage:
+    def events(
+        self,
+        session: SessionDep,
+        caller: CallerDep,
+        job_id: PathId,
+        after: int | None = Parameter(default=None, ge=0),
+        limit: int = Parameter(default=MAX_EVENT_PAGE, ge=1, le=MAX_EVENT_PAGE),
+    ) -> EventPage:
         return service.list_events(session, caller.project_id, job_id, after, limit)
 
-    @get("/{job_id:str}/events/stream", summary="A job's events as server-sent events",
-         description="Each event: `id` (resume with the Last-Event-ID header or `?after=`), `event` (its kind), "
-                     "`data` (the event object as JSON). Ends once the job has finished and its last events "
-                     "were sent. At most `streams_per_key` streams per API key are open at once (429 past it).")
-    async def stream(self, request: Request, caller: CallerDep, state: State, job_id: PathId,
-                     after: int | None = Parameter(default=None, ge=0)) -> ServerSentEvent:
+    @get(
+        "/{job_id:str}/events/stream",
+        summary="A job's events as server-sent events",
+        description="Each event: `id` (resume with the Last-Event-ID header or `?after=`), `event` (its kind), "
+        "`data` (the event object as JSON). Ends once the job has finished and its last events "
+        "were sent. At most `streams_per_key` streams per API key are open at once (429 past it).",
+    )
+    async def stream(
+        self,
+        request: Request,
+        caller: CallerDep,
+        state: State,
+        job_id: PathId,
+        after: int | None = Parameter(default=None, ge=0),
+    ) -> ServerSentEvent:
         factory: sessionmaker[Session] = state.sessions
         await anyio.to_thread.run_sync(_check_owner, factory, caller.project_id, job_id)
         last_id = request.headers.get("last-event-id")
@@ -84,12 +114,19 @@ class JobController(Controller):
                 raise invalid("Last-Event-ID", "must be an event id (a non-negative integer)")
             after = int(last_id)
         hub: EventHub = state.streams
-        return ServerSentEvent(hub.open(caller.key_id, job_id, after or 0),
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return ServerSentEvent(
+            hub.open(caller.key_id, job_id, after or 0),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @get("/{job_id:str}/metrics", sync_to_thread=True, summary="A job's logged metrics (all, or one name)")
-    def metrics(self, session: SessionDep, caller: CallerDep, job_id: PathId,
-                name: str | None = Parameter(default=None, max_length=80)) -> MetricList:
+    def metrics(
+        self,
+        session: SessionDep,
+        caller: CallerDep,
+        job_id: PathId,
+        name: str | None = Parameter(default=None, max_length=80),
+    ) -> MetricList:
         return service.list_metrics(session, caller.project_id, job_id, name)
 
     @get("/{job_id:str}/checkpoints", sync_to_thread=True, summary="A job's checkpoints")

@@ -16,6 +16,9 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
 from distillery_contract.jobs import (  # noqa: F401 (the statuses are re-exported: `lifecycle.QUEUED`)
     ACTIVE,
     BASELINE_LABEL,
@@ -31,9 +34,6 @@ from distillery_contract.jobs import (  # noqa: F401 (the statuses are re-export
     SUCCEEDED,
     TERMINAL,
 )
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session
-
 from service.db.models import Job, JobDependency, JobEvent, utcnow
 from service.jobs.references import spec_references
 
@@ -49,13 +49,20 @@ def teacher_cache_key(teacher_model_id: str, dataset_id: str, top_k: int, max_se
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def get_or_create_cache_job(session: Session, project_id: str, teacher: str, dataset: str, top_k: int,
-                            max_seq_len: int) -> tuple[Job, bool]:
+def get_or_create_cache_job(
+    session: Session, project_id: str, teacher: str, dataset: str, top_k: int, max_seq_len: int
+) -> tuple[Job, bool]:
     """The project's teacher_cache job for these inputs: an existing live or finished one, or a new one."""
     key = teacher_cache_key(teacher, dataset, top_k, max_seq_len)
     existing = session.scalars(
-        select(Job).where(Job.project_id == project_id, Job.kind == "teacher_cache", Job.cache_key == key,
-                          Job.status.in_((QUEUED, RUNNING, SUCCEEDED))).order_by(Job.id.desc())
+        select(Job)
+        .where(
+            Job.project_id == project_id,
+            Job.kind == "teacher_cache",
+            Job.cache_key == key,
+            Job.status.in_((QUEUED, RUNNING, SUCCEEDED)),
+        )
+        .order_by(Job.id.desc())
     ).first()
     if existing:
         return existing, False
@@ -67,35 +74,55 @@ def get_or_create_cache_job(session: Session, project_id: str, teacher: str, dat
     return job, True
 
 
-def create_job(session: Session, project_id: str, kind: str, spec: dict, parent_id: str | None = None,
-               total_steps: int | None = None) -> tuple[Job, list[Job]]:
+def create_job(
+    session: Session,
+    project_id: str,
+    kind: str,
+    spec: dict,
+    parent_id: str | None = None,
+    total_steps: int | None = None,
+) -> tuple[Job, list[Job]]:
     """Insert a job (and, for an offline distill, its teacher_cache jobs; with `evaluate`, its benchmark child).
     Returns (job, the new jobs that may start at once)."""
     job = Job(project_id=project_id, kind=kind, spec=spec, parent_id=parent_id, total_steps=total_steps)
-    if kind == "teacher_cache":   # submitted by hand: offline distill jobs on the same inputs reuse it
-        job.cache_key = teacher_cache_key(spec["teacher"], spec["data"], spec.get("top_k", DEFAULT_TOP_K),
-                                          spec.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
+    if kind == "teacher_cache":  # submitted by hand: offline distill jobs on the same inputs reuse it
+        job.cache_key = teacher_cache_key(
+            spec["teacher"],
+            spec["data"],
+            spec.get("top_k", DEFAULT_TOP_K),
+            spec.get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
+        )
     session.add(job)
     session.flush()
     add_event(session, job.id, "created", f"{kind} job created")
-    _wait_for_used_jobs(session, job, [r for r in spec_references(kind, spec) if not r.field.startswith("spec.evaluate.")])
+    _wait_for_used_jobs(
+        session, job, [r for r in spec_references(kind, spec) if not r.field.startswith("spec.evaluate.")]
+    )
     if kind == "distill" and spec.get("evaluate"):
         child = Job(project_id=project_id, kind="benchmark", spec=evaluation_spec(job.id, spec), parent_id=job.id)
         session.add(child)
         session.flush()
         _wait_for_used_jobs(session, child, spec_references("benchmark", child.spec))
         add_event(session, child.id, "created", f"benchmark job created to evaluate distill job {job.id}")
-        add_event(session, job.id, "evaluation", f"benchmark job {child.id} will evaluate the result",
-                  {"job_id": child.id})
+        add_event(
+            session, job.id, "evaluation", f"benchmark job {child.id} will evaluate the result", {"job_id": child.id}
+        )
     new_caches = []
     if kind == "distill" and spec.get("teacher_mode", "offline") == "offline":
         training, loss = spec.get("training", {}), spec.get("loss", {})
-        datasets = [spec["data"]["train"]] + ([spec["data"]["valid"]] if isinstance(spec["data"].get("valid"), str) else [])
+        datasets = [spec["data"]["train"]] + (
+            [spec["data"]["valid"]] if isinstance(spec["data"].get("valid"), str) else []
+        )
         for teacher in spec["teachers"]:
             for ds in datasets:
-                cache_job, created = get_or_create_cache_job(session, project_id, teacher["model"], ds,
-                                                             loss.get("top_k", DEFAULT_TOP_K),
-                                                             training.get("max_seq_len", DEFAULT_MAX_SEQ_LEN))
+                cache_job, created = get_or_create_cache_job(
+                    session,
+                    project_id,
+                    teacher["model"],
+                    ds,
+                    loss.get("top_k", DEFAULT_TOP_K),
+                    training.get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
+                )
                 session.add(JobDependency(job_id=job.id, depends_on_id=cache_job.id))
                 if created:
                     new_caches.append(cache_job)
@@ -116,17 +143,27 @@ def evaluation_spec(job_id: str, spec: dict) -> dict:
     """The benchmark a distill spec's `evaluate` asks for: its first teacher as the reference, the student before
     training, the distilled student, and any further candidates."""
     ev = spec["evaluate"]
-    candidates = ([{"label": BASELINE_LABEL, "student_of": job_id}] if ev.get("baseline", True) else []) + \
-        [{"label": DISTILLED_LABEL, "adapter": job_id}] + list(ev.get("candidates") or [])
-    out = {"reference": spec["teachers"][0]["model"], "candidates": candidates, "data": ev["data"],
-           "max_seq_len": ev.get("max_seq_len") or spec.get("training", {}).get("max_seq_len", DEFAULT_MAX_SEQ_LEN)}
+    candidates = (
+        ([{"label": BASELINE_LABEL, "student_of": job_id}] if ev.get("baseline", True) else [])
+        + [{"label": DISTILLED_LABEL, "adapter": job_id}]
+        + list(ev.get("candidates") or [])
+    )
+    out = {
+        "reference": spec["teachers"][0]["model"],
+        "candidates": candidates,
+        "data": ev["data"],
+        "max_seq_len": ev.get("max_seq_len") or spec.get("training", {}).get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
+    }
     out.update({k: ev[k] for k in ("batch_size", "max_examples", "speed") if ev.get(k) is not None})
     return out
 
 
 def dependencies(session: Session, job_id: str) -> list[Job]:
-    return list(session.scalars(select(Job).join(JobDependency, JobDependency.depends_on_id == Job.id)
-                                .where(JobDependency.job_id == job_id)))
+    return list(
+        session.scalars(
+            select(Job).join(JobDependency, JobDependency.depends_on_id == Job.id).where(JobDependency.job_id == job_id)
+        )
+    )
 
 
 def readiness(session: Session, job: Job) -> str:
@@ -153,22 +190,34 @@ def take_for_sending(session: Session, job_id: str, resend_after_seconds: int, n
     sweepers that found the same job due, exactly one sends it (a send that fails is undone by `unsend`)."""
     now = now or utcnow()
     stale = now - timedelta(seconds=resend_after_seconds)
-    return bool(session.execute(
-        update(Job).where(Job.id == job_id, Job.status == QUEUED,
-                          or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
-        .values(enqueued_at=now).execution_options(synchronize_session=False)).rowcount)
+    return bool(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
+            .values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    )
 
 
 def unsend(session: Session, job_id: str) -> None:
     """The send failed: the job counts as never sent, so the next sweep sends it at once."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(enqueued_at=None)
-                    .execution_options(synchronize_session=False))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED)
+        .values(enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def forget_sends(session: Session) -> int:
     """The broker lost its queue (it restarted empty): every queued job counts as never sent. Returns how many."""
-    return session.execute(update(Job).where(Job.status == QUEUED, Job.enqueued_at.is_not(None))
-                           .values(enqueued_at=None).execution_options(synchronize_session=False)).rowcount
+    return session.execute(
+        update(Job)
+        .where(Job.status == QUEUED, Job.enqueued_at.is_not(None))
+        .values(enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
 
 
 def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
@@ -177,8 +226,13 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job 
     won = session.execute(
         update(Job)
         .where(Job.id == job_id, or_(Job.status == QUEUED, and_(Job.status.in_(ACTIVE), Job.lease_expires_at < now)))
-        .values(status=RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1, updated_at=now)
+        .values(
+            status=RUNNING,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
         .execution_options(synchronize_session=False)
     ).rowcount
     if not won:
@@ -189,24 +243,35 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job 
         return None
     if job.started_at is None:
         job.started_at = now
-    add_event(session, job_id, "started" if job.attempts == 1 else "resumed",
-              f"attempt {job.attempts} on {owner}", {"attempt": job.attempts, "worker": owner})
+    add_event(
+        session,
+        job_id,
+        "started" if job.attempts == 1 else "resumed",
+        f"attempt {job.attempts} on {owner}",
+        {"attempt": job.attempts, "worker": owner},
+    )
     return job
 
 
 def fence(session: Session, job_id: str, owner: str) -> bool:
     """Whether `owner` still holds the job's lease, asked as a write: the row stays locked until the caller's
     transaction ends, so nothing the caller writes in it can land after another worker claimed the job."""
-    return bool(session.execute(
-        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
-        .values(updated_at=utcnow()).execution_options(synchronize_session=False)).rowcount)
+    return bool(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+            .values(updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    )
 
 
 def heartbeat(session: Session, job_id: str, owner: str, lease_seconds: int) -> tuple[bool, bool]:
     """Renew the lease. Returns (still ours, cancel requested)."""
     now = utcnow()
     renewed = session.execute(
-        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -214,20 +279,39 @@ def heartbeat(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
     return bool(renewed), bool(cancel)
 
 
-def finish(session: Session, job_id: str, owner: str | None, status: str, *, error_code: str | None = None,
-           error_message: str | None = None, summary: dict | None = None) -> bool:
+def finish(
+    session: Session,
+    job_id: str,
+    owner: str | None,
+    status: str,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    summary: dict | None = None,
+) -> bool:
     """Record the outcome (only by the lease owner, when one is given). Returns whether it was recorded."""
     cond = [Job.id == job_id, Job.status.not_in(TERMINAL)]
     if owner is not None:
         cond.append(Job.lease_owner == owner)
-    values = dict(status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
-                  error_code=error_code, error_message=error_message)
+    values = dict(
+        status=status,
+        finished_at=utcnow(),
+        lease_owner=None,
+        lease_expires_at=None,
+        error_code=error_code,
+        error_message=error_message,
+    )
     if summary is not None:
         values["summary"] = summary
     done = session.execute(update(Job).where(*cond).values(**values).execution_options(synchronize_session=False))
     if done.rowcount:
-        add_event(session, job_id, status, error_message or status,
-                  {"error": {"code": error_code, "message": error_message}} if error_code else {})
+        add_event(
+            session,
+            job_id,
+            status,
+            error_message or status,
+            {"error": {"code": error_code, "message": error_message}} if error_code else {},
+        )
     return bool(done.rowcount)
 
 
@@ -239,7 +323,8 @@ def release(session: Session, job_id: str, owner: str, reason: str) -> bool:
     if session.scalar(select(Job.cancel_requested).where(*ours)):
         return finish(session, job_id, owner, CANCELLED, error_message="cancelled")
     done = session.execute(
-        update(Job).where(*ours)
+        update(Job)
+        .where(*ours)
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -262,8 +347,11 @@ def request_cancel(session: Session, job: Job) -> None:
 
 def dependents_ready(session: Session, job_id: str) -> list[str]:
     """Queued jobs that waited on `job_id` and can run now."""
-    waiting = session.scalars(select(Job).join(JobDependency, JobDependency.job_id == Job.id)
-                              .where(JobDependency.depends_on_id == job_id, Job.status == QUEUED)).all()
+    waiting = session.scalars(
+        select(Job)
+        .join(JobDependency, JobDependency.job_id == Job.id)
+        .where(JobDependency.depends_on_id == job_id, Job.status == QUEUED)
+    ).all()
     return _ready_ids(session, waiting)
 
 
@@ -292,7 +380,8 @@ def sweep(session: Session, resend_after_seconds: int, now: datetime | None = No
             finish(session, job_id, None, CANCELLED, error_message="cancelled (its worker stopped)")
             continue
         requeued = session.execute(
-            update(Job).where(*still_lost)
+            update(Job)
+            .where(*still_lost)
             .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None, updated_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -300,6 +389,7 @@ def sweep(session: Session, resend_after_seconds: int, now: datetime | None = No
             add_event(session, job_id, "requeued", f"lease of {job_id} expired (worker lost); queued again to resume")
     session.flush()
     stale = now - timedelta(seconds=resend_after_seconds)
-    queued = session.scalars(select(Job).where(Job.status == QUEUED,
-                                               or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))).all()
+    queued = session.scalars(
+        select(Job).where(Job.status == QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
+    ).all()
     return _ready_ids(session, queued)

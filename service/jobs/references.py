@@ -9,7 +9,7 @@ Target = Literal["model", "dataset", "job"]
 
 
 class Reference(NamedTuple):
-    field: str          # dotted path in the request, e.g. spec.teachers.0.model
+    field: str  # dotted path in the request, e.g. spec.teachers.0.model
     target: Target
     id: str
 
@@ -52,5 +52,5 @@ def _benchmark_refs(at: str, spec: dict[str, Any]) -> list[Reference]:
 def dataset_ids(kind: str, spec: dict[str, Any]) -> set[str]:
     try:
         return {r.id for r in spec_references(kind, spec) if r.target == "dataset"}
-    except (KeyError, TypeError):   # a spec stored by hand or an older version: refers to nothing we know
+    except (KeyError, TypeError):  # a spec stored by hand or an older version: refers to nothing we know
         return set()

@@ -15,10 +15,10 @@ from collections import defaultdict
 from typing import Any
 
 from celery import Celery
-from distillery_contract.records import TRAINABLE_FORMATS
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from distillery_contract.records import TRAINABLE_FORMATS
 from service import queue
 from service.api import idempotency
 from service.api.idempotency import IdempotencyKey, Replay
@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- create
 
 
-def create_job(session: Session, enqueuer: Enqueuer, project_id: str, body: JobCreate,
-               idem: IdempotencyKey | None) -> tuple[int, dict] | Replay:
+def create_job(
+    session: Session, enqueuer: Enqueuer, project_id: str, body: JobCreate, idem: IdempotencyKey | None
+) -> tuple[int, dict] | Replay:
     replay = idempotency.find(session, project_id, idem)
     if replay is not None:
         return replay
@@ -100,7 +101,7 @@ class Enqueuer:
         return sent
 
 
-_DATASET_FORMATS: dict[str, tuple[str, ...]] = {   # by field (in a benchmark spec or a distill's `evaluate`)
+_DATASET_FORMATS: dict[str, tuple[str, ...]] = {  # by field (in a benchmark spec or a distill's `evaluate`)
     "spec.data.mcq": ("mcq",),
     "spec.data.preference": ("preference",),
     "spec.evaluate.data.mcq": ("mcq",),
@@ -112,7 +113,7 @@ ID_RE = re.compile(ID_PATTERN)
 
 def _check_reference(session: Session, project_id: str, ref: Reference) -> dict[str, Any] | None:
     """The error for one id of the spec, or None when it names a usable object of the project."""
-    if not ID_RE.fullmatch(ref.id):   # never handed to the database (a NUL is a DataError in PostgreSQL)
+    if not ID_RE.fullmatch(ref.id):  # never handed to the database (a NUL is a DataError in PostgreSQL)
         shown = repr(ref.id[:80])
         return {"field": ref.field, "message": f"{shown} is not an id{_path_hint(ref.id, ref.target + 's')}"}
     if ref.target == "model":
@@ -126,16 +127,20 @@ def _check_reference(session: Session, project_id: str, ref: Reference) -> dict[
             return {"field": ref.field, "message": f"unknown dataset id {ref.id!r}{_path_hint(ref.id, 'datasets')}"}
         allowed = _DATASET_FORMATS.get(ref.field, TRAINABLE_FORMATS)
         if row.format not in allowed:
-            return {"field": ref.field,
-                    "message": f"dataset {ref.id} is in format {row.format!r}; this needs {' or '.join(allowed)}"}
+            return {
+                "field": ref.field,
+                "message": f"dataset {ref.id} is in format {row.format!r}; this needs {' or '.join(allowed)}",
+            }
         return None
-    row = session.get(Job, ref.id)   # an adapter or a student: the output of a distill job (the new job waits
-    if row is None or row.project_id != project_id:                       # for it when it has not finished)
+    row = session.get(Job, ref.id)  # an adapter or a student: the output of a distill job (the new job waits
+    if row is None or row.project_id != project_id:  # for it when it has not finished)
         return {"field": ref.field, "message": f"unknown job id {ref.id!r}{_path_hint(ref.id, 'jobs')}"}
     if row.kind != "distill" or row.status in (lifecycle.FAILED, lifecycle.CANCELLED):
-        return {"field": ref.field,
-                "message": f"job {ref.id} is a {row.status} {row.kind} job; this needs a distill job that "
-                           "succeeded or is still to run"}
+        return {
+            "field": ref.field,
+            "message": f"job {ref.id} is a {row.status} {row.kind} job; this needs a distill job that "
+            "succeeded or is still to run",
+        }
     return None
 
 
@@ -168,8 +173,15 @@ def get_job_out(session: Session, project_id: str, job_id: str) -> JobOut:
     return job_out(row, _artifacts_by_job(session, [row.id])[row.id])
 
 
-def list_jobs(session: Session, project_id: str, status: str | None, kind: str | None, limit: int,
-              after: str | None, parent_id: str | None = None) -> JobPage:
+def list_jobs(
+    session: Session,
+    project_id: str,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    after: str | None,
+    parent_id: str | None = None,
+) -> JobPage:
     stmt = select(Job).where(Job.project_id == project_id)
     if parent_id is not None:
         stmt = stmt.where(Job.parent_id == parent_id)
@@ -186,8 +198,9 @@ def list_jobs(session: Session, project_id: str, status: str | None, kind: str |
     return JobPage(data=[job_out(r, artifacts[r.id]) for r in rows], has_more=has_more)
 
 
-def cancel_job(session: Session, project_id: str, job_id: str,
-               idem: IdempotencyKey | None) -> tuple[int, dict] | Replay:
+def cancel_job(
+    session: Session, project_id: str, job_id: str, idem: IdempotencyKey | None
+) -> tuple[int, dict] | Replay:
     """Queued: cancelled now. Running: cancel_requested until the worker stops at its next step."""
     replay = idempotency.find(session, project_id, idem)
     if replay is not None:
@@ -208,8 +221,8 @@ def delete_job_files(session: Session, artifact_root, project_id: str, job_id: s
     """Remove a finished job's folder (outputs, checkpoints, every attempt's files) to free disk space; its
     rows (events, metrics, summary) stay, its artifacts and checkpoints are gone. Refused while the job runs,
     while an unfinished job uses its output, and for teacher caches (shared by the server, kept by it)."""
-    from pathlib import Path
     import shutil
+    from pathlib import Path
 
     from service.artifacts.service import job_output_dir
 
@@ -217,54 +230,80 @@ def delete_job_files(session: Session, artifact_root, project_id: str, job_id: s
     if row.status not in lifecycle.TERMINAL:
         raise Problem(409, f"job {job_id} is {row.status}; cancel it or wait for it to finish first")
     if row.kind == "teacher_cache":
-        raise Problem(409, f"job {job_id} built a teacher cache, which the server shares and manages itself; "
-                           "there are no job files to delete")
-    live = session.scalars(select(Job).where(Job.project_id == project_id, Job.status.not_in(lifecycle.TERMINAL),
-                                             Job.id != job_id)).all()
-    users = [j.id for j in live if any(r.target == "job" and r.id == job_id
-                                       for r in spec_references(j.kind, j.spec or {}))]
+        raise Problem(
+            409,
+            f"job {job_id} built a teacher cache, which the server shares and manages itself; "
+            "there are no job files to delete",
+        )
+    live = session.scalars(
+        select(Job).where(Job.project_id == project_id, Job.status.not_in(lifecycle.TERMINAL), Job.id != job_id)
+    ).all()
+    users = [
+        j.id for j in live if any(r.target == "job" and r.id == job_id for r in spec_references(j.kind, j.spec or {}))
+    ]
     users += [j.id for j in live if j.parent_id == job_id and j.id not in users]
     if users:
-        raise Problem(409, f"job {job_id}'s files are used by unfinished job(s) {', '.join(users[:5])}; cancel "
-                           "them or wait for them to finish")
+        raise Problem(
+            409,
+            f"job {job_id}'s files are used by unfinished job(s) {', '.join(users[:5])}; cancel "
+            "them or wait for them to finish",
+        )
     folder = job_output_dir(Path(artifact_root), row)
-    freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) \
-        if folder.is_dir() else 0
+    freed = (
+        sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else 0
+    )
     removed = session.query(Artifact).filter(Artifact.job_id == job_id).delete(synchronize_session=False)
     session.query(Checkpoint).filter(Checkpoint.job_id == job_id).delete(synchronize_session=False)
-    lifecycle.add_event(session, job_id, "files_deleted", f"the job's files were deleted ({freed} bytes)",
-                        {"freed_bytes": freed, "artifacts": removed})
-    session.commit()   # rows first: a crash between the two leaves files without rows, never rows without files
+    lifecycle.add_event(
+        session,
+        job_id,
+        "files_deleted",
+        f"the job's files were deleted ({freed} bytes)",
+        {"freed_bytes": freed, "artifacts": removed},
+    )
+    session.commit()  # rows first: a crash between the two leaves files without rows, never rows without files
     shutil.rmtree(folder, ignore_errors=True)
     return {"id": job_id, "freed_bytes": freed, "artifacts_removed": removed}
 
 
 def list_events(session: Session, project_id: str, job_id: str, after: int | None, limit: int) -> EventPage:
     get_job(session, project_id, job_id)
-    rows, has_more = page(session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, limit, after,
-                          ascending=True)
+    rows, has_more = page(
+        session, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, limit, after, ascending=True
+    )
     return EventPage(data=[event_out(r) for r in rows], has_more=has_more)
 
 
 def job_states(session: Session, job_ids: set[str]) -> dict[str, dict]:
     """Each job's status, progress and summary, as sent in `state` stream messages. Read before the events:
     when a status is terminal, the events read next include the one that recorded it (same transaction)."""
-    rows = session.execute(select(Job.id, Job.status, Job.progress_step, Job.total_steps, Job.eta_seconds,
-                                  Job.summary).where(Job.id.in_(sorted(job_ids)))).all()
+    rows = session.execute(
+        select(Job.id, Job.status, Job.progress_step, Job.total_steps, Job.eta_seconds, Job.summary).where(
+            Job.id.in_(sorted(job_ids))
+        )
+    ).all()
     states = {}
     for row in rows:
         total = row.total_steps
         states[row.id] = {
             "status": row.status,
-            "progress": {"step": row.progress_step, "total_steps": total, "eta_seconds": row.eta_seconds,
-                         "fraction": min(1.0, row.progress_step / total) if total else None},
-            "summary": dict(row.summary or {})}
+            "progress": {
+                "step": row.progress_step,
+                "total_steps": total,
+                "eta_seconds": row.eta_seconds,
+                "fraction": min(1.0, row.progress_step / total) if total else None,
+            },
+            "summary": dict(row.summary or {}),
+        }
     return states
 
 
 def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
-    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                .order_by(JobEvent.id).limit(limit)).all())
+    return list(
+        session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+        ).all()
+    )
 
 
 def list_metrics(session: Session, project_id: str, job_id: str, name: str | None) -> MetricList:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15.0
 RECONNECT_MS = 2000
-EVENTS_PER_POLL = 500          # events one stream gets per poll; a stream catching up is polled again at once
+EVENTS_PER_POLL = 500  # events one stream gets per poll; a stream catching up is polled again at once
 RETRY_AFTER_SECONDS = 5
 
 
@@ -42,7 +42,7 @@ class _Batch:
     """What one poll found for one job: its state, and events after one cursor (as ready-made messages)."""
 
     state: dict | None
-    events: dict[int, list[tuple[int, ServerSentEventMessage]]]   # cursor -> [(event id, message)]
+    events: dict[int, list[tuple[int, ServerSentEventMessage]]]  # cursor -> [(event id, message)]
 
 
 @dataclass(eq=False)
@@ -79,10 +79,12 @@ class EventHub:
         if len(self._streams) >= self.total:
             raise self._too_many(f"this server already serves {self.total} event streams")
         if self._per_key[key_id] >= self.per_key:
-            raise self._too_many(f"this API key already has {self.per_key} open event streams; close one "
-                                 "(or poll GET /v1/jobs/{id}/events) and retry")
+            raise self._too_many(
+                f"this API key already has {self.per_key} open event streams; close one "
+                "(or poll GET /v1/jobs/{id}/events) and retry"
+            )
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:   # a new event loop (the server restarted its loop, or a test client)
+        if loop is not self._loop:  # a new event loop (the server restarted its loop, or a test client)
             self._loop, self._poller = loop, None
             self._streams.clear()
             self._per_key.clear()
@@ -98,8 +100,13 @@ class EventHub:
 
     @staticmethod
     def _too_many(detail: str) -> Problem:
-        return Problem(429, detail, slug="too-many-streams", title="Too many event streams",
-                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return Problem(
+            429,
+            detail,
+            slug="too-many-streams",
+            title="Too many event streams",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
     def _close(self, stream: _Stream) -> None:
         if stream.closed:
@@ -139,7 +146,7 @@ class EventHub:
                     yield ServerSentEventMessage(event="state", data=json.dumps(batch.state, default=str))
                     quiet_since = time.monotonic()
                 events = batch.events.get(stream.after)
-                if events is None:   # polled before this stream moved its cursor: ask for its page
+                if events is None:  # polled before this stream moved its cursor: ask for its page
                     seen = None
                     self._poller_wake()
                     continue
@@ -148,7 +155,7 @@ class EventHub:
                     yield message
                 if events:
                     quiet_since = time.monotonic()
-                    continue   # the poller fetches the next page for the new cursor
+                    continue  # the poller fetches the next page for the new cursor
                 if batch.state is None or batch.state["status"] in TERMINAL:
                     return
                 if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
@@ -170,15 +177,16 @@ class EventHub:
             wanted = {(s.job_id, s.after) for s in self._streams}
             try:
                 found = await anyio.to_thread.run_sync(self._poll, wanted)
-            except Exception as e:   # the database is down or restarting: keep the streams, say it once
+            except Exception as e:  # the database is down or restarting: keep the streams, say it once
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                     log.warning("event streams: cannot read events (%s); retrying", e.__class__.__name__)
                 found = None
             else:
                 if self._failing_since is not None:
-                    log.warning("event streams: reading events again after %.0f s",
-                                time.monotonic() - self._failing_since)
+                    log.warning(
+                        "event streams: reading events again after %.0f s", time.monotonic() - self._failing_since
+                    )
                     self._failing_since = None
             full = False
             if found is not None:
@@ -187,7 +195,7 @@ class EventHub:
                 for stream in self._streams:
                     stream.wake.set()
             if full:
-                await asyncio.sleep(0)   # let the streams send this page, then fetch the next at once
+                await asyncio.sleep(0)  # let the streams send this page, then fetch the next at once
                 continue
             try:
                 await asyncio.wait_for(self._poll_now.wait(), timeout=self.poll_seconds)
@@ -203,7 +211,12 @@ class EventHub:
             for job_id, after in wanted:
                 rows = service.events_after(session, job_id, after, EVENTS_PER_POLL)
                 batches.setdefault(job_id, _Batch(state=None, events={})).events[after] = [
-                    (row.id, ServerSentEventMessage(id=str(row.id), event=row.kind,
-                                                    data=json.dumps(to_json(event_out(row)))))
-                    for row in rows]
+                    (
+                        row.id,
+                        ServerSentEventMessage(
+                            id=str(row.id), event=row.kind, data=json.dumps(to_json(event_out(row)))
+                        ),
+                    )
+                    for row in rows
+                ]
         return batches

@@ -20,8 +20,8 @@ class ModelPathError(ValueError):
 
 @dataclass(frozen=True)
 class InspectedModel:
-    format: str           # mlx | gguf
-    path: Path            # resolved
+    format: str  # mlx | gguf
+    path: Path  # resolved
     fingerprint: str
     info: dict[str, Any]
 
@@ -43,7 +43,7 @@ def inspect_model_path(raw: str, roots: list[Path], protected: list[Path] = ()) 
     _check_placed(Path(raw), allowed, storage, raw)
     try:
         path = Path(raw).resolve()
-    except (OSError, RuntimeError):   # a symlink loop, an unreadable parent: the same answer as outside
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable parent: the same answer as outside
         raise ModelPathError(_outside(raw, allowed)) from None
     _check_placed(path, allowed, storage, raw)
     if not path.exists():
@@ -65,8 +65,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _outside(shown: str, allowed: list[Path]) -> str:
-    return f"{shown} is outside the allowed model roots ({', '.join(map(str, allowed))})" if allowed \
+    return (
+        f"{shown} is outside the allowed model roots ({', '.join(map(str, allowed))})"
+        if allowed
         else f"{shown} is not a path models may be registered from"
+    )
 
 
 def _check_placed(path: Path, allowed: list[Path], storage: list[Path], shown: str) -> None:
@@ -74,8 +77,11 @@ def _check_placed(path: Path, allowed: list[Path], storage: list[Path], shown: s
     if allowed and not any(_inside(path, root) for root in allowed):
         raise ModelPathError(_outside(shown, allowed))
     if any(_inside(path, folder) for folder in storage):
-        raise ModelPathError(_outside(shown, allowed) if allowed else
-                             f"{shown} is inside the server's own storage; upload a GGUF file instead")
+        raise ModelPathError(
+            _outside(shown, allowed)
+            if allowed
+            else f"{shown} is inside the server's own storage; upload a GGUF file instead"
+        )
 
 
 def _inspect_folder(folder: Path, allowed: list[Path], storage: list[Path]) -> InspectedModel:

@@ -33,8 +33,9 @@ def protected_storage(settings: Settings) -> list[Path]:
     return [Path(settings.artifact_root), cache / "teacher-caches", cache / "models"]
 
 
-def register_path(session: Session, settings: Settings, project_id: str, body: ModelRegister,
-                  idem: IdempotencyKey | None) -> tuple[int, dict] | Replay:
+def register_path(
+    session: Session, settings: Settings, project_id: str, body: ModelRegister, idem: IdempotencyKey | None
+) -> tuple[int, dict] | Replay:
     replay = idempotency.find(session, project_id, idem)
     if replay is not None:
         return replay
@@ -45,34 +46,53 @@ def register_path(session: Session, settings: Settings, project_id: str, body: M
     except ModelPathError as e:
         raise invalid("path", str(e)) from None
     model_id = new_id("mdl")
-    row = Model(id=model_id, project_id=project_id, name=body.name or _default_name(found.path.name, model_id),
-                source="path", format=found.format, path=str(found.path), fingerprint=found.fingerprint,
-                info=found.info)
+    row = Model(
+        id=model_id,
+        project_id=project_id,
+        name=body.name or _default_name(found.path.name, model_id),
+        source="path",
+        format=found.format,
+        path=str(found.path),
+        fingerprint=found.fingerprint,
+        info=found.info,
+    )
     return _commit(session, project_id, row, idem)
 
 
-def register_upload(session: Session, settings: Settings, project_id: str, upload: Upload, idem_key: str | None,
-                    request_path: str) -> tuple[int, dict] | Replay:
+def register_upload(
+    session: Session, settings: Settings, project_id: str, upload: Upload, idem_key: str | None, request_path: str
+) -> tuple[int, dict] | Replay:
     """Store an uploaded GGUF file. Always consumes `upload.path`."""
     try:
         idem = IdempotencyKey(idem_key, upload.fingerprint("POST", request_path)) if idem_key else None
         replay = idempotency.find(session, project_id, idem)
         if replay is not None:
             return replay
-        name = upload.fields.get("name") or None   # an empty field means no name
+        name = upload.fields.get("name") or None  # an empty field means no name
         if name is not None and (problem := check_label(name)):
             raise invalid("name", problem)
         if not gguf_magic_ok(upload.path):
-            raise invalid("file", "not a GGUF file (it does not start with 'GGUF'); upload an mlx-lm folder by "
-                                  "registering its server path instead")
+            raise invalid(
+                "file",
+                "not a GGUF file (it does not start with 'GGUF'); upload an mlx-lm folder by "
+                "registering its server path instead",
+            )
         model_id = new_id("mdl")
         final = model_dir(settings, project_id) / f"{model_id}.gguf"
         os.replace(upload.path, final)
     finally:
         upload.discard()
     label = name or _default_name(re.split(r"[/\\]", upload.filename or "")[-1], model_id)
-    row = Model(id=model_id, project_id=project_id, name=label, source="upload", format="gguf", path=str(final),
-                fingerprint=upload.sha256, info={"size_bytes": upload.size})
+    row = Model(
+        id=model_id,
+        project_id=project_id,
+        name=label,
+        source="upload",
+        format="gguf",
+        path=str(final),
+        fingerprint=upload.sha256,
+        info={"size_bytes": upload.size},
+    )
     try:
         result = _commit(session, project_id, row, idem)
     except BaseException:

@@ -35,8 +35,11 @@ class OpsController(Controller):
         checks = {"database": "ok" if database else "unreachable", "broker": "ok" if broker else "unreachable"}
         failing = [name for name, value in checks.items() if value != "ok"]
         if failing:
-            raise Problem(503, f"not ready: {' and '.join(failing)} unreachable",
-                          errors=[{"field": name, "message": "unreachable"} for name in failing])
+            raise Problem(
+                503,
+                f"not ready: {' and '.join(failing)} unreachable",
+                errors=[{"field": name, "message": "unreachable"} for name in failing],
+            )
         return ReadyOut(status="ok", checks=checks)
 
     @get("/metrics", summary="Prometheus metrics (all of them with the metrics token, else the process's own)")
@@ -53,7 +56,7 @@ def _database_ok(state: State) -> bool:
         return True
     except Exception as e:
         if unavailable(e):
-            state.database.failed(e)   # logged once per outage
+            state.database.failed(e)  # logged once per outage
         else:
             log.warning("readiness: database unusable: %s", e)
         return False

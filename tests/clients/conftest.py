@@ -74,9 +74,16 @@ class Server:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
         with self.db() as session:
-            row = Artifact(id=new_id("art"), project_id=self.project_id, job_id=job_id, name=name, path=str(path),
-                           size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
-                           content_type="application/octet-stream")
+            row = Artifact(
+                id=new_id("art"),
+                project_id=self.project_id,
+                job_id=job_id,
+                name=name,
+                path=str(path),
+                size_bytes=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+                content_type="application/octet-stream",
+            )
             session.add(row)
             return row.id
 
@@ -87,9 +94,13 @@ def server(tmp_path_factory, tiny_root) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("client-api")
     db_url = f"sqlite:///{tmp / 'api.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
-    env.update(DISTILLERY_DATABASE_URL=db_url, DISTILLERY_BROKER_URL=BROKER_URL,
-               DISTILLERY_ARTIFACT_ROOT=str(tmp / "artifacts"), DISTILLERY_MODEL_ROOTS=json.dumps([str(tiny_root)]),
-               DISTILLERY_EVENTS_POLL_SECONDS="0.05")
+    env.update(
+        DISTILLERY_DATABASE_URL=db_url,
+        DISTILLERY_BROKER_URL=BROKER_URL,
+        DISTILLERY_ARTIFACT_ROOT=str(tmp / "artifacts"),
+        DISTILLERY_MODEL_ROOTS=json.dumps([str(tiny_root)]),
+        DISTILLERY_EVENTS_POLL_SECONDS="0.05",
+    )
     run = dict(env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
     assert subprocess.run([SERVER, "migrate"], **run).returncode == 0
     created = subprocess.run([SERVER, "keys", "create", "--project", "sdk"], **run)
@@ -100,8 +111,13 @@ def server(tmp_path_factory, tiny_root) -> Iterator[Server]:
         project_id = session.scalars(select(ApiKey.project_id)).one()
     port = free_port()
     log = open(tmp / "api.log", "w")
-    proc = subprocess.Popen([SERVER, "api", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [SERVER, "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():

@@ -31,16 +31,29 @@ def cli(env, capsys):
 @pytest.fixture(scope="module")
 def ids(server, tiny_text, tiny_teacher, tiny_student):
     with server.client() as c:
-        return {"dataset": c.datasets.upload(tiny_text["train"], name="cli-train").id,
-                "teacher": c.models.add(tiny_teacher, name="cli-teacher").id,
-                "student": c.models.add(tiny_student, name="cli-student").id}
+        return {
+            "dataset": c.datasets.upload(tiny_text["train"], name="cli-train").id,
+            "teacher": c.models.add(tiny_teacher, name="cli-teacher").id,
+            "student": c.models.add(tiny_student, name="cli-student").id,
+        }
 
 
 def job_file(tmp_path: Path, ids: dict, **training) -> Path:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"kind": "distill", "spec": {
-        "student": {"model": ids["student"]}, "teachers": [{"model": ids["teacher"]}], "teacher_mode": "online",
-        "data": {"train": ids["dataset"], "valid": 0.25}, "training": {"steps": 2, **training}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "distill",
+                "spec": {
+                    "student": {"model": ids["student"]},
+                    "teachers": [{"model": ids["teacher"]}],
+                    "teacher_mode": "online",
+                    "data": {"train": ids["dataset"], "valid": 0.25},
+                    "training": {"steps": 2, **training},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -50,6 +63,7 @@ def finish_next_job(server, status: str, **error) -> threading.Thread:
         from sqlalchemy import func, select
 
         from service.db.models import Job
+
         before = session.scalar(select(func.count()).select_from(Job))
 
     def work():
@@ -57,6 +71,7 @@ def finish_next_job(server, status: str, **error) -> threading.Thread:
 
         from service.db.models import Job
         from service.jobs import lifecycle
+
         for _ in range(200):
             with server.db() as session:
                 jobs = session.scalars(select(Job).order_by(Job.id)).all()
@@ -101,11 +116,11 @@ def test_job_commands(cli, server, ids, tmp_path):
     assert code == 0
     job_id = json.loads(out)["id"]
     code, out, _ = cli("submit", str(job_file(tmp_path, ids)))
-    assert code == 0 and out.strip().startswith("job_")      # not a terminal: the id alone, for $(...)
+    assert code == 0 and out.strip().startswith("job_")  # not a terminal: the id alone, for $(...)
     code, out, _ = cli("--json", "jobs", "--kind", "distill")
     assert code == 0 and job_id in {j["id"] for j in json.loads(out)}
     code, out, _ = cli("jobs", "--status", "queued", "--limit", "1")
-    assert code == 0 and len([l for l in out.splitlines() if l.startswith("job_")]) == 1
+    assert code == 0 and len([line for line in out.splitlines() if line.startswith("job_")]) == 1
     code, out, _ = cli("status", job_id)
     assert code == 0 and job_id in out and "queued" in out
     code, out, _ = cli("logs", job_id, "--json")
@@ -163,10 +178,10 @@ def test_errors_are_one_line_with_distinct_codes(cli, ids, tmp_path, monkeypatch
     bad = job_file(tmp_path, ids, steps=0)
     code, _, err = cli("submit", str(bad))
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert f"{bad}:" in err and "spec.training.steps" in err          # the file, its line and the field
+    assert f"{bad}:" in err and "spec.training.steps" in err  # the file, its line and the field
     code, _, err = cli("submit", str(tmp_path / "missing.yaml"))
     assert code == 1 and "missing.yaml" in err
-    code, _, _ = cli("status")                                          # usage
+    code, _, _ = cli("status")  # usage
     assert code == 2
     code, _, _ = cli("frobnicate")
     assert code == 2
@@ -194,8 +209,15 @@ def test_a_job_that_shipped_its_start_says_so(cli, server):
 
     message = "no trained step beat the starting student (val KL 0.4080 at step 0): the run ships it unchanged"
     job_id = server.insert_job()
-    server.finish(job_id, "succeeded", summary={"best": {"step": 0, "val_kl": 0.408}, "shipped": "start",
-                                                "warnings": [{"code": "no_improvement", "message": message}]})
+    server.finish(
+        job_id,
+        "succeeded",
+        summary={
+            "best": {"step": 0, "val_kl": 0.408},
+            "shipped": "start",
+            "warnings": [{"code": "no_improvement", "message": message}],
+        },
+    )
     code, out, _ = cli("status", job_id)
     assert code == 0 and "warning" in out and "starting student" in " ".join(out.split())
     code, out, err = cli("wait", job_id)

@@ -17,8 +17,10 @@ from service.jobs import lifecycle
 
 def _modules_after(code: str) -> set[str]:
     """Top-level modules loaded by `code` in a fresh interpreter, beyond those a bare interpreter loads."""
-    probe = ("import sys; before = set(sys.modules); {code}; "
-             "print(' '.join(sorted({{m.split('.')[0] for m in set(sys.modules) - before}})))")
+    probe = (
+        "import sys; before = set(sys.modules); {code}; "
+        "print(' '.join(sorted({{m.split('.')[0] for m in set(sys.modules) - before}})))"
+    )
     done = subprocess.run([sys.executable, "-c", probe.format(code=code)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return set(done.stdout.split())
@@ -60,9 +62,14 @@ def test_the_service_defaults_are_the_specs_defaults():
 
 
 def test_an_evaluation_spec_is_a_valid_benchmark_with_the_reserved_labels():
-    spec = specs.DistillSpec.model_validate({
-        "student": {"model": "s"}, "teachers": [{"model": "t"}], "data": {"train": "ds_1"},
-        "evaluate": {"data": {"text": "ds_2"}, "candidates": [{"label": "sft", "adapter": "job_1"}]}})
+    spec = specs.DistillSpec.model_validate(
+        {
+            "student": {"model": "s"},
+            "teachers": [{"model": "t"}],
+            "data": {"train": "ds_1"},
+            "evaluate": {"data": {"text": "ds_2"}, "candidates": [{"label": "sft", "adapter": "job_1"}]},
+        }
+    )
     bench = specs.BenchmarkSpec.model_validate(lifecycle.evaluation_spec("job_9", spec.model_dump(mode="json")))
     labels = [c.label for c in bench.candidates]
     assert labels == [jobs.BASELINE_LABEL, jobs.DISTILLED_LABEL, "sft"]

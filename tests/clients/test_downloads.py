@@ -18,7 +18,7 @@ from service.db.models import Artifact as ArtifactRow
 from service.db.models import new_id
 
 CONTENT = "/content"
-SIZE = 1_000_000          # ~4 of the server's 256 KiB chunks
+SIZE = 1_000_000  # ~4 of the server's 256 KiB chunks
 
 
 class _Counted(httpx.SyncByteStream):
@@ -81,8 +81,12 @@ class Content:
         entry = {"request": request, "status": response.status_code, "bytes": 0}
         cut = self.cuts.get(len(self.log))
         self.log.append(entry)
-        return httpx.Response(response.status_code, headers=response.headers,
-                              stream=stream_type(response.stream, entry, cut), extensions=response.extensions)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=stream_type(response.stream, entry, cut),
+            extensions=response.extensions,
+        )
 
 
 class _Transport(httpx.BaseTransport):
@@ -130,10 +134,12 @@ def finished_job(server, files: dict[str, bytes]) -> str:
 
 
 def adapter_files() -> dict[str, bytes]:
-    return {"adapters.safetensors": os.urandom(SIZE),
-            "adapter_config.json": b'{"fine_tune_type": "lora", "num_layers": 2}',
-            "student/config.json": b'{"num_hidden_layers": 2}',
-            "student/model.safetensors": os.urandom(300_000)}
+    return {
+        "adapters.safetensors": os.urandom(SIZE),
+        "adapter_config.json": b'{"fine_tune_type": "lora", "num_layers": 2}',
+        "student/config.json": b'{"num_hidden_layers": 2}',
+        "student/model.safetensors": os.urandom(300_000),
+    }
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -146,9 +152,18 @@ def insert_named(server, job_id: str, name: str, content: bytes = b"payload") ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     with server.db() as session:
-        session.add(ArtifactRow(id=new_id("art"), project_id=server.project_id, job_id=job_id, name=name,
-                                path=str(path), size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
-                                content_type="application/octet-stream"))
+        session.add(
+            ArtifactRow(
+                id=new_id("art"),
+                project_id=server.project_id,
+                job_id=job_id,
+                name=name,
+                path=str(path),
+                size_bytes=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+                content_type="application/octet-stream",
+            )
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ sync
@@ -162,14 +177,14 @@ def test_download_writes_every_artifact_keeping_folders(server, tmp_path):
     with counting_client(server, content) as c:
         paths = c.artifacts.download(job_id, dest)
         assert sorted(p.relative_to(dest).as_posix() for p in paths) == sorted(files)
-        assert files_under(dest) == files                      # exact bytes, folders kept, no .part left over
+        assert files_under(dest) == files  # exact bytes, folders kept, no .part left over
         assert len(content.requests) == len(files)
         assert all(x["status"] == 200 and "range" not in x["request"].headers for x in content.log)
         assert content.total_bytes == sum(map(len, files.values()))
 
-        again = c.artifacts.download(job_id, dest)             # everything already matches its sha256
+        again = c.artifacts.download(job_id, dest)  # everything already matches its sha256
         assert sorted(again) == sorted(paths)
-        assert len(content.requests) == len(files)             # nothing fetched the second time
+        assert len(content.requests) == len(files)  # nothing fetched the second time
         assert files_under(dest) == files
 
 
@@ -180,7 +195,7 @@ def test_download_refetches_a_file_that_no_longer_matches(server, tmp_path):
     content = Content()
     with counting_client(server, content) as c:
         c.artifacts.download(job_id, dest)
-        (dest / "student" / "config.json").write_bytes(b'{"num_hidden_layers": 9}')   # same length, edited
+        (dest / "student" / "config.json").write_bytes(b'{"num_hidden_layers": 9}')  # same length, edited
         (dest / "adapter_config.json").unlink()
         n = len(content.requests)
         c.artifacts.download(job_id, dest)
@@ -194,8 +209,10 @@ def test_download_names_filter(server, tmp_path):
     job_id = finished_job(server, files)
     with server.client() as c:
         paths = c.artifacts.download(job_id, tmp_path, names=lambda name: name.startswith("student/"))
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == ["student/config.json",
-                                                                          "student/model.safetensors"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == [
+        "student/config.json",
+        "student/model.safetensors",
+    ]
     assert files_under(tmp_path) == {k: v for k, v in files.items() if k.startswith("student/")}
 
 
@@ -214,7 +231,7 @@ def test_download_resumes_with_range_after_a_cut(server, tmp_path):
     assert second["request"].headers["If-Range"] == f'"{hashlib.sha256(data).hexdigest()}"'
     assert second["status"] == 206
     assert second["bytes"] == SIZE - half
-    assert content.total_bytes == SIZE                        # the first half was not fetched twice
+    assert content.total_bytes == SIZE  # the first half was not fetched twice
 
 
 def test_download_resumes_after_repeated_cuts_then_gives_up(server, tmp_path):
@@ -228,11 +245,11 @@ def test_download_resumes_after_repeated_cuts_then_gives_up(server, tmp_path):
     assert len(content.requests) == 3
     assert [r.headers.get("Range") for r in content.requests] == [None, "bytes=100000-", "bytes=200000-"]
     part = tmp_path / "adapters.safetensors.part"
-    assert part.read_bytes() == data[:300_000]                  # kept for the next call
+    assert part.read_bytes() == data[:300_000]  # kept for the next call
     assert not (tmp_path / "adapters.safetensors").exists()
 
     content = Content()
-    with counting_client(server, content) as c:                 # a later run goes on from the .part
+    with counting_client(server, content) as c:  # a later run goes on from the .part
         c.artifacts.download(job_id, tmp_path)
     assert [r.headers.get("Range") for r in content.requests] == ["bytes=300000-"]
     assert content.total_bytes == SIZE - 300_000
@@ -245,7 +262,7 @@ def test_download_resumes_an_existing_part_file(server, tmp_path):
     job_id = finished_job(server, {"student/model.safetensors": data})
     part = tmp_path / "student" / "model.safetensors.part"
     part.parent.mkdir()
-    part.write_bytes(data[:300_000])                             # left by an interrupted earlier run
+    part.write_bytes(data[:300_000])  # left by an interrupted earlier run
     content = Content()
     with counting_client(server, content) as c:
         c.artifacts.download(job_id, tmp_path)
@@ -332,8 +349,9 @@ def test_checksum_failure_leaves_no_file(server, tmp_path):
     assert not [p for p in dest.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "/abs-escape.txt", "student/../../escape.txt",
-                                  "..\\escape.txt", "C:/escape.txt"])
+@pytest.mark.parametrize(
+    "name", ["../escape.txt", "/abs-escape.txt", "student/../../escape.txt", "..\\escape.txt", "C:/escape.txt"]
+)
 def test_unsafe_artifact_names_are_refused(server, tmp_path, name):
     job_id = server.insert_job()
     insert_named(server, job_id, name)
@@ -343,7 +361,7 @@ def test_unsafe_artifact_names_are_refused(server, tmp_path, name):
     with counting_client(server, content) as c:
         with pytest.raises(DistilleryError, match="refusing artifact name"):
             c.artifacts.download(job_id, dest)
-    assert content.requests == []                               # refused before fetching anything
+    assert content.requests == []  # refused before fetching anything
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     assert not Path("/abs-escape.txt").exists()
 

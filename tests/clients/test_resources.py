@@ -11,8 +11,17 @@ import httpx
 import pytest
 import yaml
 
-from distillery import (AsyncDistillery, AuthenticationError, BadRequestError, ConfigError, DistillSpec,
-                        Distillery, Job, NotFoundError, SpecError)
+from distillery import (
+    AsyncDistillery,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    Distillery,
+    DistillSpec,
+    Job,
+    NotFoundError,
+    SpecError,
+)
 from service.db.models import Checkpoint, StepMetric
 
 
@@ -26,9 +35,16 @@ def registered(server, tiny_text, tiny_teacher, tiny_student):
 
 
 def job_dict(r) -> dict:
-    return {"kind": "distill", "spec": {"student": {"model": r["student"].id}, "teachers": [{"model": r["teacher"].id}],
-                                        "teacher_mode": "online", "data": {"train": r["dataset"].id, "valid": 0.25},
-                                        "training": {"steps": 2}}}
+    return {
+        "kind": "distill",
+        "spec": {
+            "student": {"model": r["student"].id},
+            "teachers": [{"model": r["teacher"].id}],
+            "teacher_mode": "online",
+            "data": {"train": r["dataset"].id, "valid": 0.25},
+            "training": {"steps": 2},
+        },
+    }
 
 
 def test_datasets_and_models(client, registered, tiny_text):
@@ -36,7 +52,7 @@ def test_datasets_and_models(client, registered, tiny_text):
     assert ds.format == "text" and ds.records == 48 and len(ds.sha256) == 64
     assert client.datasets.get(ds.id) == ds
     other = client.datasets.upload(tiny_text["valid"], name="valid", format="text")
-    assert [d.id for d in client.datasets.list(limit=1)][:2] == [other.id, ds.id]   # newest first, across pages
+    assert [d.id for d in client.datasets.list(limit=1)][:2] == [other.id, ds.id]  # newest first, across pages
     client.datasets.delete(other.id)
     with pytest.raises(NotFoundError):
         client.datasets.get(other.id)
@@ -78,7 +94,7 @@ def test_jobs_from_dict_typed_spec_and_yaml(client, registered, tmp_path):
     job4 = client.jobs.create(str(path))
     ids = {job.id, job2.id, job3.id, job4.id}
     assert len(ids) == 4
-    listed = [j.id for j in client.jobs.list(limit=1)]     # one per page: follows the cursor
+    listed = [j.id for j in client.jobs.list(limit=1)]  # one per page: follows the cursor
     assert ids <= set(listed) and len(listed) == len(set(listed))
     assert ids <= {j.id for j in client.jobs.list(status="queued", kind="distill")}
     assert not ids & {j.id for j in client.jobs.list(kind="benchmark")}
@@ -111,9 +127,9 @@ def test_typed_errors(client, server, registered):
         client.jobs.get("job_doesnotexist")
     assert e.value.status == 404 and e.value.problem["status"] == 404 and e.value.detail
     with pytest.raises(NotFoundError):
-        client.jobs.get("../datasets")          # an id never leaves its path segment
+        client.jobs.get("../datasets")  # an id never leaves its path segment
     body = job_dict(registered)
-    body["spec"]["student"]["model"] = "mdl_nope"   # valid shape, unknown model: the server says which field
+    body["spec"]["student"]["model"] = "mdl_nope"  # valid shape, unknown model: the server says which field
     with pytest.raises(BadRequestError) as e:
         client.jobs.create(body)
     assert e.value.status == 422 and [x["field"] for x in e.value.errors] == ["spec.student.model"]
@@ -138,8 +154,9 @@ def test_spec_errors_before_sending(client, registered, tmp_path):
     body["spec"]["training"]["learning_rat"] = 0.1
     body["spec"]["training"]["steps"] = 0
     path.write_text(yaml.safe_dump(body, sort_keys=False))
-    with Distillery(client.base_url, client.api_key, http_client=httpx.Client(base_url=client.base_url,
-                                                                              transport=Spy())) as spied:
+    with Distillery(
+        client.base_url, client.api_key, http_client=httpx.Client(base_url=client.base_url, transport=Spy())
+    ) as spied:
         with pytest.raises(SpecError) as e:
             spied.jobs.create(path)
     assert sent == []
@@ -177,22 +194,30 @@ def test_configuration_sources(server, monkeypatch, tmp_path):
     for name in ("DISTILLERY_BASE_URL", "DISTILLERY_API_KEY", "DISTILLERY_PROFILE", "DISTILLERY_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert Distillery().base_url == "http://127.0.0.1:8000"          # nothing set: the local default
+    assert Distillery().base_url == "http://127.0.0.1:8000"  # nothing set: the local default
 
     config = tmp_path / "distillery" / "config.yaml"
     config.parent.mkdir()
-    config.write_text(yaml.safe_dump({"base_url": "http://wrong:1", "api_key": "dst_wrong", "timeout": 5,
-                                      "profiles": {"here": {"base_url": server.url, "api_key": server.key}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base_url": "http://wrong:1",
+                "api_key": "dst_wrong",
+                "timeout": 5,
+                "profiles": {"here": {"base_url": server.url, "api_key": server.key}},
+            }
+        )
+    )
     config.chmod(0o600)
-    with Distillery(profile="here") as c:                               # a profile of the file
+    with Distillery(profile="here") as c:  # a profile of the file
         assert c.base_url == server.url and isinstance(list(c.models.list()), list)
     c = Distillery()
     assert (c.base_url, c.api_key, c.timeout.read) == ("http://wrong:1", "dst_wrong", 5)
-    monkeypatch.setenv("DISTILLERY_BASE_URL", server.url)              # environment beats the file
+    monkeypatch.setenv("DISTILLERY_BASE_URL", server.url)  # environment beats the file
     monkeypatch.setenv("DISTILLERY_API_KEY", server.key)
     with Distillery() as c:
         assert c.base_url == server.url and isinstance(list(c.models.list()), list)
-    assert Distillery(api_key="dst_arg").api_key == "dst_arg"          # arguments beat everything
+    assert Distillery(api_key="dst_arg").api_key == "dst_arg"  # arguments beat everything
     with pytest.raises(ConfigError, match="no profile 'nope'"):
         Distillery(profile="nope")
     config.write_text("base_url: [unclosed\n")

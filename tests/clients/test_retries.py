@@ -13,9 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from distillery import (APIConnectionError, AsyncDistillery, BadRequestError, Distillery, RateLimitError,
-                        ServerError)
-from distillery import _base
+from distillery import (
+    APIConnectionError,
+    AsyncDistillery,
+    BadRequestError,
+    Distillery,
+    RateLimitError,
+    ServerError,
+    _base,
+)
 from tests.helpers.services import free_port
 
 # A fault: given (method, path, attempt number of that method+path), return None to forward normally, or
@@ -51,8 +57,9 @@ class FlakyProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 r = proxy.upstream.request(self.command, self.path, content=body, headers=headers)
                 if fault and fault[0] == "after":
-                    return self._answer(fault[1], b'{"status": %d, "detail": "injected after forwarding"}' % fault[1],
-                                        fault[2])
+                    return self._answer(
+                        fault[1], b'{"status": %d, "detail": "injected after forwarding"}' % fault[1], fault[2]
+                    )
                 self._answer(r.status_code, r.content, {"Content-Type": r.headers.get("content-type", "")})
 
             def _answer(self, status, content, headers):
@@ -66,7 +73,7 @@ class FlakyProxy:
             do_GET = do_POST = do_DELETE = _handle
 
         class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):   # a client that gave up on a stall: expected
+            def handle_error(self, request, client_address):  # a client that gave up on a stall: expected
                 pass
 
         self.server = Server(("127.0.0.1", free_port()), Handler)
@@ -102,8 +109,15 @@ def body(server, tiny_text, tiny_teacher):
     with server.client() as c:
         ds = c.datasets.upload(tiny_text["valid"], name="retries")
         model = c.models.add(tiny_teacher, name="retries-teacher")
-    return {"kind": "distill", "spec": {"student": {"model": model.id}, "teachers": [{"model": model.id}],
-                                        "teacher_mode": "online", "data": {"train": ds.id}}}
+    return {
+        "kind": "distill",
+        "spec": {
+            "student": {"model": model.id},
+            "teachers": [{"model": model.id}],
+            "teacher_mode": "online",
+            "data": {"train": ds.id},
+        },
+    }
 
 
 def job_ids(server) -> set[str]:
@@ -138,8 +152,9 @@ def test_a_lost_response_is_retried_with_the_same_key(server, body):
             return response
 
     before = job_ids(server)
-    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"},
-                        transport=DropFirstResponse())
+    http = httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}, transport=DropFirstResponse()
+    )
     with Distillery(server.url, server.key, http_client=http, backoff=0.01) as c:
         job = c.jobs.create(body)
     assert len(posts) == 2 and posts[0] == posts[1]
@@ -167,8 +182,9 @@ def test_retry_after_is_honoured(server, proxy, sleeps):
     assert sleeps == [3.0]
     # as an HTTP date, and capped for a server asking for too long
     proxy.counts.clear()
-    proxy.fault = lambda m, p, n: ("instead", 503, {"Retry-After": formatdate(time.time() + 600, usegmt=True)}) \
-        if n == 1 else None
+    proxy.fault = lambda m, p, n: (
+        ("instead", 503, {"Retry-After": formatdate(time.time() + 600, usegmt=True)}) if n == 1 else None
+    )
     with Distillery(proxy.url, server.key) as c:
         list(c.models.list())
     assert sleeps[1] == _base.MAX_RETRY_AFTER
@@ -198,7 +214,7 @@ def test_connection_errors_and_timeouts(server, proxy, sleeps):
         with pytest.raises(APIConnectionError):
             list(c.jobs.list())
     assert len(sleeps) == 2
-    proxy.fault = lambda m, p, n: ("stall", 1.0) if n == 1 else None   # longer than the client's timeout
+    proxy.fault = lambda m, p, n: ("stall", 1.0) if n == 1 else None  # longer than the client's timeout
     with Distillery(proxy.url, server.key, timeout=0.3) as c:
         assert c.jobs.list() is not None and isinstance(list(c.jobs.list()), list)
     assert proxy.counts[("GET", "/v1/jobs")] >= 2

@@ -38,7 +38,7 @@ def own_schemas() -> dict[str, dict]:
 def test_the_published_spec_schemas_are_the_contracts_own(openapi):
     published = openapi["components"]["schemas"]
     own = own_schemas()
-    assert set(COMPONENT.values()) <= set(own) and len(own) >= 20   # the specs and all their parts
+    assert set(COMPONENT.values()) <= set(own) and len(own) >= 20  # the specs and all their parts
     for name, schema in own.items():
         assert published.get(name) == schema, f"the published {name} is not the contract's own schema"
 
@@ -46,8 +46,11 @@ def test_the_published_spec_schemas_are_the_contracts_own(openapi):
 def test_every_request_model_of_the_contract_is_published(openapi):
     """Each public model of the contract is a component (none is left to Litestar's derivation), no private one."""
     published = openapi["components"]["schemas"]
-    models = [v for v in vars(contract).values() if isinstance(v, type) and issubclass(v, BaseModel)
-              and v.__module__ == contract.__name__]
+    models = [
+        v
+        for v in vars(contract).values()
+        if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == contract.__name__
+    ]
     assert {m.__name__ for m in models if not m.__name__.startswith("_")} <= set(published)
     assert not [name for name in published if name.startswith("_")]
 
@@ -55,8 +58,16 @@ def test_every_request_model_of_the_contract_is_published(openapi):
 def test_the_published_schema_closes_every_spec_object(openapi):
     """`extra="forbid"` reaches the OpenAPI document: unknown fields are refused there too."""
     comps = openapi["components"]["schemas"]
-    for name in ("DistillSpec", "TrainingSpec", "LossSpec", "BenchmarkSpec", "BenchmarkCandidate", "EvaluateSpec",
-                 "TeacherCacheSpec", "JobCreate"):
+    for name in (
+        "DistillSpec",
+        "TrainingSpec",
+        "LossSpec",
+        "BenchmarkSpec",
+        "BenchmarkCandidate",
+        "EvaluateSpec",
+        "TeacherCacheSpec",
+        "JobCreate",
+    ):
         assert comps[name].get("additionalProperties") is False, name
 
 
@@ -64,7 +75,7 @@ def test_the_api_and_the_sdk_use_the_contracts_models_themselves():
     assert API_MODELS is contract.SPEC_MODELS
     assert {kind: m.__name__ for kind, m in API_MODELS.items()} == COMPONENT
     assert set(API_MODELS) == set(distillery_contract.JOB_KINDS)
-    for name in contract.__all__:   # `distillery.specs` is a re-export, not a copy
+    for name in contract.__all__:  # `distillery.specs` is a re-export, not a copy
         assert getattr(sdk_specs, name) is getattr(contract, name), name
     assert distillery.DistillSpec is contract.DistillSpec
     assert distillery.TeacherCacheSpec is contract.TeacherCacheSpec

@@ -13,10 +13,19 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from distillery import (APIConnectionError, AsyncDistillery, Distillery, Event, Job, JobFailedError, JobState,
-                        WaitTimeout)
+from distillery import (
+    APIConnectionError,
+    AsyncDistillery,
+    Distillery,
+    Event,
+    Job,
+    JobFailedError,
+    JobState,
+    WaitTimeout,
+)
 
 STREAM = "/events/stream"
+CONNECTION_RESET = httpx.ReadError("connection reset")  # what a cut connection raises, by default
 
 
 # ----------------------------------------------------------------------------------------------- fault injection
@@ -70,7 +79,7 @@ class _Faults:
     what happens: None passes it through, a Response answers without forwarding, an int cuts the real body
     after that many bytes (with `error`, or cleanly when `error` is None)."""
 
-    def __init__(self, plan: Plan | None = None, error: Exception | None = httpx.ReadError("connection reset")):
+    def __init__(self, plan: Plan | None = None, error: Exception | None = CONNECTION_RESET):
         self.plan, self.error = plan or (lambda request, n: None), error
         self.requests: list[httpx.Request] = []
         self.on_stream: Callable[[int], None] | None = None
@@ -98,9 +107,12 @@ class _Transport(httpx.BaseTransport):
             return what
         response = self.inner.handle_request(request)
         if isinstance(what, int):
-            return httpx.Response(response.status_code, headers=response.headers,
-                                  stream=_Cut(response.stream, what, self.faults.error),
-                                  extensions=response.extensions)
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_Cut(response.stream, what, self.faults.error),
+                extensions=response.extensions,
+            )
         return response
 
     def close(self) -> None:
@@ -117,9 +129,12 @@ class _AsyncTransport(httpx.AsyncBaseTransport):
             return what
         response = await self.inner.handle_async_request(request)
         if isinstance(what, int):
-            return httpx.Response(response.status_code, headers=response.headers,
-                                  stream=_AsyncCut(response.stream, what, self.faults.error),
-                                  extensions=response.extensions)
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_AsyncCut(response.stream, what, self.faults.error),
+                extensions=response.extensions,
+            )
         return response
 
     async def aclose(self) -> None:
@@ -190,7 +205,7 @@ def test_stream_events_is_live_and_complete(server, client):
     def worker():
         for batch in range(3):
             server.add_events(job_id, 3, kind=f"batch{batch}")
-            until(lambda: len(received) >= 1 + 3 * (batch + 1), what=f"the client to receive batch {batch}")
+            until(lambda batch=batch: len(received) >= 1 + 3 * (batch + 1), what=f"the client to receive batch {batch}")
 
     driver = Driver(worker, then=lambda: server.finish(job_id))
     for event in client.jobs.stream_events(job_id):
@@ -200,8 +215,7 @@ def test_stream_events_is_live_and_complete(server, client):
     stored = client.jobs.events(job_id)
     assert ids(received) == ids(stored)
     assert ids(received) == sorted(ids(received))
-    assert [e.kind for e in received] == ["created"] + ["batch0"] * 3 + ["batch1"] * 3 + ["batch2"] * 3 \
-        + ["succeeded"]
+    assert [e.kind for e in received] == ["created"] + ["batch0"] * 3 + ["batch1"] * 3 + ["batch2"] * 3 + ["succeeded"]
     assert received[1].data == {"i": 0} and received[1].message == "batch0 0"
 
 
@@ -221,7 +235,7 @@ def test_stream_resumes_with_last_event_id_after_a_break(server, cut_at):
     """The first connection breaks mid-message (ReadError after `cut_at` bytes); the client reconnects with
     Last-Event-ID = the last id it yielded, and what it yields has no duplicate and no gap."""
     job_id = server.insert_job()
-    server.add_events(job_id, 12)              # ~150 bytes each: the cut falls among them
+    server.add_events(job_id, 12)  # ~150 bytes each: the cut falls among them
     received: list[Event] = []
     seen_before_reconnect: list[int] = []
     faults = _Faults(lambda request, n: cut_at if n == 1 else None)
@@ -229,6 +243,7 @@ def test_stream_resumes_with_last_event_id_after_a_break(server, cut_at):
     def on_stream(n: int) -> None:
         if n == 2:
             seen_before_reconnect.extend(ids(received))
+
     faults.on_stream = on_stream
 
     def worker():
@@ -248,7 +263,7 @@ def test_stream_resumes_with_last_event_id_after_a_break(server, cut_at):
     assert seen_before_reconnect, "the cut should fall after some events were delivered"
     assert len(seen_before_reconnect) < 13, "the cut should fall before all stored events were delivered"
     assert streams[1].headers["Last-Event-ID"] == str(seen_before_reconnect[-1])
-    assert ids(received) == ids(stored)            # no duplicates, no gaps, in order
+    assert ids(received) == ids(stored)  # no duplicates, no gaps, in order
     assert len(set(ids(received))) == len(received)
     assert received[-1].kind == "succeeded"
 
@@ -302,7 +317,7 @@ def test_stream_that_always_breaks_gives_up(server):
     with faulty_client(server, faults, max_retries=2) as c:
         with pytest.raises(APIConnectionError, match="lost the event stream"):
             list(c.jobs.stream_events(job_id))
-    assert len(faults.streams()) == 3             # the first try and 2 retries
+    assert len(faults.streams()) == 3  # the first try and 2 retries
 
 
 def test_stream_that_always_breaks_after_the_snapshot_gives_up(server):
@@ -328,7 +343,7 @@ def test_wait_returns_the_succeeded_job_with_states_and_events(server, client):
     def worker():
         for step in (10, 20, 30):
             server.set_progress(job_id, step, loss=1.0 / step)
-            until(lambda: any(s.progress.step == step for s in states), what=f"the client to see step {step}")
+            until(lambda step=step: any(s.progress.step == step for s in states), what=f"the client to see step {step}")
             server.add_events(job_id, 1, kind="eval")
 
     driver = Driver(worker, then=lambda: server.finish(job_id))
@@ -354,8 +369,12 @@ def test_wait_on_a_finished_job_returns_at_once(server, client):
 
 def test_wait_raises_job_failed_with_the_error(server, client):
     job_id = server.insert_job()
-    driver = Driver(lambda: (time.sleep(0.1), server.finish(job_id, "failed", error_code="user_error",
-                                                               error_message="dataset has no rows")))
+    driver = Driver(
+        lambda: (
+            time.sleep(0.1),
+            server.finish(job_id, "failed", error_code="user_error", error_message="dataset has no rows"),
+        )
+    )
     with pytest.raises(JobFailedError) as info:
         client.jobs.wait(job_id)
     driver.join()
@@ -406,10 +425,14 @@ def test_wait_timeout_while_events_flow(server, client):
     assert client.jobs.get(job_id).status == "running"
 
 
-@pytest.mark.parametrize("answer", [
-    httpx.Response(406, json={"title": "Not Acceptable", "detail": "no event streams here"}),
-    httpx.Response(200, text="<html>proxy</html>", headers={"content-type": "text/html"}),
-], ids=["406", "html"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(406, json={"title": "Not Acceptable", "detail": "no event streams here"}),
+        httpx.Response(200, text="<html>proxy</html>", headers={"content-type": "text/html"}),
+    ],
+    ids=["406", "html"],
+)
 def test_wait_falls_back_to_polling(server, answer):
     job_id = server.insert_job()
     faults = _Faults(lambda request, n: answer)
@@ -426,7 +449,7 @@ def test_wait_falls_back_to_polling(server, answer):
         job = c.jobs.wait(job_id, poll=0.05, on_state=states.append)
     driver.join()
     assert job.status == "succeeded"
-    assert len(faults.streams()) == 1              # not retried: the server does not stream
+    assert len(faults.streams()) == 1  # not retried: the server does not stream
     assert any(s.progress.step == 50 for s in states)
     assert states[-1].status == "succeeded"
 
@@ -456,7 +479,7 @@ def test_wait_with_progress_bar(server, client, capsys):
     assert job.status == "succeeded"
     err = capsys.readouterr().err
     assert job_id in err
-    assert "eval 0" in err                         # events are printed above the bar
+    assert "eval 0" in err  # events are printed above the bar
 
 
 # -------------------------------------------------------------------------------------------------- async
@@ -469,7 +492,7 @@ def test_async_stream_events_live_and_in_order(server):
     def worker():
         for batch in range(2):
             server.add_events(job_id, 3, kind=f"batch{batch}")
-            until(lambda: len(received) >= 1 + 3 * (batch + 1), what=f"the client to receive batch {batch}")
+            until(lambda batch=batch: len(received) >= 1 + 3 * (batch + 1), what=f"the client to receive batch {batch}")
 
     async def main():
         async with AsyncDistillery(server.url, server.key, backoff=0.01) as c:
@@ -541,7 +564,7 @@ def test_async_wait_success_states_and_events(server):
     def worker():
         for step in (5, 15):
             server.set_progress(job_id, step)
-            until(lambda: any(s.progress.step == step for s in states), what=f"the client to see step {step}")
+            until(lambda step=step: any(s.progress.step == step for s in states), what=f"the client to see step {step}")
         server.add_events(job_id, 2, kind="eval")
 
     async def main():
@@ -601,4 +624,3 @@ def test_async_wait_falls_back_to_polling(server):
     driver.join()
     assert job.status == "succeeded"
     assert len(faults.streams()) == 1
-

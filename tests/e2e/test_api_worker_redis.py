@@ -38,8 +38,9 @@ class Stack:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, **kw)
 
     def logs(self) -> str:
-        return "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
-                         for p in sorted(self.folder.glob("*.log")))
+        return "\n".join(
+            f"----- {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in sorted(self.folder.glob("*.log"))
+        )
 
     def check_alive(self) -> None:
         dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
@@ -48,8 +49,9 @@ class Stack:
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
@@ -65,26 +67,35 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
 
 @pytest.fixture
 def stack(tmp_path, fresh_pg_url) -> Iterator[Stack]:
-    broker = redis_client(BROKER_URL)   # emptied
+    broker = redis_client(BROKER_URL)  # emptied
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
-    env.update(DISTILLERY_DATABASE_URL=fresh_pg_url, DISTILLERY_BROKER_URL=BROKER_URL,
-               DISTILLERY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
-               DISTILLERY_EVENTS_POLL_SECONDS="0.05", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        DISTILLERY_DATABASE_URL=fresh_pg_url,
+        DISTILLERY_BROKER_URL=BROKER_URL,
+        DISTILLERY_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
+        DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
+        DISTILLERY_EVENTS_POLL_SECONDS="0.05",
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     migrated = cli("migrate", env=env)
     assert migrated.returncode == 0, migrated.stderr
     created = cli("keys", "create", "--project", "e2e", env=env)
     assert created.returncode == 0, created.stderr
     port = free_port()
     s = Stack(url=f"http://127.0.0.1:{port}", key=created.stdout.strip().splitlines()[-1], folder=tmp_path, env=env)
-    commands = {"api": ["api", "--port", str(port)],
-                "worker": ["worker", "--loglevel", "info", "--hostname", f"e2e-{os.getpid()}@%h"]}
+    commands = {
+        "api": ["api", "--port", str(port)],
+        "worker": ["worker", "--loglevel", "info", "--hostname", f"e2e-{os.getpid()}@%h"],
+    }
     logs = []
     try:
         for name, args in commands.items():
             log = open(tmp_path / f"{name}.log", "w")
             logs.append(log)
-            s.procs[name] = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env,
-                                             stdout=log, stderr=subprocess.STDOUT)
+            s.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
 
         def ready():
             s.check_alive()
@@ -99,7 +110,7 @@ def stack(tmp_path, fresh_pg_url) -> Iterator[Stack]:
         codes = {name: stop(p) for name, p in s.procs.items()}
         for log in logs:
             log.close()
-        print(f"exit codes: {codes}\n{s.logs()}")   # shown by pytest only when the test failed
+        print(f"exit codes: {codes}\n{s.logs()}")  # shown by pytest only when the test failed
         close_redis(broker)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15 with that shutdown logged is clean
     assert codes.get("worker", 0) == 0, f"unclean exit: {codes}"
@@ -118,8 +129,9 @@ class Sse:
     data: dict
 
 
-def read_sse(client: httpx.Client, path: str, last_event_id: int | None = None,
-             stop_after: str | None = None) -> list[Sse]:
+def read_sse(
+    client: httpx.Client, path: str, last_event_id: int | None = None, stop_after: str | None = None
+) -> list[Sse]:
     """Events of an SSE stream, parsed from its lines; until the server ends it, or (closing the connection
     early) after the first event of kind `stop_after`."""
     headers = {"Accept": "text/event-stream"}
@@ -131,17 +143,22 @@ def read_sse(client: httpx.Client, path: str, last_event_id: int | None = None,
         assert r.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, list[str]] = {}
         for line in r.iter_lines():
-            if line == "":   # dispatch
-                if "data" in fields and fields.get("event") != ["state"]:   # stored events only; states are
-                    eid = fields.get("id", [None])[-1]                      # snapshots, tested elsewhere
-                    out.append(Sse(id=int(eid) if eid is not None else None, event=fields.get("event", ["message"])[-1],
-                                   data=json.loads("\n".join(fields["data"]))))
+            if line == "":  # dispatch
+                if "data" in fields and fields.get("event") != ["state"]:  # stored events only; states are
+                    eid = fields.get("id", [None])[-1]  # snapshots, tested elsewhere
+                    out.append(
+                        Sse(
+                            id=int(eid) if eid is not None else None,
+                            event=fields.get("event", ["message"])[-1],
+                            data=json.loads("\n".join(fields["data"])),
+                        )
+                    )
                     if stop_after and out[-1].event == stop_after:
                         return out
                 fields = {}
                 continue
             if line.startswith(":"):
-                continue   # comment: the opening line and keep-alives
+                continue  # comment: the opening line and keep-alives
             name, _, value = line.partition(":")
             fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
     return out
@@ -150,14 +167,16 @@ def read_sse(client: httpx.Client, path: str, last_event_id: int | None = None,
 # ----------------------------------------------------------------------------------------------- test
 
 
-def test_offline_distill_over_http_with_api_and_worker_processes(stack, tmp_path, tiny_teacher, tiny_student,
-                                                                 tiny_text):
+def test_offline_distill_over_http_with_api_and_worker_processes(
+    stack, tmp_path, tiny_teacher, tiny_student, tiny_text
+):
     with stack.client(timeout=30) as c:
         run_job_over_http(c, stack, tmp_path, tiny_teacher, tiny_student, tiny_text)
 
 
-def run_job_over_http(c: httpx.Client, stack: Stack, tmp_path: Path, tiny_teacher: Path, tiny_student: Path,
-                      tiny_text: dict[str, Path]) -> None:
+def run_job_over_http(
+    c: httpx.Client, stack: Stack, tmp_path: Path, tiny_teacher: Path, tiny_student: Path, tiny_text: dict[str, Path]
+) -> None:
     ds = {}
     for split in ("train", "valid"):
         with open(tiny_text[split], "rb") as f:
@@ -172,11 +191,24 @@ def run_job_over_http(c: httpx.Client, stack: Stack, tmp_path: Path, tiny_teache
         models[name] = r.json()["id"]
 
     steps = 8
-    spec = {"student": {"model": models["student"]}, "teachers": [{"model": models["teacher"]}],
-            "teacher_mode": "offline", "data": {"train": ds["train"], "valid": ds["valid"]},
-            "loss": {"kind": "forward_kl", "top_k": 16}, "adapter": {"type": "lora", "rank": 4, "scale": 10.0},
-            "training": {"steps": steps, "batch_size": 4, "learning_rate": 3e-3, "max_seq_len": 48,
-                         "eval_every": 4, "checkpoint_every": 4, "eval_batches": 2, "seed": 3}}
+    spec = {
+        "student": {"model": models["student"]},
+        "teachers": [{"model": models["teacher"]}],
+        "teacher_mode": "offline",
+        "data": {"train": ds["train"], "valid": ds["valid"]},
+        "loss": {"kind": "forward_kl", "top_k": 16},
+        "adapter": {"type": "lora", "rank": 4, "scale": 10.0},
+        "training": {
+            "steps": steps,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "max_seq_len": 48,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "eval_batches": 2,
+            "seed": 3,
+        },
+    }
     r = c.post("/v1/jobs", json={"kind": "distill", "spec": spec}, headers={"Idempotency-Key": "e2e-1"})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -200,10 +232,10 @@ def run_job_over_http(c: httpx.Client, stack: Stack, tmp_path: Path, tiny_teache
     kinds = [e.event for e in seen]
     assert kinds[-1] == "succeeded", kinds
     order = ["created", "started", "preflight", "data", "teacher_cache", "student", "done", "succeeded"]
-    assert [k for k in dict.fromkeys(kinds) if k in order] == order, kinds   # in order of first appearance
+    assert [k for k in dict.fromkeys(kinds) if k in order] == order, kinds  # in order of first appearance
     assert all(e.data["id"] == e.id and e.data["kind"] == e.event for e in seen)
     cache_hit = next(e for e in seen if e.event == "teacher_cache")
-    assert cache_hit.data["data"].get("hit") is True, cache_hit   # built by the cache job, reused here
+    assert cache_hit.data["data"].get("hit") is True, cache_hit  # built by the cache job, reused here
     # the stream carried exactly what the events list holds
     listed = c.get(f"/v1/jobs/{job_id}/events").json()["data"]
     assert [e["id"] for e in listed] == ids

@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from distillery_contract.specs import BenchmarkSpec
 from tests.helpers import tiny
 from worker.engine import benchmark as bm
-from worker.engine import benchmark_store
-from worker.engine import data as data_mod
-from worker.engine import models
 from worker.engine import benchmark_metrics as metrics
+from worker.engine import benchmark_store, models
+from worker.engine import data as data_mod
 from worker.engine.benchmark_metrics import PairScores
 from worker.engine.benchmark_store import SCRATCH_DIR, ReferenceStore
 from worker.engine.errors import Cancelled, UserError
-from distillery_contract.specs import BenchmarkSpec
 from worker.engine.train import Hooks
 
 NO_SPEED = {"enabled": False}
@@ -88,8 +87,10 @@ def pref_records(model_dir: Path, n: int = 5, seed: int = 1) -> list[dict]:
 
     model, tok = load(str(model_dir))
     rng = np.random.default_rng(seed)
-    return [{"prompt": q, "chosen": greedy_continuation(model, tok, q), "rejected": random_text(tok, rng)}
-            for q in questions(n)]
+    return [
+        {"prompt": q, "chosen": greedy_continuation(model, tok, q), "rejected": random_text(tok, rng)}
+        for q in questions(n)
+    ]
 
 
 def make_adapter(base: Path, out: Path, seed: int = 0, num_layers: int = 2) -> Path:
@@ -101,12 +102,16 @@ def make_adapter(base: Path, out: Path, seed: int = 0, num_layers: int = 2) -> P
     params = {"rank": 4, "scale": 10.0, "dropout": 0.0}
     linear_to_lora_layers(model, num_layers, params)
     mx.random.seed(seed)
-    weights = {k: (0.05 * mx.random.normal(v.shape) if k.endswith("lora_b") else v)
-               for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    weights = {
+        k: (0.05 * mx.random.normal(v.shape) if k.endswith("lora_b") else v)
+        for k, v in tree_flatten(model.parameters())
+        if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params})
+    )
     return out
 
 
@@ -114,22 +119,36 @@ def spec_of(reference: Path, candidates: list[dict], **kw) -> BenchmarkSpec:
     data = {k: str(kw.pop(k)) for k in ("text", "mcq", "preference") if kw.get(k) is not None}
     for k in ("text", "mcq", "preference"):
         kw.pop(k, None)
-    doc = {"reference": str(reference), "candidates": [{k: str(v) for k, v in c.items() if k != "metrics"}
-                                                       for c in candidates],
-           "data": data, "max_seq_len": 64, "batch_size": 4, "speed": NO_SPEED, **kw}
+    doc = {
+        "reference": str(reference),
+        "candidates": [{k: str(v) for k, v in c.items() if k != "metrics"} for c in candidates],
+        "data": data,
+        "max_seq_len": 64,
+        "batch_size": 4,
+        "speed": NO_SPEED,
+        **kw,
+    }
     return BenchmarkSpec.model_validate(doc)
 
 
 def inputs_of(reference: Path, candidates: list[dict], **kw) -> bm.BenchmarkInputs:
     return bm.BenchmarkInputs(
         reference=reference,
-        candidates=[bm.CandidateInput(c["label"], Path(c["model"]), Path(c["adapter"]) if c.get("adapter") else None,
-                                      c.get("metrics")) for c in candidates],
-        text=kw.get("text"), mcq=kw.get("mcq"), preference=kw.get("preference"))
+        candidates=[
+            bm.CandidateInput(
+                c["label"], Path(c["model"]), Path(c["adapter"]) if c.get("adapter") else None, c.get("metrics")
+            )
+            for c in candidates
+        ],
+        text=kw.get("text"),
+        mcq=kw.get("mcq"),
+        preference=kw.get("preference"),
+    )
 
 
-def bench(out: Path, reference: Path, candidates: list[dict], hooks: Hooks | None = None, on_progress=None,
-          **kw) -> tuple[dict, dict]:
+def bench(
+    out: Path, reference: Path, candidates: list[dict], hooks: Hooks | None = None, on_progress=None, **kw
+) -> tuple[dict, dict]:
     """Run a benchmark of paths; returns (summary, report.json as dict)."""
     spec = spec_of(reference, candidates, **kw)
     summary = bm.run_benchmark(spec, inputs_of(reference, candidates, **kw), out, hooks, on_progress)
@@ -178,10 +197,14 @@ def all_at_once(reference: Path, candidates: list[dict], **kw) -> dict[str, dict
     pref = logliks(bm._pref_examples(datasets, tok, spec))
     subjects = [r.get("subject") for r in datasets["preference"].records]
     ref_pairs = PairScores.from_examples(*pref[rows[0].label])
-    return {r.label: {**metrics.text_metrics(text_totals[r.label]),
-                      **bm._mcq_result(datasets["mcq"].records, *mcq[r.label]),
-                      **metrics.pref_metrics(PairScores.from_examples(*pref[r.label]), ref_pairs, subjects)}
-            for r in rows}
+    return {
+        r.label: {
+            **metrics.text_metrics(text_totals[r.label]),
+            **bm._mcq_result(datasets["mcq"].records, *mcq[r.label]),
+            **metrics.pref_metrics(PairScores.from_examples(*pref[r.label]), ref_pairs, subjects),
+        }
+        for r in rows
+    }
 
 
 def row(rep: dict, label: str) -> dict:
@@ -207,13 +230,20 @@ def adapter_dir(tiny_student, tmp_path_factory) -> Path:
 
 
 def test_text_metrics_match_hand_computation():
-    ref = np.array([[[2.0, 1.0, 0.0, -1.0, 0.5, 0.0],
-                     [0.0, 3.0, 1.0, 0.0, 0.0, 0.0],
-                     [1.0, 1.0, 4.0, 0.0, 0.0, 0.0]]], dtype=np.float32)
-    cand = np.array([[[1.0, 2.0, 0.0, 0.0, 0.0, 0.0],    # argmax 1 vs the reference's 0; 0 ranks 2nd: top-5
-                      [0.0, 2.5, 1.5, 0.0, 0.0, 0.0],    # argmax 1 = the reference's: top-1
-                      [3.0, 3.0, -5.0, 3.0, 3.0, 3.0]]],  # the reference's argmax 2 is the lowest: not top-5
-                    dtype=np.float32)
+    ref = np.array(
+        [[[2.0, 1.0, 0.0, -1.0, 0.5, 0.0], [0.0, 3.0, 1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 4.0, 0.0, 0.0, 0.0]]],
+        dtype=np.float32,
+    )
+    cand = np.array(
+        [
+            [
+                [1.0, 2.0, 0.0, 0.0, 0.0, 0.0],  # argmax 1 vs the reference's 0; 0 ranks 2nd: top-5
+                [0.0, 2.5, 1.5, 0.0, 0.0, 0.0],  # argmax 1 = the reference's: top-1
+                [3.0, 3.0, -5.0, 3.0, 3.0, 3.0],
+            ]
+        ],  # the reference's argmax 2 is the lowest: not top-5
+        dtype=np.float32,
+    )
     targets = np.array([[0, 2, 5]], dtype=np.int32)
     mask = np.array([[True, True, False]])  # the last position is not a target
 
@@ -249,21 +279,31 @@ def test_reference_against_itself_is_exact():
 
 
 def test_mcq_metric_function():
-    got = metrics.mcq_metrics(scores=[[-1.0, -5.0], [-6.0, -4.0, -9.0], [-3.0, -2.0]],
-                         n_tokens=[[1, 10], [6, 2, 9], [1, 4]], answers=[0, 0, 1], subjects=["a", "a", "b"])
+    got = metrics.mcq_metrics(
+        scores=[[-1.0, -5.0], [-6.0, -4.0, -9.0], [-3.0, -2.0]],
+        n_tokens=[[1, 10], [6, 2, 9], [1, 4]],
+        answers=[0, 0, 1],
+        subjects=["a", "a", "b"],
+    )
     # summed: argmax 0, 1, 1 -> right, wrong, right
     # per token: (-1, -0.5) -> 1 wrong; (-1, -2, -1) -> 0 right; (-3, -0.5) -> 1 right
     assert got["mcq_accuracy"] == pytest.approx(2 / 3) and got["mcq_accuracy_norm"] == pytest.approx(2 / 3)
-    assert got["mcq_by_subject"] == {"a": {"accuracy": 0.5, "accuracy_norm": 0.5, "n": 2},
-                                     "b": {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 1}}
+    assert got["mcq_by_subject"] == {
+        "a": {"accuracy": 0.5, "accuracy_norm": 0.5, "n": 2},
+        "b": {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 1},
+    }
     assert got["mcq_n"] == 3
     assert "mcq_by_subject" not in metrics.mcq_metrics([[0.0, -1.0]], [[1, 1]], [0], [None])
 
 
 def test_pref_metrics_summed_vs_per_token_ties_and_subjects():
     # chosen means per token: -1 each; rejected: -2, -2, -2, -3
-    model = PairScores(chosen=np.array([-1.0, -10.0, -2.0, -3.0]), rejected=np.array([-2.0, -4.0, -2.0, -9.0]),
-                       chosen_tokens=np.array([1, 10, 2, 3]), rejected_tokens=np.array([1, 2, 1, 3]))
+    model = PairScores(
+        chosen=np.array([-1.0, -10.0, -2.0, -3.0]),
+        rejected=np.array([-2.0, -4.0, -2.0, -9.0]),
+        chosen_tokens=np.array([1, 10, 2, 3]),
+        rejected_tokens=np.array([1, 2, 1, 3]),
+    )
     # the reference prefers chosen, chosen, chosen, rejected (both scorings: one token each)
     ref = PairScores(np.array([-1.0, -1.0, -1.0, -1.0]), np.array([-3.0, -3.0, -3.0, -0.5]), np.ones(4), np.ones(4))
     got = metrics.pref_metrics(model, ref, ["x", "x", "y", None])
@@ -274,7 +314,8 @@ def test_pref_metrics_summed_vs_per_token_ties_and_subjects():
     assert got["pref_agreement"] == 1.5 / 4 and got["pref_agreement_norm"] == 3 / 4
     assert got["pref_by_subject"] == {  # the pair without a subject counts only overall
         "x": {"accuracy": 0.5, "accuracy_norm": 1.0, "agreement": 0.5, "agreement_norm": 1.0, "n": 2},
-        "y": {"accuracy": 0.5, "accuracy_norm": 1.0, "agreement": 0.5, "agreement_norm": 1.0, "n": 1}}
+        "y": {"accuracy": 0.5, "accuracy_norm": 1.0, "agreement": 0.5, "agreement_norm": 1.0, "n": 1},
+    }
     itself = metrics.pref_metrics(model, model)
     assert itself["pref_agreement"] == 1.0 and itself["pref_agreement_norm"] == 1.0  # a tie agrees with a tie
     assert "pref_by_subject" not in itself
@@ -312,13 +353,17 @@ def test_mcq_known_answers_shuffled_key_and_subjects(tiny_teacher, mcq_file, tmp
     _, rep = bench(tmp_path / "wrong", tiny_teacher, cands, mcq=tiny.write_jsonl(tmp_path / "wrong.jsonl", shifted))
     assert row(rep, "teacher")["mcq_accuracy"] == 0.0
 
-    mixed = [{**(r if i % 2 == 0 else s), "subject": "right" if i % 2 == 0 else "shifted"}
-             for i, (r, s) in enumerate(zip(records, shifted))]
+    mixed = [
+        {**(r if i % 2 == 0 else s), "subject": "right" if i % 2 == 0 else "shifted"}
+        for i, (r, s) in enumerate(zip(records, shifted))
+    ]
     _, rep = bench(tmp_path / "mixed", tiny_teacher, cands, mcq=tiny.write_jsonl(tmp_path / "mixed.jsonl", mixed))
     m = row(rep, "teacher")
     assert m["mcq_accuracy"] == 0.5
-    assert m["mcq_by_subject"] == {"right": {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 3},
-                                   "shifted": {"accuracy": 0.0, "accuracy_norm": 0.0, "n": 3}}
+    assert m["mcq_by_subject"] == {
+        "right": {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 3},
+        "shifted": {"accuracy": 0.0, "accuracy_norm": 0.0, "n": 3},
+    }
     assert "Multiple choice by subject" in (tmp_path / "mixed" / "report.md").read_text()
 
 
@@ -335,8 +380,9 @@ def test_preference_known_order(tiny_teacher, tiny_student, pref_file, tmp_path)
 
     records = [json.loads(x) for x in pref_file.read_text().splitlines()]
     swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in records]
-    _, rep = bench(tmp_path / "swapped", tiny_teacher, cands,
-                   preference=tiny.write_jsonl(tmp_path / "swapped.jsonl", swapped))
+    _, rep = bench(
+        tmp_path / "swapped", tiny_teacher, cands, preference=tiny.write_jsonl(tmp_path / "swapped.jsonl", swapped)
+    )
     assert row(rep, "reference")["pref_accuracy"] == 0.0 and row(rep, "reference")["pref_agreement"] == 1.0
     assert row(rep, "student")["pref_accuracy"] == pytest.approx(1.0 - student["pref_accuracy"])
 
@@ -346,9 +392,15 @@ def test_length_normalised_preference_and_subjects_by_hand(tiny_teacher, tmp_pat
     rejected response tends to win (fewer log-probs added up); per token, the model's own words do."""
     model, tok, _ = models.load_model(tiny_teacher)
     rng = np.random.default_rng(3)
-    records = [{"prompt": q, "chosen": greedy_continuation(model, tok, q, max_new=12),
-                "rejected": random_text(tok, rng, n=1), "subject": "even" if i % 2 == 0 else "odd"}
-               for i, q in enumerate(questions(6))]
+    records = [
+        {
+            "prompt": q,
+            "chosen": greedy_continuation(model, tok, q, max_new=12),
+            "rejected": random_text(tok, rng, n=1),
+            "subject": "even" if i % 2 == 0 else "odd",
+        }
+        for i, q in enumerate(questions(6))
+    ]
 
     # the expected numbers, from the model's logits by numpy
     chosen = np.array([continuation_loglik(model, tok, r["prompt"], r["chosen"]) for r in records])
@@ -358,8 +410,12 @@ def test_length_normalised_preference_and_subjects_by_hand(tiny_teacher, tmp_pat
     assert (summed_win != per_token_win).any()  # the case the two scorings exist for
     even = np.arange(6) % 2 == 0
 
-    _, rep = bench(tmp_path / "out", tiny_teacher, [{"label": "teacher", "model": tiny_teacher}],
-                   preference=tiny.write_jsonl(tmp_path / "pref.jsonl", records))
+    _, rep = bench(
+        tmp_path / "out",
+        tiny_teacher,
+        [{"label": "teacher", "model": tiny_teacher}],
+        preference=tiny.write_jsonl(tmp_path / "pref.jsonl", records),
+    )
     m = row(rep, "teacher")
     assert m["pref_accuracy"] == pytest.approx(summed_win.mean())
     assert m["pref_accuracy_norm"] == pytest.approx(per_token_win.mean())
@@ -377,7 +433,8 @@ def test_length_normalised_preference_and_subjects_by_hand(tiny_teacher, tmp_pat
 
 
 def test_models_are_loaded_one_at_a_time_and_score_as_all_at_once(
-        tiny_teacher, tiny_student, tiny_text, mcq_file, pref_file, adapter_dir, tmp_path, monkeypatch):
+    tiny_teacher, tiny_student, tiny_text, mcq_file, pref_file, adapter_dir, tmp_path, monkeypatch
+):
     import gc
 
     refs, alive_at_load, loaded = [], [], []  # weak references: models are dicts, not hashable
@@ -392,9 +449,11 @@ def test_models_are_loaded_one_at_a_time_and_score_as_all_at_once(
         return model, tok, config
 
     monkeypatch.setattr(models, "load_model", load_and_track)
-    cands = [{"label": "student", "model": tiny_student},
-             {"label": "distilled", "model": tiny_student, "adapter": adapter_dir},
-             {"label": "student again", "model": tiny_student}]  # the same model as "student": loaded once
+    cands = [
+        {"label": "student", "model": tiny_student},
+        {"label": "distilled", "model": tiny_student, "adapter": adapter_dir},
+        {"label": "student again", "model": tiny_student},
+    ]  # the same model as "student": loaded once
     data = {"text": tiny_text["valid"], "mcq": mcq_file, "preference": pref_file, "max_examples": 4}
     _, rep = bench(tmp_path / "out", tiny_teacher, cands, **data)
     assert loaded == ["teacher", "student", "student"] and alive_at_load == [0, 0, 0]
@@ -453,16 +512,17 @@ def test_stored_float16_reference_matches_float32(tiny_teacher, tiny_student, ti
     assert abs(itself["kl"]) < 2e-6 and abs(itself["js"]) < 2e-6 and itself["top1_agreement"] == 1.0
 
 
-def test_refuses_when_the_reference_store_would_not_fit(tiny_teacher, tiny_student, tiny_text, tmp_path,
-                                                        monkeypatch):
+def test_refuses_when_the_reference_store_would_not_fit(tiny_teacher, tiny_student, tiny_text, tmp_path, monkeypatch):
     tok = models.load_tokenizer(tiny_teacher)
     n = sum(int(e.target_mask[1:].sum()) for e in data_mod.tokenize(data_mod.load_jsonl(tiny_text["valid"]), tok, 64))
     needed = n * 512 * 2  # target tokens × vocabulary × float16
     loads = []
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
     monkeypatch.setattr(benchmark_store, "free_bytes", lambda folder: needed + benchmark_store.HEADROOM_BYTES - 1)
-    message = (rf"^data\.text: .*: {n} target tokens × 512 vocabulary entries × 2 bytes \(float16\) = .* but only "
-               r".* is free there; lower max_examples or max_seq_len")
+    message = (
+        rf"^data\.text: .*: {n} target tokens × 512 vocabulary entries × 2 bytes \(float16\) = .* but only "
+        r".* is free there; lower max_examples or max_seq_len"
+    )
     with pytest.raises(UserError, match=message):
         bench(tmp_path / "out", tiny_teacher, [{"label": "s", "model": tiny_student}], text=tiny_text["valid"])
     assert loads == []  # refused in pre-flight, before any weights are read
@@ -489,17 +549,36 @@ def test_measure_speed_decodes_every_token_and_reports_memory(tiny_student):
 
 def test_run_benchmark_end_to_end(tiny_teacher, tiny_student, tiny_text, mcq_file, pref_file, adapter_dir, tmp_path):
     curve = tmp_path / "metrics.jsonl"
-    curve.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 0, "kind": "eval", "val_kl": 2.0}, {"step": 1, "kind": "train", "loss": 2.5},
-        {"step": 2, "kind": "train", "loss": 2.1}, {"step": 2, "kind": "eval", "val_kl": 1.5}]))
-    cands = [{"label": "student", "model": tiny_student},
-             {"label": "distilled", "model": tiny_student, "adapter": adapter_dir, "metrics": curve}]
+    curve.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 0, "kind": "eval", "val_kl": 2.0},
+                {"step": 1, "kind": "train", "loss": 2.5},
+                {"step": 2, "kind": "train", "loss": 2.1},
+                {"step": 2, "kind": "eval", "val_kl": 1.5},
+            ]
+        )
+    )
+    cands = [
+        {"label": "student", "model": tiny_student},
+        {"label": "distilled", "model": tiny_student, "adapter": adapter_dir, "metrics": curve},
+    ]
     events, progress = [], []
     hooks = Hooks(on_event=lambda k, msg, d: events.append(k))
     out = tmp_path / "out"
-    summary, rep = bench(out, tiny_teacher, cands, hooks, progress.append, text=tiny_text["valid"], mcq=mcq_file,
-                         preference=pref_file, max_examples=4,
-                         speed={"prompt_tokens": 8, "decode_tokens": 4, "repeats": 1})
+    summary, rep = bench(
+        out,
+        tiny_teacher,
+        cands,
+        hooks,
+        progress.append,
+        text=tiny_text["valid"],
+        mcq=mcq_file,
+        preference=pref_file,
+        max_examples=4,
+        speed={"prompt_tokens": 8, "decode_tokens": 4, "repeats": 1},
+    )
 
     assert rep["reference"] == "reference" and rep["kl_method"] == "full"
     assert [c["label"] for c in rep["candidates"]] == ["reference", "student", "distilled"]
@@ -512,8 +591,18 @@ def test_run_benchmark_end_to_end(tiny_teacher, tiny_student, tiny_text, mcq_fil
     assert ref["mcq_accuracy"] == 1.0 and ref["pref_accuracy"] == 1.0 and ref["pref_agreement"] == 1.0
     assert student["kl"] > 0.1 and student["ppl"] > ref["ppl"] and student["top1_agreement"] < 1.0
     assert student["tokens"] == ref["tokens"] > 0
-    for key in ("kl", "ppl", "top1_agreement", "prefill_tokens_per_second", "decode_tokens_per_second",
-                "peak_memory_bytes", "mcq_accuracy", "pref_accuracy", "size_bytes", "compression_ratio_params"):
+    for key in (
+        "kl",
+        "ppl",
+        "top1_agreement",
+        "prefill_tokens_per_second",
+        "decode_tokens_per_second",
+        "peak_memory_bytes",
+        "mcq_accuracy",
+        "pref_accuracy",
+        "size_bytes",
+        "compression_ratio_params",
+    ):
         assert key in student and key in distilled and key in ref, key
 
     # the adapter is applied: same base, different numbers
@@ -583,8 +672,11 @@ def test_tokenizer_mismatch_names_the_candidate(tiny_teacher, tiny_student, tiny
     tiny.build_tokenizer(tmp_path / "tok", vocab_size=300)
     other = tiny.build_model(tmp_path / "other", tmp_path / "tok", hidden=32, layers=1)
     cands = [{"label": "s", "model": tiny_student}, {"label": "other", "model": other}]
-    with pytest.raises(UserError, match=r"^candidates\.1\.model: reference .* and candidate 'other' .* are not "
-                                        r"tokenizer-compatible: vocabulary sizes differ"):
+    with pytest.raises(
+        UserError,
+        match=r"^candidates\.1\.model: reference .* and candidate 'other' .* are not "
+        r"tokenizer-compatible: vocabulary sizes differ",
+    ):
         bench(tmp_path / "out", tiny_teacher, cands, text=tiny_text["valid"])
 
 
@@ -603,13 +695,21 @@ def test_reference_label_is_reserved(tiny_teacher, tiny_student, tiny_text, tmp_
 
 
 def test_spec_settings():
-    spec = BenchmarkSpec.model_validate({"reference": "t", "candidates": [{"label": "a", "model": "s"}],
-                                         "data": {"text": "d"}})
+    spec = BenchmarkSpec.model_validate(
+        {"reference": "t", "candidates": [{"label": "a", "model": "s"}], "data": {"text": "d"}}
+    )
     assert (spec.max_seq_len, spec.batch_size, spec.max_examples) == (512, 4, None)
     assert spec.speed.model_dump() == {"enabled": True, "prompt_tokens": 128, "decode_tokens": 64, "repeats": 1}
     with pytest.raises(ValueError, match="duplicate candidate label 'a'"):
-        BenchmarkSpec.model_validate({"reference": "t", "candidates": [{"label": "a", "model": "s"}] * 2,
-                                      "data": {"text": "d"}})
+        BenchmarkSpec.model_validate(
+            {"reference": "t", "candidates": [{"label": "a", "model": "s"}] * 2, "data": {"text": "d"}}
+        )
     with pytest.raises(ValueError, match="extra"):
-        BenchmarkSpec.model_validate({"reference": "t", "candidates": [{"label": "a", "model": "s"}],
-                                      "data": {"text": "d"}, "speed": {"decode": 3}})
+        BenchmarkSpec.model_validate(
+            {
+                "reference": "t",
+                "candidates": [{"label": "a", "model": "s"}],
+                "data": {"text": "d"},
+                "speed": {"decode": 3},
+            }
+        )

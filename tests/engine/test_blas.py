@@ -43,8 +43,14 @@ def run_child(code: str, cache: Path, trace: Path, **env: str) -> tuple[dict, st
     trace.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items() if k not in {"DISTILLERY_BLAS", "LD_DEBUG", "LD_PRELOAD"}}
     full_env.update(XDG_CACHE_HOME=str(cache), LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(trace / "ld"), **env)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code) + MATMUL], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code) + MATMUL],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     targets = {
@@ -133,8 +139,10 @@ def test_concurrent_first_use_builds_one_copy(tmp_path):
     code = "from worker.engine import blas\nprint(blas.enable())\n"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     env.pop("DISTILLERY_BLAS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(out.startswith("OpenBLAS ") for out in outs), outs
     assert [p.name for p in (cache / "distillery" / "blas").iterdir()] == [outs[0].rsplit("/", 1)[1]]

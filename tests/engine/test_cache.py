@@ -43,8 +43,14 @@ def test_cache_key_changes_with_every_input():
     base = dict(teacher="t", tokenizer="tok", dataset="d", top_k=64, max_seq_len=512, template=None)
     key = cache_mod.cache_key(**base)
     assert cache_mod.cache_key(**base) == key
-    for field, other in [("teacher", "t2"), ("tokenizer", "x"), ("dataset", "d2"), ("top_k", 16),
-                         ("max_seq_len", 256), ("template", "{{ x }}")]:
+    for field, other in [
+        ("teacher", "t2"),
+        ("tokenizer", "x"),
+        ("dataset", "d2"),
+        ("top_k", 16),
+        ("max_seq_len", 256),
+        ("template", "{{ x }}"),
+    ]:
         assert cache_mod.cache_key(**{**base, field: other}) != key, field
 
 
@@ -62,9 +68,11 @@ def test_build_store_and_reuse(tiny_teacher, tiny_text, tmp_path):
     e = examples[3]
     ids, lps, tail = cache_mod.teacher_topk(model(mx.array(e.tokens[None])), 16)
     s, n = built.offsets[3], len(e.tokens)
-    np.testing.assert_array_equal(np.asarray(built.topk_ids[s:s + n]), np.array(ids[0]))
-    np.testing.assert_allclose(np.asarray(built.topk_logprobs[s:s + n], dtype=np.float32), np.array(lps[0]), atol=2e-2)
-    np.testing.assert_allclose(np.asarray(built.tail_logmass[s:s + n]), np.array(tail[0]), atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(built.topk_ids[s : s + n]), np.array(ids[0]))
+    np.testing.assert_allclose(
+        np.asarray(built.topk_logprobs[s : s + n], dtype=np.float32), np.array(lps[0]), atol=2e-2
+    )
+    np.testing.assert_allclose(np.asarray(built.tail_logmass[s : s + n]), np.array(tail[0]), atol=1e-3)
     assert isinstance(built.topk_ids, np.memmap)
     meta = built.meta
     assert meta["bytes_per_token"] == 16 * 2 + 16 * 2 + 4
@@ -98,8 +106,9 @@ def test_cancelled_build_leaves_nothing(tiny_teacher, tiny_text, tmp_path):
     examples = data_mod.tokenize(ds, tok, 64)
     store = cache_mod.CacheStore(tmp_path / "c")
     with pytest.raises(Cancelled):
-        distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store,
-                             hooks=Hooks(should_stop=lambda: True))
+        distill.ensure_cache(
+            tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(should_stop=lambda: True)
+        )
     assert list(store.root.iterdir()) == []
 
 
@@ -109,8 +118,9 @@ def test_subset_cache_and_whole_cache_preferred(tiny_teacher, tiny_text, tmp_pat
     examples = data_mod.tokenize(ds, tok, 64)
     store = cache_mod.CacheStore(tmp_path)
     subset = np.array([1, 4, 9])
-    part = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(),
-                                subset=subset)
+    part = distill.ensure_cache(
+        tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(), subset=subset
+    )
     assert len(part) == 3 and list(part.sources) == [1, 4, 9]
     assert list(part.positions(np.array([4, 9]))) == [1, 2]
     with pytest.raises(RuntimeError, match="lacks"):
@@ -120,11 +130,13 @@ def test_subset_cache_and_whole_cache_preferred(tiny_teacher, tiny_text, tmp_pat
     # once the whole dataset is cached, a subset request is served by it
     whole = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks())
     assert len(whole) == len(examples) and whole.path != part.path
-    again = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(),
-                                 subset=np.array([2, 3]))
+    again = distill.ensure_cache(
+        tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(), subset=np.array([2, 3])
+    )
     assert again.path == whole.path
-    np.testing.assert_array_equal(np.asarray(whole.topk_ids[whole.offsets[4]:whole.offsets[5]]),
-                                  np.asarray(part.topk_ids[s:e]))
+    np.testing.assert_array_equal(
+        np.asarray(whole.topk_ids[whole.offsets[4] : whole.offsets[5]]), np.asarray(part.topk_ids[s:e])
+    )
 
 
 @pytest.mark.parametrize("vocab, k", [(4096, 16), (5003, 64), (700, 64)])
@@ -149,8 +161,11 @@ def test_reconstruction_kl_matches_float64_reference():
     mask[1, 3:] = False
     ids, lps, tail = cache_mod.teacher_topk(mx.array(logits), k)
     logp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
-    recon = np.repeat((np.log1p(-np.exp(np.take_along_axis(logp, np.array(ids), -1)).sum(-1)) - np.log(vocab - k))[..., None],
-                      vocab, axis=-1)
+    recon = np.repeat(
+        (np.log1p(-np.exp(np.take_along_axis(logp, np.array(ids), -1)).sum(-1)) - np.log(vocab - k))[..., None],
+        vocab,
+        axis=-1,
+    )
     np.put_along_axis(recon, np.array(ids), np.array(lps).astype(np.float16).astype(np.float64), axis=-1)
     ref = (np.exp(logp) * (logp - recon)).sum(-1)[mask].mean()
     assert cache_mod.reconstruction_kl(mx.array(logits), ids, lps, tail, mask) == pytest.approx(ref, rel=1e-3)

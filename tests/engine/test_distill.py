@@ -13,25 +13,38 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from distillery_contract.specs import DistillSpec
 from tests.helpers import tiny
 from worker.engine import distill
 from worker.engine.cache import CacheStore
 from worker.engine.errors import Cancelled, UserError
-from distillery_contract.specs import DistillSpec
 from worker.engine.train import Hooks
 
 BASE = {
     "loss": {"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0, "top_k": 16},
     "adapter": {"type": "lora", "rank": 4, "scale": 10.0},
-    "training": {"steps": 6, "batch_size": 4, "learning_rate": 3e-3, "max_seq_len": 48, "eval_every": 3,
-                 "checkpoint_every": 3, "lr_schedule": "cosine", "warmup_steps": 1, "seed": 3, "eval_batches": 2},
+    "training": {
+        "steps": 6,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "max_seq_len": 48,
+        "eval_every": 3,
+        "checkpoint_every": 3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 1,
+        "seed": 3,
+        "eval_batches": 2,
+    },
 }
 
 
 def make_spec(student_model, teachers, text, **over) -> DistillSpec:
     doc = copy.deepcopy(BASE)
-    doc.update(student={"model": str(student_model)}, teachers=[{"model": str(t)} for t in teachers],
-               data={"train": str(text["train"]), "valid": str(text["valid"])})
+    doc.update(
+        student={"model": str(student_model)},
+        teachers=[{"model": str(t)} for t in teachers],
+        data={"train": str(text["train"]), "valid": str(text["valid"])},
+    )
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
             doc[key] = {**doc[key], **value}
@@ -41,13 +54,20 @@ def make_spec(student_model, teachers, text, **over) -> DistillSpec:
 
 
 def run(spec: DistillSpec, out: Path, store_root: Path, hooks: Hooks | None = None, adapter: Path | None = None):
-    inputs = distill.Inputs(student=Path(spec.student.model), teachers=[Path(t.model) for t in spec.teachers],
-                            train=Path(spec.data.train), valid=Path(spec.data.valid), student_adapter=adapter)
+    inputs = distill.Inputs(
+        student=Path(spec.student.model),
+        teachers=[Path(t.model) for t in spec.teachers],
+        train=Path(spec.data.train),
+        valid=Path(spec.data.valid),
+        student_adapter=adapter,
+    )
     return distill.run_distill(spec, inputs, out, CacheStore(store_root), hooks)
 
 
 def train_losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    return [
+        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +99,13 @@ def test_offline_lora_run_outputs(tiny_student, tiny_teacher, tiny_text, tmp_pat
     assert [n for n in names if n.startswith("best-")] == [f"best-{s:07d}" for s in sorted(referred)]
 
     # the adapter is mlx-lm's own format: load and generate with mlx_lm unchanged, in a fresh process
-    code = ("import sys; from mlx_lm import load, generate; m, t = load(sys.argv[1], adapter_path=sys.argv[2]);"
-            "print(repr(generate(m, t, prompt='The', max_tokens=5)))")
-    done = subprocess.run([sys.executable, "-c", code, str(tiny_student), str(tmp_path)], capture_output=True, text=True)
+    code = (
+        "import sys; from mlx_lm import load, generate; m, t = load(sys.argv[1], adapter_path=sys.argv[2]);"
+        "print(repr(generate(m, t, prompt='The', max_tokens=5)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_student), str(tmp_path)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"]["rank"] == 4
@@ -129,8 +153,13 @@ def test_output_folder_refuses_another_spec(tiny_student, tiny_teacher, tiny_tex
 
 @pytest.mark.parametrize("kind", ["dora", "full"])
 def test_dora_and_full_adapters_load_in_mlx_lm(kind, tiny_student, tiny_teacher, tiny_text, tmp_path, store):
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, adapter={"type": kind, "layers": 2},
-                     training={"steps": 2, "learning_rate": 1e-3})
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        adapter={"type": kind, "layers": 2},
+        training={"steps": 2, "learning_rate": 1e-3},
+    )
     run(spec, tmp_path, store)
     from mlx_lm import load
 
@@ -145,8 +174,13 @@ def test_dora_and_full_adapters_load_in_mlx_lm(kind, tiny_student, tiny_teacher,
 
 
 def test_keep_layers_writes_a_student_model(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, student={"model": str(tiny_student), "keep_layers": [0, 3]},
-                     training={"steps": 2})
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        student={"model": str(tiny_student), "keep_layers": [0, 3]},
+        training={"steps": 2},
+    )
     run(spec, tmp_path, store)
     from mlx_lm import load
 
@@ -158,13 +192,24 @@ def test_keep_layers_writes_a_student_model(tiny_student, tiny_teacher, tiny_tex
     pruned = mx.load(str(tmp_path / "student" / "model.safetensors"))
     assert mx.array_equal(pruned["model.layers.1.mlp.up_proj.weight"], orig["model.layers.3.mlp.up_proj.weight"])
     with pytest.raises(UserError, match="keep_layers"):
-        run(make_spec(tiny_student, [tiny_teacher], tiny_text, student={"model": str(tiny_student), "keep_layers": [0, 9]}),
-            tmp_path / "bad", store)
+        run(
+            make_spec(
+                tiny_student, [tiny_teacher], tiny_text, student={"model": str(tiny_student), "keep_layers": [0, 9]}
+            ),
+            tmp_path / "bad",
+            store,
+        )
 
 
 def test_online_mode_uses_full_kl(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, teacher_mode="online", training={"steps": 3},
-                     loss={"kind": "jsd", "beta": 0.3, "temperature": 2.0})
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        teacher_mode="online",
+        training={"steps": 3},
+        loss={"kind": "jsd", "beta": 0.3, "temperature": 2.0},
+    )
     summary = run(spec, tmp_path, store)
     assert summary["final"]["kl_method"] == "full"
     assert summary["final"]["val_kl"] < summary["initial"]["val_kl"]
@@ -172,8 +217,11 @@ def test_online_mode_uses_full_kl(tiny_student, tiny_teacher, tiny_text, tmp_pat
 
 def test_offline_bucketed_kl_is_below_full_kl(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
     offline = run(make_spec(tiny_student, [tiny_teacher], tiny_text, training={"steps": 1}), tmp_path / "off", store)
-    online = run(make_spec(tiny_student, [tiny_teacher], tiny_text, training={"steps": 1}, teacher_mode="online"),
-                 tmp_path / "on", store)
+    online = run(
+        make_spec(tiny_student, [tiny_teacher], tiny_text, training={"steps": 1}, teacher_mode="online"),
+        tmp_path / "on",
+        store,
+    )
     # same student at step 0: the top-k + tail KL is a lower bound of the full KL (data processing inequality)
     assert offline["initial"]["val_kl"] <= online["initial"]["val_kl"] + 1e-4
     assert offline["initial"]["val_ppl"] == pytest.approx(online["initial"]["val_ppl"], rel=1e-4)
@@ -190,15 +238,29 @@ def test_param_groups_freeze_and_scale(tiny_student, tiny_teacher, tiny_text, tm
     assert all(float(mx.abs(weights[k]).max()) == 0.0 for k in frozen)  # lora_b starts at zero: untouched
     assert all(float(mx.abs(weights[k]).max()) > 0.0 for k in trained)
     with pytest.raises(UserError, match="param_groups"):
-        run(make_spec(tiny_student, [tiny_teacher], tiny_text, training={"steps": 1, "param_groups": [
-            {"pattern": ".*", "lr_mult": 0.0}]}), tmp_path / "all-frozen", store)
+        run(
+            make_spec(
+                tiny_student,
+                [tiny_teacher],
+                tiny_text,
+                training={"steps": 1, "param_groups": [{"pattern": ".*", "lr_mult": 0.0}]},
+            ),
+            tmp_path / "all-frozen",
+            store,
+        )
 
 
 def test_stages_switch_loss_and_learning_rate(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
-    stages = [{"name": "sft", "steps": 2, "loss": {"alpha": 0.0}, "learning_rate": 1e-3},
-              {"name": "kd", "steps": 3, "loss": {"kind": "reverse_kl"}}]
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, training={"stages": stages, "steps": 5, "warmup_steps": 0,
-                                                                        "lr_schedule": "constant"})
+    stages = [
+        {"name": "sft", "steps": 2, "loss": {"alpha": 0.0}, "learning_rate": 1e-3},
+        {"name": "kd", "steps": 3, "loss": {"kind": "reverse_kl"}},
+    ]
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        training={"stages": stages, "steps": 5, "warmup_steps": 0, "lr_schedule": "constant"},
+    )
     assert spec.training.steps == 5
     events = []
     run(spec, tmp_path, store, Hooks(on_event=lambda k, m, d: events.append((k, d))))
@@ -211,15 +273,24 @@ def test_stages_switch_loss_and_learning_rate(tiny_student, tiny_teacher, tiny_t
 
 def test_starting_adapter_is_continued(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
     first = run(make_spec(tiny_student, [tiny_teacher], tiny_text, training={"steps": 4}), tmp_path / "sft", store)
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, student={"model": str(tiny_student),
-                                                                       "adapter": str(tmp_path / "sft")},
-                     training={"steps": 2})
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        student={"model": str(tiny_student), "adapter": str(tmp_path / "sft")},
+        training={"steps": 2},
+    )
     second = run(spec, tmp_path / "continued", store, adapter=tmp_path / "sft")
     # it starts where the first adapter ended, not from the base model
     assert second["initial"]["val_kl"] == pytest.approx(first["final"]["val_kl"], rel=1e-4)
     with pytest.raises(UserError, match="adapter.rank"):
-        bad = make_spec(tiny_student, [tiny_teacher], tiny_text, adapter={"rank": 8},
-                        student={"model": str(tiny_student), "adapter": str(tmp_path / "sft")})
+        bad = make_spec(
+            tiny_student,
+            [tiny_teacher],
+            tiny_text,
+            adapter={"rank": 8},
+            student={"model": str(tiny_student), "adapter": str(tmp_path / "sft")},
+        )
         run(bad, tmp_path / "bad", store, adapter=tmp_path / "sft")
 
 
@@ -233,9 +304,20 @@ def test_two_teachers(tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_path
 
 def test_early_stopping_keeps_the_best(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
     # a learning rate this small cannot improve val KL by min_delta: the starting student (step 0) stays best
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, training={
-        "steps": 12, "eval_every": 1, "learning_rate": 1e-9, "early_stopping_patience": 2,
-        "early_stopping_min_delta": 1e-3, "warmup_steps": 0, "lr_schedule": "constant"})
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        training={
+            "steps": 12,
+            "eval_every": 1,
+            "learning_rate": 1e-9,
+            "early_stopping_patience": 2,
+            "early_stopping_min_delta": 1e-3,
+            "warmup_steps": 0,
+            "lr_schedule": "constant",
+        },
+    )
     events = []
     summary = run(spec, tmp_path, store, Hooks(on_event=lambda k, m, d: events.append(k)))
     assert "early_stopping" in events and summary["train"]["stopped_early"]
@@ -256,8 +338,10 @@ def test_preflight_errors(tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_
     no_template_tok = tiny_root / "plain-tokenizer"
     tiny.build_tokenizer(no_template_tok, chat_template=None)
     plain = tiny.build_model(tiny_root / "plain", no_template_tok, hidden=32, layers=1)
-    chat = tiny.write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}] * 8)
+    chat = tiny.write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}] * 8,
+    )
     spec = make_spec(plain, [plain], {"train": chat, "valid": chat})
     with pytest.raises(UserError, match="chat data but .* no chat template"):
         run(spec, tmp_path / "b", store)

@@ -47,6 +47,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def bpe():
     """A small byte-level BPE (trained offline on Python's own docs) and its vocab/merges in id order."""
     import pydoc_data.topics as topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -282,7 +283,10 @@ def test_tokenizer_matches_source_vocabulary(llama_f16, bpe):
     # special tokens stay whole, and are the ones the file names
     assert tok.encode("<|im_end|>") == [tokens.index("<|im_end|>")]
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
-        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|endoftext|>"
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
     )
     cfg = json.loads((llama_f16 / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == CHATML
@@ -308,8 +312,8 @@ def test_fallback_tokenizer_without_transformers_gguf_support(tmp_path, llama_gg
 def test_sentencepiece_vocabulary(tmp_path, bpe):
     """A llama-style sentencepiece vocabulary (scores, byte fallback, no merges) encodes like sentencepiece."""
     import io
-
     import pydoc_data.topics as topics
+
     import sentencepiece as spm
     from transformers import AutoTokenizer
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from distillery_contract.specs import DivergenceGuardSpec
 from tests.engine.test_distill import make_spec, run, train_losses
 from worker.engine import lr_search
 from worker.engine.errors import Cancelled
 from worker.engine.guard import OK, ROLLBACK, SKIP, DivergenceGuard
-from distillery_contract.specs import DivergenceGuardSpec
 from worker.engine.train import Hooks, TrainState
 
 
@@ -29,11 +29,11 @@ def store(tmp_path_factory):
 
 def test_guard_skips_a_lone_spike_and_rolls_back_on_two():
     guard, state = DivergenceGuard(DivergenceGuardSpec(window=8, loss_spike=3.0)), TrainState()
-    for loss in (1.0, 1.2, 0.9):          # the window needs max(3, 8 // 4) steps before it judges
+    for loss in (1.0, 1.2, 0.9):  # the window needs max(3, 8 // 4) steps before it judges
         assert guard.check_step(state, loss, 1.0).action == OK
-    assert guard.check_step(state, 3.5, 1.0).action == SKIP        # 3.5 > 3 x median 1.0
-    assert state.recent_losses == [1.0, 1.2, 0.9]                   # a spike does not enter the window
-    assert guard.check_step(state, 1.1, 1.0).action == OK           # a healthy step resets the count
+    assert guard.check_step(state, 3.5, 1.0).action == SKIP  # 3.5 > 3 x median 1.0
+    assert state.recent_losses == [1.0, 1.2, 0.9]  # a spike does not enter the window
+    assert guard.check_step(state, 1.1, 1.0).action == OK  # a healthy step resets the count
     assert guard.check_step(state, 3.5, 1.0).action == SKIP
     verdict = guard.check_step(state, 4.0, 1.0)
     assert verdict.action == ROLLBACK and "2 steps in a row" in verdict.reason
@@ -43,12 +43,12 @@ def test_guard_skips_a_lone_spike_and_rolls_back_on_two():
 
 def test_guard_gradient_norm_and_non_finite():
     guard, state = DivergenceGuard(DivergenceGuardSpec(grad_norm_spike=10.0)), TrainState()
-    assert guard.check_step(state, math.nan, 1.0).action == ROLLBACK   # at once, even before the window fills
+    assert guard.check_step(state, math.nan, 1.0).action == ROLLBACK  # at once, even before the window fills
     assert guard.check_step(state, 1.0, math.inf).action == ROLLBACK
     for _ in range(4):
         guard.check_step(state, 1.0, 2.0)
     assert guard.check_step(state, 1.0, 19.0).action == OK
-    assert guard.check_step(state, 1.0, 25.0).action == SKIP          # 25 > 10 x median 2.0
+    assert guard.check_step(state, 1.0, 25.0).action == SKIP  # 25 > 10 x median 2.0
     off = DivergenceGuard(DivergenceGuardSpec(enabled=False))
     assert off.check_step(TrainState(), math.nan, 1.0).action == OK
 
@@ -87,8 +87,9 @@ def test_default_rates_and_trial_length():
 def cancel_after(spec, out, store, steps: int) -> None:
     """Run `spec` into `out` and cancel it once `steps` train steps are logged (a checkpoint is kept)."""
     seen = []
-    hooks = Hooks(on_metrics=lambda r: seen.append(r) if r["kind"] == "train" else None,
-                  should_stop=lambda: len(seen) >= steps)
+    hooks = Hooks(
+        on_metrics=lambda r: seen.append(r) if r["kind"] == "train" else None, should_stop=lambda: len(seen) >= steps
+    )
     with pytest.raises(Cancelled):
         run(spec, out, store, hooks)
 
@@ -100,16 +101,26 @@ def events_of():
 
 def test_a_student_as_good_as_its_teacher_ships_unchanged(tiny_teacher, tiny_text, tmp_path, store):
     # the teacher teaching itself: no trained step can beat the start, and a high rate makes every one worse
-    spec = make_spec(tiny_teacher, [tiny_teacher], tiny_text, training={
-        "steps": 8, "learning_rate": 0.1, "lr_schedule": "constant", "warmup_steps": 0, "eval_every": 2,
-        "checkpoint_every": 4})
+    spec = make_spec(
+        tiny_teacher,
+        [tiny_teacher],
+        tiny_text,
+        training={
+            "steps": 8,
+            "learning_rate": 0.1,
+            "lr_schedule": "constant",
+            "warmup_steps": 0,
+            "eval_every": 2,
+            "checkpoint_every": 4,
+        },
+    )
     seen, hooks = events_of()
     summary = run(spec, tmp_path, store, hooks)
     kinds = [k for k, _, _ in seen]
     assert summary["best"]["step"] == 0 and summary["shipped"] == "start"
     assert summary["final"] == summary["initial"] and summary["last"]["val_kl"] > summary["initial"]["val_kl"]
     assert summary["rollbacks"] and "rollback" in kinds
-    stop = summary["train"]["stop_reason"]     # out of rollbacks ("diverged") or at the end of its steps
+    stop = summary["train"]["stop_reason"]  # out of rollbacks ("diverged") or at the end of its steps
     codes = {w["code"] for w in summary["warnings"]}
     assert codes == {"no_improvement", "diverged" if stop == "diverged" else "rolled_back"}
     assert stop != "diverged" or len(summary["rollbacks"]) == 3
@@ -141,11 +152,22 @@ def nan_at_step_six(monkeypatch):
     monkeypatch.setattr(train_mod.Trainer, "_gradients", gradients)
 
 
-def test_rollback_restores_the_best_weights_and_resume_is_exact(tiny_student, tiny_teacher, tiny_text, tmp_path,
-                                                                store, nan_at_step_six):
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, training={
-        "steps": 10, "learning_rate": 3e-3, "lr_schedule": "constant", "warmup_steps": 0, "eval_every": 2,
-        "checkpoint_every": 2})
+def test_rollback_restores_the_best_weights_and_resume_is_exact(
+    tiny_student, tiny_teacher, tiny_text, tmp_path, store, nan_at_step_six
+):
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        training={
+            "steps": 10,
+            "learning_rate": 3e-3,
+            "lr_schedule": "constant",
+            "warmup_steps": 0,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+        },
+    )
     seen, hooks = events_of()
     straight = run(spec, tmp_path / "straight", store, hooks)
     (rolled,) = [d for k, _, d in seen if k == "rollback"]
@@ -165,21 +187,26 @@ def test_rollback_restores_the_best_weights_and_resume_is_exact(tiny_student, ti
     resumed = run(spec, tmp_path / "resumed", store)
     assert resumed["rollbacks"] == straight["rollbacks"] and resumed["best"] == straight["best"]
     assert train_losses(tmp_path / "resumed")[:5] == train_losses(tmp_path / "straight")[:5]
-    np.testing.assert_allclose(train_losses(tmp_path / "resumed")[6:], train_losses(tmp_path / "straight")[6:],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        train_losses(tmp_path / "resumed")[6:], train_losses(tmp_path / "straight")[6:], rtol=1e-5
+    )
 
 
 def test_auto_learning_rate(tiny_student, tiny_teacher, tiny_text, tmp_path, store):
     rates = [1e-4, 3e-3, 1.0]
-    spec = make_spec(tiny_student, [tiny_teacher], tiny_text, training={
-        "steps": 6, "learning_rate": "auto", "lr_search": {"rates": rates, "steps": 3}})
+    spec = make_spec(
+        tiny_student,
+        [tiny_teacher],
+        tiny_text,
+        training={"steps": 6, "learning_rate": "auto", "lr_search": {"rates": rates, "steps": 3}},
+    )
     seen, hooks = events_of()
     summary = run(spec, tmp_path / "auto", store, hooks)
     search = summary["lr_search"]
     trials = {t["learning_rate"]: t["val_kl"] for t in search["trials"]}
     assert sorted(trials) == rates and search["steps_per_trial"] == 3
     assert search["chosen"] == min(trials, key=trials.get) == summary["learning_rate"]
-    assert search["chosen"] == 3e-3     # 1e-4 barely moves in 3 steps; 1.0 diverges
+    assert search["chosen"] == 3e-3  # 1e-4 barely moves in 3 steps; 1.0 diverges
     assert [k for k, _, _ in seen].count("lr_trial") == 3
     # the trials leave no trace: the run equals one given the chosen rate from the start
     fixed = make_spec(tiny_student, [tiny_teacher], tiny_text, training={"steps": 6, "learning_rate": 3e-3})
@@ -192,17 +219,27 @@ def test_auto_learning_rate(tiny_student, tiny_teacher, tiny_text, tmp_path, sto
     seen, hooks = events_of()
     again = run(spec, tmp_path / "resumed", store, hooks)
     assert "lr_trial" not in [k for k, _, _ in seen]
-    assert {k: v for k, v in again["lr_search"].items() if k != "seconds"} == \
-        {k: v for k, v in search.items() if k != "seconds"}
+    assert {k: v for k, v in again["lr_search"].items() if k != "seconds"} == {
+        k: v for k, v in search.items() if k != "seconds"
+    }
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "auto")
 
 
 def test_a_capable_student_improves_with_the_searched_rate(tiny_teacher, tiny_text, tmp_path, store):
     # the teacher without its middle layer: close to the teacher from the start, as real students are
-    spec = make_spec(tiny_teacher, [tiny_teacher], tiny_text, student={"model": str(tiny_teacher),
-                                                                       "keep_layers": [0, 2]},
-                     training={"steps": 8, "learning_rate": "auto", "lr_search": {"steps": 3}, "eval_every": 4,
-                               "checkpoint_every": 4})
+    spec = make_spec(
+        tiny_teacher,
+        [tiny_teacher],
+        tiny_text,
+        student={"model": str(tiny_teacher), "keep_layers": [0, 2]},
+        training={
+            "steps": 8,
+            "learning_rate": "auto",
+            "lr_search": {"steps": 3},
+            "eval_every": 4,
+            "checkpoint_every": 4,
+        },
+    )
     summary = run(spec, tmp_path, store)
     assert summary["lr_search"]["chosen"] in lr_search.default_rates("lora", 1)
     assert summary["final"]["val_kl"] < 0.9 * summary["initial"]["val_kl"]

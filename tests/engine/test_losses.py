@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from distillery_contract.specs import LossOverride, LossSpec
 from worker.engine.losses import (
     DIVERGENCE_KINDS,
     LOG_PROB_FLOOR,
@@ -25,7 +26,6 @@ from worker.engine.losses import (
     student_buckets,
     teacher_buckets,
 )
-from distillery_contract.specs import LossOverride, LossSpec
 
 # ------------------------------------------------------------------------------------------------------
 # NumPy references (float64, probability space where that is the plain definition)
@@ -196,8 +196,14 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="unknown divergence kind"):
         dense_divergence(logits, logits, "nope", 1.0)
     with pytest.raises(ValueError, match="unknown divergence kind"):
-        distill_loss(logits, mx.zeros((1, 2), mx.int32), mx.ones((1, 2)), [DenseTeacher(logits)], None,
-                     SimpleNamespace(kind="nope"))
+        distill_loss(
+            logits,
+            mx.zeros((1, 2), mx.int32),
+            mx.ones((1, 2)),
+            [DenseTeacher(logits)],
+            None,
+            SimpleNamespace(kind="nope"),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -240,8 +246,9 @@ def test_sparse_equals_divergence_on_hand_made_buckets(kind, case):
     k = 8
     ids, top, tail = make_cache(teacher, k)
     got = sparse_divergence(mxa(student), mxa(ids, mx.int32), mxa(top), mxa(tail), kind, 1.0, V, skew=0.25)
-    ref = np_divergence(kind, np_buckets(np_log_softmax(teacher), ids), np_buckets(np_log_softmax(student), ids),
-                        skew=0.25)
+    ref = np_divergence(
+        kind, np_buckets(np_log_softmax(teacher), ids), np_buckets(np_log_softmax(student), ids), skew=0.25
+    )
     close(got, ref)
 
 
@@ -304,10 +311,14 @@ def test_sparse_at_t1_uses_cache_values_as_is():
 def test_sparse_float16_cache():
     teacher, student = case_logits("spread", seed=9)
     ids, top, tail = make_cache(teacher, 16)
-    got = sparse_divergence(mxa(student, mx.float16), mxa(ids, mx.int32), mxa(top, mx.float16),
-                            mxa(tail, mx.float16), "forward_kl", 1.0, V)
-    ref = np_divergence("forward_kl", np_buckets(np_log_softmax(teacher), ids),
-                        np_buckets(np_log_softmax(np.array(mxa(student, mx.float16).astype(mx.float32))), ids))
+    got = sparse_divergence(
+        mxa(student, mx.float16), mxa(ids, mx.int32), mxa(top, mx.float16), mxa(tail, mx.float16), "forward_kl", 1.0, V
+    )
+    ref = np_divergence(
+        "forward_kl",
+        np_buckets(np_log_softmax(teacher), ids),
+        np_buckets(np_log_softmax(np.array(mxa(student, mx.float16).astype(mx.float32))), ids),
+    )
     close(got, ref, rtol=5e-3, atol=5e-3)  # float16 rounding of the cached log-probs
 
 
@@ -334,7 +345,8 @@ def test_sparse_top_k_equal_to_vocab_stays_finite():
     top = np.take_along_axis(log_p, ids, axis=-1)
     tail = np.full((B, L), -np.inf)  # nothing left
     for kind in DIVERGENCE_KINDS:
-        def f(s):
+
+        def f(s, kind=kind):
             return sparse_divergence(s, mxa(ids, mx.int32), mxa(top), mxa(tail), kind, 1.0, V).sum()
 
         value, grad = mx.value_and_grad(f)(mxa(student))
@@ -380,10 +392,17 @@ def cfg(**kw):
 def test_distill_loss_matches_reference(kind, alpha):
     student, (teacher, _), mask, targets = loss_inputs()
     T = 2.0
-    loss, ntoks = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask, mx.int32), [DenseTeacher(mxa(teacher))],
-                               None, cfg(kind=kind, temperature=T, alpha=alpha, beta=0.3, skew=0.2))
-    kd = np_masked_mean(T**2 * np_divergence(kind, np_log_softmax(teacher, T), np_log_softmax(student, T), 0.3, 0.2),
-                        mask)
+    loss, ntoks = distill_loss(
+        mxa(student),
+        mxa(targets, mx.int32),
+        mxa(mask, mx.int32),
+        [DenseTeacher(mxa(teacher))],
+        None,
+        cfg(kind=kind, temperature=T, alpha=alpha, beta=0.3, skew=0.2),
+    )
+    kd = np_masked_mean(
+        T**2 * np_divergence(kind, np_log_softmax(teacher, T), np_log_softmax(student, T), 0.3, 0.2), mask
+    )
     ce = np_masked_mean(np_ce(student, targets), mask)
     close(loss, alpha * kd + (1 - alpha) * ce)
     assert ntoks.item() == mask.sum()
@@ -401,8 +420,11 @@ def test_masked_positions_do_not_change_the_loss():
 
     base, ntoks = loss_of(student, teacher, targets, (ids, top, tail))
     other_targets = np.where(mask == 0, 7, targets)
-    padded_cache = (np.where(mask[..., None] == 0, 0, ids), np.where(mask[..., None] == 0, 0.0, top),
-                    np.where(mask == 0, np.nan, tail))
+    padded_cache = (
+        np.where(mask[..., None] == 0, 0, ids),
+        np.where(mask[..., None] == 0, 0.0, top),
+        np.where(mask == 0, np.nan, tail),
+    )
     changed, _ = loss_of(noisy(student), noisy(teacher), other_targets, padded_cache)
     close(changed, base.item())
     assert ntoks.item() == mask.sum() == 9
@@ -412,8 +434,7 @@ def test_gradient_is_zero_at_masked_positions():
     student, (teacher, _), mask, targets = loss_inputs()
 
     def f(s):
-        return distill_loss(s, mxa(targets, mx.int32), mxa(mask), [DenseTeacher(mxa(teacher))], None,
-                            cfg(alpha=0.5))
+        return distill_loss(s, mxa(targets, mx.int32), mxa(mask), [DenseTeacher(mxa(teacher))], None, cfg(alpha=0.5))
 
     (loss, ntoks), grad = mx.value_and_grad(f)(mxa(student))
     grad = np.array(grad)
@@ -423,8 +444,9 @@ def test_gradient_is_zero_at_masked_positions():
 
 def test_no_counted_tokens_gives_zero_loss():
     student, (teacher, _), mask, targets = loss_inputs()
-    loss, ntoks = distill_loss(mxa(student), mxa(targets, mx.int32), mx.zeros((DB, DL)), [DenseTeacher(mxa(teacher))],
-                               None, cfg(alpha=0.5))
+    loss, ntoks = distill_loss(
+        mxa(student), mxa(targets, mx.int32), mx.zeros((DB, DL)), [DenseTeacher(mxa(teacher))], None, cfg(alpha=0.5)
+    )
     assert loss.item() == 0.0 and ntoks.item() == 0
 
 
@@ -444,8 +466,7 @@ def test_alpha_one_ignores_targets():
     student, (teacher, _), mask, targets = loss_inputs()
     args = (mxa(student),)
     a, _ = distill_loss(*args, mxa(targets, mx.int32), mxa(mask), [DenseTeacher(mxa(teacher))], None, cfg())
-    b, _ = distill_loss(*args, mx.full((DB, DL), 10**6, mx.int32), mxa(mask), [DenseTeacher(mxa(teacher))], None,
-                        cfg())
+    b, _ = distill_loss(*args, mx.full((DB, DL), 10**6, mx.int32), mxa(mask), [DenseTeacher(mxa(teacher))], None, cfg())
     assert a.item() == b.item()
 
 
@@ -475,18 +496,21 @@ def test_per_instance_weights():
     T = 1.5
     weights = np.array([[1.0, 0.0, 2.0], [1.0, 1.0, 6.0]])  # [n_teachers, B]
     teachers = [DenseTeacher(mxa(t1)), DenseTeacher(mxa(t2))]
-    loss, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), teachers, weights,
-                           cfg(kind="reverse_kl", temperature=T))
-    per_teacher = [T**2 * np_divergence("reverse_kl", np_log_softmax(t, T), np_log_softmax(student, T))
-                   for t in (t1, t2)]
+    loss, _ = distill_loss(
+        mxa(student), mxa(targets, mx.int32), mxa(mask), teachers, weights, cfg(kind="reverse_kl", temperature=T)
+    )
+    per_teacher = [
+        T**2 * np_divergence("reverse_kl", np_log_softmax(t, T), np_log_softmax(student, T)) for t in (t1, t2)
+    ]
     w = weights / weights.sum(axis=0)
     expected = sum(w[i][:, None] * per_teacher[i] for i in range(2))
     close(loss, np_masked_mean(expected, mask))
 
     # Identical columns are the same as fixed weights.
     fixed, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), teachers, FixedWeights([1, 3]), cfg())
-    columns, _ = distill_loss(mxa(student), mxa(targets, mx.int32), mxa(mask), teachers,
-                              FixedWeights(np.array([[1, 1, 1], [3, 3, 3]])), cfg())
+    columns, _ = distill_loss(
+        mxa(student), mxa(targets, mx.int32), mxa(mask), teachers, FixedWeights(np.array([[1, 1, 1], [3, 3, 3]])), cfg()
+    )
     close(columns, fixed.item())
 
 
@@ -549,9 +573,11 @@ def test_gradients_finite_with_extreme_float16_logits(kind, teacher_type):
     _, _, mask, targets = loss_inputs()
 
     for temperature in (1.0, 4.0):
-        def f(s):
-            return distill_loss(s, mxa(targets, mx.int32), mxa(mask), teachers, None,
-                                cfg(kind=kind, temperature=temperature, alpha=0.5))
+
+        def f(s, temperature=temperature):
+            return distill_loss(
+                s, mxa(targets, mx.int32), mxa(mask), teachers, None, cfg(kind=kind, temperature=temperature, alpha=0.5)
+            )
 
         (loss, _), grad = mx.value_and_grad(f)(student)
         assert np.isfinite(loss.item()), (kind, temperature)
@@ -567,8 +593,11 @@ def test_student_tail_is_exact_when_tiny():
     logits = rng.normal(0, 1, size=(2, 3, 500))
     logits[..., :4] += 40.0
     ids = np.broadcast_to(np.arange(4), (2, 3, 4))
-    ref_logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    ref_logq = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     ref_tail = np.log(np.exp(ref_logq[..., 4:]).sum(-1))
     assert ref_tail.max() < -25
     got = np.array(student_buckets(mxa(logits.astype(np.float32)), mxa(ids, mx.int32), 1.0))

@@ -11,36 +11,51 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from pydantic import ValidationError
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load as mlx_load
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
+from pydantic import ValidationError
 
+from distillery_contract.specs import AdapterSpec, DistillSpec, StudentSpec
 from tests.helpers import tiny
 from worker.engine import models, preflight
 from worker.engine import student as student_mod
 from worker.engine.errors import UserError
-from distillery_contract.specs import AdapterSpec, DistillSpec, StudentSpec
 
 TOKENS = mx.array(np.random.default_rng(0).integers(3, 500, (2, 24)), dtype=mx.int32)
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJ = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
-def build(model: Path, out: Path, *, quantize: dict | None = None, adapter: dict | None = None,
-          keep: list[int] | None = None, start: Path | None = None) -> student_mod.Student:
+def build(
+    model: Path,
+    out: Path,
+    *,
+    quantize: dict | None = None,
+    adapter: dict | None = None,
+    keep: list[int] | None = None,
+    start: Path | None = None,
+) -> student_mod.Student:
     s = {"model": str(model)}
     if quantize is not None:
         s["quantize"] = quantize
     if keep is not None:
         s["keep_layers"] = keep
-    if adapter is None:   # a starting adapter fixes the adapter's shape
+    if adapter is None:  # a starting adapter fixes the adapter's shape
         adapter = {} if start is not None else {"type": "lora", "rank": 4, "scale": 10.0}
     spec = AdapterSpec.model_validate(adapter)
     mx.random.seed(0)
-    return student_mod.build_student(StudentSpec.model_validate(s), spec, model, out, adapter_path=start,
-                                     adapter_fields_set=spec.model_fields_set)
+    return student_mod.build_student(
+        StudentSpec.model_validate(s), spec, model, out, adapter_path=start, adapter_fields_set=spec.model_fields_set
+    )
 
 
 def perturb(model: nn.Module, seed: int = 1) -> None:
@@ -87,8 +102,12 @@ def bf16_student(tiny_root, tiny_tokenizer) -> Path:
 
 @pytest.mark.parametrize("kind,bits,group", [("lora", 4, 32), ("lora", 3, 64), ("dora", 4, 64), ("dora", 8, 32)])
 def test_quantized_student_round_trips_through_mlx_lm(tiny_student, tmp_path, kind, bits, group):
-    st = build(tiny_student, tmp_path, quantize={"bits": bits, "group_size": group},
-               adapter={"type": kind, "rank": 4, "scale": 10.0})
+    st = build(
+        tiny_student,
+        tmp_path,
+        quantize={"bits": bits, "group_size": group},
+        adapter={"type": kind, "rank": 4, "scale": 10.0},
+    )
     assert st.path == tmp_path / "student"
     assert st.config["quantization"] == {"group_size": group, "bits": bits, "mode": "affine"}
     wrapper = LoRALinear if kind == "lora" else DoRALinear
@@ -97,7 +116,7 @@ def test_quantized_student_round_trips_through_mlx_lm(tiny_student, tmp_path, ki
             m = dict(layer.named_modules())[key]
             assert isinstance(m, wrapper) and isinstance(m.linear, nn.QuantizedLinear)
             assert (m.linear.bits, m.linear.group_size) == (bits, group)
-            if mx.default_device() == mx.cpu:   # same parameters, dequantize-then-sgemm forward
+            if mx.default_device() == mx.cpu:  # same parameters, dequantize-then-sgemm forward
                 assert isinstance(m.linear, models.DequantizedLinear)
     assert isinstance(st.model.model.embed_tokens, nn.QuantizedEmbedding)
     names = student_mod.trainable_names(st.model)
@@ -106,12 +125,12 @@ def test_quantized_student_round_trips_through_mlx_lm(tiny_student, tmp_path, ki
     untrained = logits(st.model)
     perturb(st.model)
     ours = logits(st.model)
-    assert np.abs(ours - untrained).max() > 1e-2   # the adapter does change the function
+    assert np.abs(ours - untrained).max() > 1e-2  # the adapter does change the function
     student_mod.save_adapter(st.model, st.adapter_config, tmp_path / "adapter")
 
     theirs_model, _ = mlx_load(str(tmp_path / "student"), adapter_path=str(tmp_path / "adapter"))
     q = dict(theirs_model.layers[0].named_modules())["self_attn.q_proj"]
-    assert isinstance(q, wrapper) and type(q.linear) is nn.QuantizedLinear   # mlx-lm's own kernel path
+    assert isinstance(q, wrapper) and type(q.linear) is nn.QuantizedLinear  # mlx-lm's own kernel path
     np.testing.assert_allclose(logits(theirs_model), ours, atol=2e-4, rtol=1e-4)
 
 
@@ -143,12 +162,13 @@ def test_starting_adapter_on_a_quantized_pruned_student(tiny_student, tmp_path, 
     student_mod.save_adapter(first.model, first.adapter_config, tmp_path / "start")
     start = mx.load(str(tmp_path / "start" / "adapters.safetensors"))
 
-    st = build(tiny_student, tmp_path / "run", quantize={"bits": 4, "group_size": 64}, keep=[1, 3],
-               start=tmp_path / "start")
+    st = build(
+        tiny_student, tmp_path / "run", quantize={"bits": 4, "group_size": 64}, keep=[1, 3], start=tmp_path / "start"
+    )
     layer = dict(st.model.layers[1].named_modules())["mlp.down_proj"]
     assert isinstance(layer.linear, nn.QuantizedLinear)
-    assert mx.array_equal(layer.lora_b, start["model.layers.3.mlp.down_proj.lora_b"])   # kept layer 1 = layer 3
-    if kind == "dora":   # the loaded magnitude survives the quantization of the layer under it
+    assert mx.array_equal(layer.lora_b, start["model.layers.3.mlp.down_proj.lora_b"])  # kept layer 1 = layer 3
+    if kind == "dora":  # the loaded magnitude survives the quantization of the layer under it
         assert mx.array_equal(layer.m, start["model.layers.3.mlp.down_proj.m"])
     assert st.adapter_config["num_layers"] == 2 and st.adapter_config["fine_tune_type"] == kind
     saved = mx.load(str(tmp_path / "run" / "student" / "model.safetensors"))
@@ -163,19 +183,28 @@ def test_starting_adapter_that_does_not_fit(tiny_root, tiny_tokenizer, tiny_stud
     wide = tiny.build_model(tiny_root / "wide-128", tiny_tokenizer, hidden=128, layers=4, seed=4)
     other = build(wide, tmp_path / "other")
     student_mod.save_adapter(other.model, other.adapter_config, tmp_path / "start")
-    with pytest.raises(UserError, match=r"(?s)student\.adapter: start does not fit student model student: .*lora_a.*\.\.\. and \d+ more"):
+    with pytest.raises(
+        UserError,
+        match=r"(?s)student\.adapter: start does not fit student model student: .*lora_a.*\.\.\. and \d+ more",
+    ):
         build(tiny_student, tmp_path / "run", quantize={"bits": 4, "group_size": 32}, start=tmp_path / "start")
 
 
 # ------------------------------------------------------------------------------------------ refusals
 
 
-def refused(model: Path, out: Path, match: str, *, quantize: dict, adapter: dict | None = None,
-            spec_match: str | None = None) -> None:
+def refused(
+    model: Path, out: Path, match: str, *, quantize: dict, adapter: dict | None = None, spec_match: str | None = None
+) -> None:
     """Refused by the spec itself (`spec_match`: what the API answers at submit time) or by pre-flight (config
     and shapes only), and by build_student, before anything is written."""
-    doc = {"student": {"model": str(model), "quantize": quantize}, "teachers": [{"model": str(model)}],
-           "data": {"train": "train.jsonl"}, "adapter": adapter or {}, "training": {"learning_rate": 1e-3}}
+    doc = {
+        "student": {"model": str(model), "quantize": quantize},
+        "teachers": [{"model": str(model)}],
+        "data": {"train": "train.jsonl"},
+        "adapter": adapter or {},
+        "training": {"learning_rate": 1e-3},
+    }
     if spec_match is not None:
         with pytest.raises(ValidationError, match=spec_match):
             DistillSpec.model_validate(doc)
@@ -188,29 +217,53 @@ def refused(model: Path, out: Path, match: str, *, quantize: dict, adapter: dict
 
 
 def test_refusals(tiny_student, tmp_path):
-    refused(tiny_student, tmp_path / "a", r"adapter\.type: full cannot be combined with student\.quantize: "
-            r"quantized weights do not train", quantize={}, adapter={"type": "full"},
-            spec_match=r"adapter\.type: full cannot train a quantized student")
-    refused(tiny_student, tmp_path / "b", r"student\.quantize\.group_size: 128 does not divide the input size of "
-            r"\d+ of the model's \d+ linear/embedding layers \(e\.g\. .*: 64\); use 32 or 64",
-            quantize={"bits": 4, "group_size": 128})
-    refused(tiny_student, tmp_path / "c", r"adapter\.type: dora on a 3-bit student", quantize={"bits": 3},
-            adapter={"type": "dora"}, spec_match=r"adapter\.type: dora on 3-bit weights")
+    refused(
+        tiny_student,
+        tmp_path / "a",
+        r"adapter\.type: full cannot be combined with student\.quantize: "
+        r"quantized weights do not train",
+        quantize={},
+        adapter={"type": "full"},
+        spec_match=r"adapter\.type: full cannot train a quantized student",
+    )
+    refused(
+        tiny_student,
+        tmp_path / "b",
+        r"student\.quantize\.group_size: 128 does not divide the input size of "
+        r"\d+ of the model's \d+ linear/embedding layers \(e\.g\. .*: 64\); use 32 or 64",
+        quantize={"bits": 4, "group_size": 128},
+    )
+    refused(
+        tiny_student,
+        tmp_path / "c",
+        r"adapter\.type: dora on a 3-bit student",
+        quantize={"bits": 3},
+        adapter={"type": "dora"},
+        spec_match=r"adapter\.type: dora on 3-bit weights",
+    )
 
     build(tiny_student, tmp_path / "q", quantize={"bits": 4, "group_size": 64})
-    refused(tmp_path / "q" / "student", tmp_path / "d", r"student\.quantize: student model student is already "
-            r"quantized at 4 bits \(group size 64\)", quantize={"bits": 8, "group_size": 64})
+    refused(
+        tmp_path / "q" / "student",
+        tmp_path / "d",
+        r"student\.quantize: student model student is already "
+        r"quantized at 4 bits \(group size 64\)",
+        quantize={"bits": 8, "group_size": 64},
+    )
     # without student.quantize, an already-quantized model is a fine student (the adapter trains on it as is)
     again = build(tmp_path / "q" / "student", tmp_path / "e")
     assert isinstance(again.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
-    assert not (tmp_path / "e" / "student").exists()   # the adapter loads onto the given folder itself
+    assert not (tmp_path / "e" / "student").exists()  # the adapter loads onto the given folder itself
 
 
 def test_full_starting_adapter_with_quantize_is_refused(tiny_student, tmp_path):
     full = build(tiny_student, tmp_path / "full", adapter={"type": "full", "layers": 1})
     student_mod.save_adapter(full.model, full.adapter_config, tmp_path / "start")
-    with pytest.raises(UserError, match=r"student\.adapter: a full fine-tuning starting adapter cannot be "
-                                        r"combined with student\.quantize"):
+    with pytest.raises(
+        UserError,
+        match=r"student\.adapter: a full fine-tuning starting adapter cannot be "
+        r"combined with student\.quantize",
+    ):
         build(tiny_student, tmp_path / "run", quantize={}, start=tmp_path / "start")
 
 
@@ -237,15 +290,15 @@ def test_fuse_keeps_the_student_quantized(tiny_student, tmp_path, kind):
     assert set(ours) == set(theirs)
     for k, v in theirs.items():
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
-        if v.dtype == mx.uint32:   # re-quantized ints may differ where a value sits on a rounding boundary
+        if v.dtype == mx.uint32:  # re-quantized ints may differ where a value sits on a rounding boundary
             assert np.mean(np.array(ours[k]) == np.array(v)) > 0.99, k
         else:
             np.testing.assert_allclose(np.array(ours[k]), np.array(v), atol=1e-5, err_msg=k)
 
     fused, _ = mlx_load(str(tmp_path / "fused"))
     assert type(fused.layers[0].self_attn.q_proj) is nn.QuantizedLinear
-    np.testing.assert_allclose(logits(fused), logits(st.model), atol=2e-4, rtol=1e-4)   # the engine's fused model
-    assert kl(adapted, logits(fused)) < 0.05   # re-quantizing W + BA costs little
+    np.testing.assert_allclose(logits(fused), logits(st.model), atol=2e-4, rtol=1e-4)  # the engine's fused model
+    assert kl(adapted, logits(fused)) < 0.05  # re-quantizing W + BA costs little
 
 
 # ------------------------------------------------------------------------------------------ it is quantized
@@ -259,7 +312,7 @@ def test_quantization_error_follows_the_bits(tiny_teacher, tmp_path):
     for bits in (8, 4, 2):
         out = tmp_path / f"q{bits}"
         st = build(tiny_teacher, out, quantize={"bits": bits, "group_size": 32})
-        divergence[bits] = kl(full, logits(st.model))   # lora_b = 0: the base alone
+        divergence[bits] = kl(full, logits(st.model))  # lora_b = 0: the base alone
         saved = mx.load(str(out / "student" / "model.safetensors"))
         w, s, b = (saved[f"model.layers.0.mlp.down_proj.{x}"] for x in ("weight", "scales", "biases"))
         assert w.dtype == mx.uint32 and w.shape == (96, 192 * bits // 32)
@@ -301,10 +354,14 @@ def test_bfloat16_student_is_saved_as_bfloat16(bf16_student, tmp_path):
 
 def test_memory_estimate_counts_quantized_weights(tiny_student, tiny_teacher, tiny_text, tmp_path):
     def spec(model=tiny_student, **student):
-        return DistillSpec.model_validate({
-            "student": {"model": str(model), **student}, "teachers": [{"model": str(tiny_teacher)}],
-            "data": {"train": str(tiny_text["train"]), "valid": str(tiny_text["valid"])},
-            "training": {"learning_rate": 1e-3}})
+        return DistillSpec.model_validate(
+            {
+                "student": {"model": str(model), **student},
+                "teachers": [{"model": str(tiny_teacher)}],
+                "data": {"train": str(tiny_text["train"]), "valid": str(tiny_text["valid"])},
+                "training": {"learning_rate": 1e-3},
+            }
+        )
 
     plain = preflight.memory_estimate(spec(), tiny_student, [tiny_teacher])
     q4 = preflight.memory_estimate(spec(quantize={"bits": 4, "group_size": 64}), tiny_student, [tiny_teacher])
@@ -312,7 +369,9 @@ def test_memory_estimate_counts_quantized_weights(tiny_student, tiny_teacher, ti
     n, nq = preflight.count_parameters(tiny_student), preflight.count_quantizable(tiny_student, 64)
     assert 0 < nq < n
     assert q4["student_weights"] == 4 * (n - nq) + nq // 2 + 8 * nq // 64
-    assert plain["student_weights"] == 4 * n and q4["student_weights"] < q8["student_weights"] < plain["student_weights"]
+    assert (
+        plain["student_weights"] == 4 * n and q4["student_weights"] < q8["student_weights"] < plain["student_weights"]
+    )
     if mx.default_device() == mx.cpu:
         assert q4["dequantized_weights"] == 4 * nq
     pruned = preflight.memory_estimate(spec(quantize={}, keep_layers=[0, 1]), tiny_student, [tiny_teacher])
@@ -333,18 +392,33 @@ def test_distill_run_with_a_quantized_student(tiny_student, tiny_teacher, tiny_t
     from worker.engine import distill
     from worker.engine.cache import CacheStore
 
-    spec = DistillSpec.model_validate({
-        "student": {"model": str(tiny_student), "keep_layers": [0, 2, 3], "quantize": {"bits": 4, "group_size": 32}},
-        "teachers": [{"model": str(tiny_teacher)}],
-        "data": {"train": str(tiny_text["train"]), "valid": str(tiny_text["valid"])},
-        "loss": {"kind": "forward_kl", "top_k": 16},
-        "adapter": {"type": "lora", "rank": 4, "scale": 10.0},
-        "training": {"steps": 6, "batch_size": 4, "learning_rate": 3e-3, "max_seq_len": 48, "eval_every": 3,
-                     "checkpoint_every": 3, "seed": 3, "eval_batches": 2},
-        "output": {"fuse": True},
-    })
-    inputs = distill.Inputs(student=tiny_student, teachers=[tiny_teacher], train=tiny_text["train"],
-                            valid=tiny_text["valid"])
+    spec = DistillSpec.model_validate(
+        {
+            "student": {
+                "model": str(tiny_student),
+                "keep_layers": [0, 2, 3],
+                "quantize": {"bits": 4, "group_size": 32},
+            },
+            "teachers": [{"model": str(tiny_teacher)}],
+            "data": {"train": str(tiny_text["train"]), "valid": str(tiny_text["valid"])},
+            "loss": {"kind": "forward_kl", "top_k": 16},
+            "adapter": {"type": "lora", "rank": 4, "scale": 10.0},
+            "training": {
+                "steps": 6,
+                "batch_size": 4,
+                "learning_rate": 3e-3,
+                "max_seq_len": 48,
+                "eval_every": 3,
+                "checkpoint_every": 3,
+                "seed": 3,
+                "eval_batches": 2,
+            },
+            "output": {"fuse": True},
+        }
+    )
+    inputs = distill.Inputs(
+        student=tiny_student, teachers=[tiny_teacher], train=tiny_text["train"], valid=tiny_text["valid"]
+    )
     summary = distill.run_distill(spec, inputs, tmp_path, CacheStore(tmp_path_factory.mktemp("qcaches")))
     assert summary["student"] == str(tmp_path / "student")
     assert summary["final"]["val_kl"] < summary["initial"]["val_kl"]

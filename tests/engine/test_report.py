@@ -10,27 +10,63 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def sample(with_subjects: bool = False, with_preference: bool = False) -> dict:
-    ref = {"ppl": 12.5, "kl": 0.0, "top1_agreement": 1.0, "top5_agreement": 1.0, "parameters": 360_000_000,
-           "adapter_parameters": 0, "size_bytes": 3 << 30, "compression_ratio_params": 1.0, "compression_ratio_size": 1.0}
-    small = {"ppl": 20.25, "kl": 0.4321, "top1_agreement": 0.6, "top5_agreement": 0.9, "parameters": 180_000_000,
-             "adapter_parameters": 1_500_000, "size_bytes": 1 << 30, "compression_ratio_params": 1.99,
-             "compression_ratio_size": 3.0}
+    ref = {
+        "ppl": 12.5,
+        "kl": 0.0,
+        "top1_agreement": 1.0,
+        "top5_agreement": 1.0,
+        "parameters": 360_000_000,
+        "adapter_parameters": 0,
+        "size_bytes": 3 << 30,
+        "compression_ratio_params": 1.0,
+        "compression_ratio_size": 1.0,
+    }
+    small = {
+        "ppl": 20.25,
+        "kl": 0.4321,
+        "top1_agreement": 0.6,
+        "top5_agreement": 0.9,
+        "parameters": 180_000_000,
+        "adapter_parameters": 1_500_000,
+        "size_bytes": 1 << 30,
+        "compression_ratio_params": 1.99,
+        "compression_ratio_size": 3.0,
+    }
     if with_subjects:
         ref["mcq_accuracy"], small["mcq_accuracy"] = 0.75, 0.5
         ref["mcq_by_subject"] = {"math": {"accuracy": 1.0, "n": 2}, "art": {"accuracy": 0.5, "n": 2}}
         small["mcq_by_subject"] = {"math": {"accuracy": 0.5, "n": 2}, "art": {"accuracy": 0.5, "n": 2}}
     if with_preference:
-        ref.update(pref_accuracy=0.3, pref_accuracy_norm=0.8, pref_agreement=1.0, pref_agreement_norm=1.0,
-                   pref_ties=0, pref_ties_norm=0, pref_n=10,
-                   pref_by_subject={"helpful": {"accuracy": 0.25, "accuracy_norm": 0.75, "n": 4}})
-        small.update(pref_accuracy=0.45, pref_accuracy_norm=0.55, pref_agreement=0.65, pref_agreement_norm=0.7,
-                     pref_ties=1, pref_ties_norm=0, pref_n=10,
-                     pref_by_subject={"helpful": {"accuracy": 0.5, "accuracy_norm": 0.625, "n": 4}})
-    return {"reference": "teacher", "created_at": "2025-01-01T00:00:00+00:00", "kl_method": "full",
-            "data": {"text": {"file": "valid.jsonl", "format": "text", "records": 3}},
-            "candidates": [
-                {"label": "teacher", "model": "m-teacher", "adapter": None, "is_reference": True, "metrics": ref},
-                {"label": "small", "model": "m-small", "adapter": "job-1", "is_reference": False, "metrics": small}]}
+        ref.update(
+            pref_accuracy=0.3,
+            pref_accuracy_norm=0.8,
+            pref_agreement=1.0,
+            pref_agreement_norm=1.0,
+            pref_ties=0,
+            pref_ties_norm=0,
+            pref_n=10,
+            pref_by_subject={"helpful": {"accuracy": 0.25, "accuracy_norm": 0.75, "n": 4}},
+        )
+        small.update(
+            pref_accuracy=0.45,
+            pref_accuracy_norm=0.55,
+            pref_agreement=0.65,
+            pref_agreement_norm=0.7,
+            pref_ties=1,
+            pref_ties_norm=0,
+            pref_n=10,
+            pref_by_subject={"helpful": {"accuracy": 0.5, "accuracy_norm": 0.625, "n": 4}},
+        )
+    return {
+        "reference": "teacher",
+        "created_at": "2025-01-01T00:00:00+00:00",
+        "kl_method": "full",
+        "data": {"text": {"file": "valid.jsonl", "format": "text", "records": 3}},
+        "candidates": [
+            {"label": "teacher", "model": "m-teacher", "adapter": None, "is_reference": True, "metrics": ref},
+            {"label": "small", "model": "m-small", "adapter": "job-1", "is_reference": False, "metrics": small},
+        ],
+    }
 
 
 def test_markdown_table_keeps_only_columns_with_data():
@@ -56,8 +92,10 @@ def test_markdown_preference_says_which_score_is_which():
     assert "| **teacher** | 12.5 | 0.0000 | 100.0% | 100.0% | 30.0% | 80.0% |" in md
     assert "## Preference\n" in md and "*summed*: over the response's tokens" in md and "*per token*" in md
     assert "A tie (exactly equal scores) counts as half a pair." in md
-    assert ("| model | accuracy (summed) | accuracy (per token) | agreement (summed) | agreement (per token) "
-            "| ties (summed / per token) |") in md
+    assert (
+        "| model | accuracy (summed) | accuracy (per token) | agreement (summed) | agreement (per token) "
+        "| ties (summed / per token) |"
+    ) in md
     assert "| small | 45.0% | 55.0% | 65.0% | 70.0% | 1 / 0 of 10 |" in md
     assert "## Preference by subject" in md and "| helpful | 25.0% / 75.0% (n=4) | 50.0% / 62.5% (n=4) |" in md
     assert "Multiple choice by subject" not in md
@@ -65,9 +103,18 @@ def test_markdown_preference_says_which_score_is_which():
 
 def test_charts_only_for_families_with_data(tmp_path):
     curve = tmp_path / "metrics.jsonl"
-    curve.write_text("\n".join(json.dumps(r) for r in [
-        {"step": 0, "kind": "eval", "val_kl": 1.0}, {"step": 1, "kind": "train", "loss": 3.0},
-        {"step": 2, "kind": "train", "loss": 2.0}, {"step": 2, "kind": "eval", "val_kl": 0.5}]) + "\n")
+    curve.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 0, "kind": "eval", "val_kl": 1.0},
+                {"step": 1, "kind": "train", "loss": 3.0},
+                {"step": 2, "kind": "train", "loss": 2.0},
+                {"step": 2, "kind": "eval", "val_kl": 0.5},
+            ]
+        )
+        + "\n"
+    )
     assert report.read_curves(curve) == {"loss": ([1, 2], [3.0, 2.0]), "val_kl": ([0, 2], [1.0, 0.5])}
 
     names = report.write_charts(sample(), tmp_path, {"small": curve})

@@ -26,13 +26,20 @@ def healthy(base: str, timeout: float) -> bool:
 
 
 @contextmanager
-def api_process(env: dict[str, str], cwd: Path,
-                stdout: IO | int = subprocess.DEVNULL) -> Iterator[tuple[str, subprocess.Popen]]:
+def api_process(
+    env: dict[str, str], cwd: Path, stdout: IO | int = subprocess.DEVNULL
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """(base URL, process) of a started API; on exit SIGTERM must stop it within 10 s. Its stderr is a pipe,
     its stdout (the access log) goes to `stdout`."""
     port = free_port()
-    proc = subprocess.Popen([SERVER, "api", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
-                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SERVER, "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while not healthy(base, 1):

@@ -37,7 +37,7 @@ class PrivatePostgres:
     bin_dir: Path
     data: Path
     port: int
-    as_user: list[str]   # the command prefix that runs a server tool as a user PostgreSQL accepts
+    as_user: list[str]  # the command prefix that runs a server tool as a user PostgreSQL accepts
 
     @property
     def url(self) -> str:
@@ -76,9 +76,24 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         as_user = ["runuser", "-u", "postgres", "--"]
     server = PrivatePostgres(bin_dir=bin_dir, data=folder / "data", port=free_port(), as_user=as_user)
     try:
-        init = subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(server.data), "-A", "trust",
-                               "-U", "postgres", "-E", "UTF8", "--no-sync"], capture_output=True, text=True,
-                              timeout=60)
+        init = subprocess.run(
+            [
+                *as_user,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(server.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if init.returncode != 0:
             unavailable("initdb", RuntimeError(init.stderr[-2000:]))
         server.start()

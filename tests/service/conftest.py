@@ -108,8 +108,14 @@ class Api:
 
 def make_settings(database_url: str, tmp: Path, **overrides) -> Settings:
     (tmp / "models").mkdir(exist_ok=True)
-    values = dict(database_url=database_url, broker_url=BROKER_URL, artifact_root=tmp / "artifacts",
-                  model_roots=[tmp / "models"], max_upload_bytes=MAX_UPLOAD, events_poll_seconds=0.02)
+    values = dict(
+        database_url=database_url,
+        broker_url=BROKER_URL,
+        artifact_root=tmp / "artifacts",
+        model_roots=[tmp / "models"],
+        max_upload_bytes=MAX_UPLOAD,
+        events_poll_seconds=0.02,
+    )
     values.update(overrides)
     return Settings(**values)
 
@@ -123,8 +129,15 @@ def running_api(database_url: str, tmp: Path, redis_client=None, **overrides) ->
         row, key = create_api_key(session, "main")
         session.commit()
     with TestClient(app) as client:
-        yield Api(client=client, settings=settings, sessions=sessions, key=key, project_id=row.project_id,
-                  tmp=tmp, redis=redis_client)
+        yield Api(
+            client=client,
+            settings=settings,
+            sessions=sessions,
+            key=key,
+            project_id=row.project_id,
+            tmp=tmp,
+            redis=redis_client,
+        )
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ TEXT_JSONL = b'{"text": "To be, or not to be."}\n{"text": "That is the question.
 
 
 def upload_dataset(api, content: bytes = TEXT_JSONL, headers=None, **data) -> dict:
-    r = api.client.post("/v1/datasets", headers=headers or api.headers, files={"file": ("train.jsonl", content)},
-                        data=data)
+    r = api.client.post(
+        "/v1/datasets", headers=headers or api.headers, files={"file": ("train.jsonl", content)}, data=data
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -56,11 +57,16 @@ def setup_distill(api, headers=None) -> dict:
     return distill_spec(student["id"], teacher["id"], data["id"])
 
 
-def insert_job(api, project_id: str | None = None, status: str = "running", kind: str = "distill",
-               spec: dict | None = None, events: int = 0) -> str:
+def insert_job(
+    api,
+    project_id: str | None = None,
+    status: str = "running",
+    kind: str = "distill",
+    spec: dict | None = None,
+    events: int = 0,
+) -> str:
     with api.db() as session:
-        job = Job(project_id=project_id or api.project_id, kind=kind, status=status, spec=spec or {},
-                  total_steps=100)
+        job = Job(project_id=project_id or api.project_id, kind=kind, status=status, spec=spec or {}, total_steps=100)
         session.add(job)
         session.flush()
         for i in range(events):
@@ -80,17 +86,30 @@ def finish_job(api, job_id: str, status: str = "succeeded") -> None:
         assert lifecycle.finish(session, job_id, None, status)
 
 
-def insert_artifact(api, job_id: str, content: bytes, name: str = "adapters.safetensors",
-                    path: Path | None = None, project_id: str | None = None) -> str:
+def insert_artifact(
+    api,
+    job_id: str,
+    content: bytes,
+    name: str = "adapters.safetensors",
+    path: Path | None = None,
+    project_id: str | None = None,
+) -> str:
     root = Path(api.settings.artifact_root)
     if path is None:
         path = root / "jobs" / job_id / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     with api.db() as session:
-        row = Artifact(id=new_id("art"), project_id=project_id or api.project_id, job_id=job_id, name=name,
-                       path=str(path), size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
-                       content_type="application/octet-stream")
+        row = Artifact(
+            id=new_id("art"),
+            project_id=project_id or api.project_id,
+            job_id=job_id,
+            name=name,
+            path=str(path),
+            size_bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            content_type="application/octet-stream",
+        )
         session.add(row)
         return row.id
 

@@ -10,7 +10,7 @@ import pytest
 from service.artifacts.controller import parse_range
 from tests.service.factories import insert_artifact, insert_job
 
-CONTENT = bytes(range(256)) * 40   # 10240 bytes
+CONTENT = bytes(range(256)) * 40  # 10240 bytes
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_ranges(api, artifact):
     r = get(api, artifact, Range="bytes=100-199")
     assert r.status_code == 206 and r.content == CONTENT[100:200]
     assert r.headers["content-range"] == f"bytes 100-199/{len(CONTENT)}" and r.headers["content-length"] == "100"
-    assert r.headers["x-content-sha256"] == hashlib.sha256(CONTENT).hexdigest()   # of the whole file
+    assert r.headers["x-content-sha256"] == hashlib.sha256(CONTENT).hexdigest()  # of the whole file
     r = get(api, artifact, Range="bytes=10000-")
     assert r.status_code == 206 and r.content == CONTENT[10000:]
     r = get(api, artifact, Range="bytes=-40")
@@ -97,6 +97,7 @@ def test_paths_outside_the_artifact_root_are_never_served(api, tmp_path):
     link.symlink_to(outside)
     with api.db() as session:
         from service.db.models import Artifact
+
         session.get(Artifact, escaped).path = str(link)
     assert get(api, escaped).status_code == 404
     missing = insert_artifact(api, job_id, b"gone", name="gone.bin")
@@ -104,6 +105,7 @@ def test_paths_outside_the_artifact_root_are_never_served(api, tmp_path):
         from pathlib import Path
 
         from service.db.models import Artifact
+
         Path(session.get(Artifact, missing).path).unlink()
     assert get(api, missing).status_code == 404
     assert get(api, "art_missing").status_code == 404

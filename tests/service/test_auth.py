@@ -32,7 +32,7 @@ def assert_401(r) -> None:
 def test_missing_malformed_unknown_and_revoked_keys_are_401(api):
     c = api.client
     assert_401(c.get("/v1/datasets"))
-    assert_401(c.get("/v1/datasets", headers={"Authorization": api.key}))               # no scheme
+    assert_401(c.get("/v1/datasets", headers={"Authorization": api.key}))  # no scheme
     assert_401(c.get("/v1/datasets", headers={"Authorization": "Basic dXNlcjpwdw=="}))
     assert_401(c.get("/v1/datasets", headers={"Authorization": "Bearer nonsense"}))
     prefix = api.key.split("_")[1]
@@ -63,10 +63,18 @@ def test_other_projects_objects_are_404(api):
     artifact_id = insert_artifact(api, job_id, b"weights")
     other, _ = api.other_project()
     c = api.client
-    for path in (f"/v1/datasets/{dataset['id']}", f"/v1/models/{model['id']}", f"/v1/jobs/{job_id}",
-                 f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/events/stream", f"/v1/jobs/{job_id}/metrics",
-                 f"/v1/jobs/{job_id}/checkpoints", f"/v1/jobs/{job_id}/artifacts", f"/v1/artifacts/{artifact_id}",
-                 f"/v1/artifacts/{artifact_id}/content"):
+    for path in (
+        f"/v1/datasets/{dataset['id']}",
+        f"/v1/models/{model['id']}",
+        f"/v1/jobs/{job_id}",
+        f"/v1/jobs/{job_id}/events",
+        f"/v1/jobs/{job_id}/events/stream",
+        f"/v1/jobs/{job_id}/metrics",
+        f"/v1/jobs/{job_id}/checkpoints",
+        f"/v1/jobs/{job_id}/artifacts",
+        f"/v1/artifacts/{artifact_id}",
+        f"/v1/artifacts/{artifact_id}/content",
+    ):
         r = c.get(path, headers=other)
         assert r.status_code == 404, (path, r.text)
         assert r.headers["content-type"].startswith(PROBLEM)
@@ -119,19 +127,19 @@ def test_wrong_keys_are_limited_per_address(database_url, tmp_path, redis_broker
             assert_401(c.get("/v1/datasets", headers=wrong))
         wait = assert_429(c.get("/v1/datasets", headers=wrong))
         assert wait == 1
-        assert_429(c.get("/v1/datasets"))                                      # no key at all: the same limit
+        assert_429(c.get("/v1/datasets"))  # no key at all: the same limit
 
         with statements_run(api.sessions.kw["bind"]) as statements:
             for _ in range(20):
                 assert_429(c.get("/v1/datasets", headers=wrong))
         assert statements == [], "a limited address gets no key lookup"
-        assert c.get("/v1/datasets", headers=api.headers).status_code == 200   # a key accepted before still works
+        assert c.get("/v1/datasets", headers=api.headers).status_code == 200  # a key accepted before still works
 
-        other, _ = api.other_project()                                         # never accepted yet: waits too
+        other, _ = api.other_project()  # never accepted yet: waits too
         assert_429(c.get("/v1/datasets", headers=other))
         time.sleep(wait)
         assert c.get("/v1/datasets", headers=other).status_code == 200
-        assert_401(c.get("/v1/datasets", headers=wrong))                       # the one refilled failure
+        assert_401(c.get("/v1/datasets", headers=wrong))  # the one refilled failure
         assert_429(c.get("/v1/datasets", headers=wrong))
 
 
@@ -170,8 +178,8 @@ def test_the_limit_is_a_token_bucket_per_address():
     with pytest.raises(Problem) as e:
         limit.check("10.0.0.1", None)
     assert e.value.status == 429 and e.value.headers == {"Retry-After": "2"}
-    limit.check("10.0.0.2", None)                 # another address has its own bucket
-    clock.now += 1.0                              # half a token: still refused, one more second to wait
+    limit.check("10.0.0.2", None)  # another address has its own bucket
+    clock.now += 1.0  # half a token: still refused, one more second to wait
     with pytest.raises(Problem) as e:
         limit.check("10.0.0.1", None)
     assert e.value.headers == {"Retry-After": "1"}
@@ -185,7 +193,7 @@ def test_the_limit_is_a_token_bucket_per_address():
     limit.failed("10.0.0.1", "hash-of-a-good-key")  # ...until it fails
     with pytest.raises(Problem):
         limit.check("10.0.0.1", "hash-of-a-good-key")
-    clock.now += 3600                             # refilled, but never past the burst
+    clock.now += 3600  # refilled, but never past the burst
     for _ in range(3):
         limit.check("10.0.0.1", None)
         limit.failed("10.0.0.1", None)
@@ -201,6 +209,6 @@ def test_the_limit_remembers_a_bounded_number_of_addresses(monkeypatch):
     for i in range(1000):
         limit.failed(f"10.0.{i // 256}.{i % 256}", None)
     assert len(limit._buckets) == 100
-    limit.check("10.0.0.0", None)                 # the oldest was forgotten
+    limit.check("10.0.0.0", None)  # the oldest was forgotten
     with pytest.raises(Problem):
-        limit.check("10.0.3.231", None)           # the newest is still limited
+        limit.check("10.0.3.231", None)  # the newest is still limited

@@ -61,10 +61,10 @@ def test_a_postgres_restart_is_503_then_served_again(tmp_path, service_log):
                 service_log.clear()
                 for path in ("/v1/jobs", "/v1/datasets", "/v1/models", "/v1/jobs", "/v1/jobs"):
                     assert_503(c.get(path, headers=api.headers))
-                prefix = api.key.split("_")[1]   # a wrong key cannot be told from a right one: 503, not 401
+                prefix = api.key.split("_")[1]  # a wrong key cannot be told from a right one: 503, not 401
                 assert_503(c.get("/v1/jobs", headers={"Authorization": f"Bearer dst_{prefix}_wrong"}))
                 assert c.get("/readyz").status_code == 503
-                assert c.get("/metrics", headers=operator).status_code == 200   # without the jobs gauge
+                assert c.get("/metrics", headers=operator).status_code == 200  # without the jobs gauge
                 warnings = warnings_of(service_log)
                 assert len(warnings) == 1 and warnings[0].startswith("database unavailable"), warnings
                 assert not any(r.exc_info for r in service_log), "no traceback for an outage"
@@ -75,7 +75,7 @@ def test_a_postgres_restart_is_503_then_served_again(tmp_path, service_log):
                 assert c.get("/v1/jobs", headers=api.headers).status_code == 200
                 warnings = warnings_of(service_log)
                 assert len(warnings) == 2 and "available again" in warnings[1], warnings
-                assert "(8 requests refused" in warnings[1]   # 6 API calls, /readyz, the jobs gauge
+                assert "(8 requests refused" in warnings[1]  # 6 API calls, /readyz, the jobs gauge
                 metrics = c.get("/metrics", headers=operator).text
                 assert 'distillery_http_requests_total{method="GET",route="/v1/jobs",status="503"} 4.0' in metrics
                 assert 'distillery_jobs{status="queued"} 0.0' in metrics
@@ -113,14 +113,17 @@ def test_a_handler_that_loses_the_database_is_503(api, monkeypatch, service_log)
     assert len(warnings) == 2 and "available again" in warnings[1], warnings
 
 
-@pytest.mark.parametrize(("error", "expected"), [
-    (sa.OperationalError("SELECT 1", {}, sqlite3.OperationalError("database is locked")), True),
-    (sa.OperationalError("SELECT 1", {}, sqlite3.OperationalError("no such table: api_keys")), False),
-    (sa.InterfaceError("SELECT ?", {}, sqlite3.InterfaceError("Error binding parameter 1")), False),
-    (sa.TimeoutError("QueuePool limit of size 10 overflow 20 reached"), True),
-    (sa.IntegrityError("INSERT", {}, sqlite3.IntegrityError("UNIQUE constraint failed")), False),
-    (ValueError("not a database error"), False),
-])
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (sa.OperationalError("SELECT 1", {}, sqlite3.OperationalError("database is locked")), True),
+        (sa.OperationalError("SELECT 1", {}, sqlite3.OperationalError("no such table: api_keys")), False),
+        (sa.InterfaceError("SELECT ?", {}, sqlite3.InterfaceError("Error binding parameter 1")), False),
+        (sa.TimeoutError("QueuePool limit of size 10 overflow 20 reached"), True),
+        (sa.IntegrityError("INSERT", {}, sqlite3.IntegrityError("UNIQUE constraint failed")), False),
+        (ValueError("not a database error"), False),
+    ],
+)
 def test_which_errors_mean_unavailable(error, expected):
     assert unavailable(error) is expected
 

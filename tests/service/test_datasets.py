@@ -39,14 +39,17 @@ def test_stated_format_and_detected_formats(api):
     assert upload_dataset(api, chat)["format"] == "chat"
     mcq = b'{"question": "2+2?", "choices": ["3", "4"], "answer": 1}\n'
     assert upload_dataset(api, mcq, format="mcq")["format"] == "mcq"
-    r = api.client.post("/v1/datasets", headers=api.headers, files={"file": ("a.jsonl", TEXT_JSONL)},
-                        data={"format": "completions"})
+    r = api.client.post(
+        "/v1/datasets", headers=api.headers, files={"file": ("a.jsonl", TEXT_JSONL)}, data={"format": "completions"}
+    )
     assert r.status_code == 422
     assert r.json()["errors"][0]["line"] == 1
-    r = api.client.post("/v1/datasets", headers=api.headers, files={"file": ("a.jsonl", TEXT_JSONL)},
-                        data={"format": "parquet"})
+    r = api.client.post(
+        "/v1/datasets", headers=api.headers, files={"file": ("a.jsonl", TEXT_JSONL)}, data={"format": "parquet"}
+    )
     assert r.status_code == 422 and r.json()["errors"] == [
-        {"field": "format", "message": r.json()["errors"][0]["message"]}]
+        {"field": "format", "message": r.json()["errors"][0]["message"]}
+    ]
 
 
 def test_bad_jsonl_names_the_line_and_leaves_nothing(api):
@@ -78,11 +81,10 @@ def test_oversized_upload_is_413_and_leaves_nothing(api):
 
 
 def test_file_names_never_reach_the_filesystem(api):
-    r = api.client.post("/v1/datasets", headers=api.headers,
-                        files={"file": ("../../../../etc/evil.jsonl", TEXT_JSONL)})
+    r = api.client.post("/v1/datasets", headers=api.headers, files={"file": ("../../../../etc/evil.jsonl", TEXT_JSONL)})
     assert r.status_code == 201
     body = r.json()
-    assert body["name"] == "evil.jsonl"                         # only the base name, as a label
+    assert body["name"] == "evil.jsonl"  # only the base name, as a label
     [path] = stored_files(api)
     assert path.name == f"{body['id']}.jsonl"
     assert not (Path(api.settings.artifact_root).parent / "etc").exists()
@@ -90,9 +92,10 @@ def test_file_names_never_reach_the_filesystem(api):
 
 def test_path_like_names_are_rejected(api):
     for name in ("../../etc/passwd", "a/b", "..", "x\x00y", "", "n" * 201):
-        r = api.client.post("/v1/datasets", headers=api.headers, files={"file": ("a.jsonl", TEXT_JSONL)},
-                            data={"name": name})
-        if name == "":   # an empty name means "no name": the file name is used
+        r = api.client.post(
+            "/v1/datasets", headers=api.headers, files={"file": ("a.jsonl", TEXT_JSONL)}, data={"name": name}
+        )
+        if name == "":  # an empty name means "no name": the file name is used
             assert r.status_code == 201
             continue
         assert r.status_code == 422, (name, r.text)
@@ -107,9 +110,12 @@ def test_malformed_requests(api):
     r = c.post("/v1/datasets", headers=api.headers, data={"name": "no file"}, files={"other": ("a", b"x")})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "other"
     r = c.post("/v1/datasets", headers=api.headers, data={"name": "no file"})
-    assert r.status_code in (415, 422)   # a form without files is urlencoded
-    r = c.post("/v1/datasets", headers={**api.headers, "Content-Type": "multipart/form-data; boundary=xyz"},
-               content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\ntrunc")
+    assert r.status_code in (415, 422)  # a form without files is urlencoded
+    r = c.post(
+        "/v1/datasets",
+        headers={**api.headers, "Content-Type": "multipart/form-data; boundary=xyz"},
+        content=b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\ntrunc',
+    )
     assert r.status_code == 400 and "multipart" in r.json()["detail"]
     assert_nothing_written(api)
 
@@ -138,6 +144,7 @@ def test_delete_is_soft_and_refused_while_a_job_uses_it(api):
     with api.db() as session:
         session.get(type(session.get(Dataset, ds["id"])), ds["id"])
         from service.jobs import lifecycle
+
         lifecycle.finish(session, job_id, None, "succeeded")
     assert c.delete(f"/v1/datasets/{ds['id']}", headers=api.headers).status_code == 204
     assert c.get(f"/v1/datasets/{ds['id']}", headers=api.headers).status_code == 404

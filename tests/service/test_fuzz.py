@@ -38,18 +38,20 @@ from tests.service.conftest import make_settings
 SEED = 20240611
 EXAMPLES_PER_OPERATION = int(os.environ.get("DISTILLERY_FUZZ_EXAMPLES", "10"))
 
-FUZZ_CONFIG = schemathesis.Config.from_dict({
-    "seed": SEED,
-    "suppress-health-check": ["all"],   # generation speed depends on the machine; CI must not fail on it
-    "generation": {"max-examples": EXAMPLES_PER_OPERATION, "deterministic": True, "database": "none"},
-    "phases": {"stateful": {"enabled": False}},   # one request at a time; nothing links the operations' ids
-})
+FUZZ_CONFIG = schemathesis.Config.from_dict(
+    {
+        "seed": SEED,
+        "suppress-health-check": ["all"],  # generation speed depends on the machine; CI must not fail on it
+        "generation": {"max-examples": EXAMPLES_PER_OPERATION, "deterministic": True, "database": "none"},
+        "phases": {"stateful": {"enabled": False}},  # one request at a time; nothing links the operations' ids
+    }
+)
 
 # The document is read once, at collection (schemathesis makes one test per operation from it), from an app
 # that never opens its database; the requests go to `fuzzed_app`, built by the same code on a real database.
 schema = schemathesis.openapi.from_asgi(
-    "/schema/openapi.json", create_app(Settings(database_url="sqlite://", broker_url="memory://")),
-    config=FUZZ_CONFIG)
+    "/schema/openapi.json", create_app(Settings(database_url="sqlite://", broker_url="memory://")), config=FUZZ_CONFIG
+)
 
 
 @pytest.fixture(scope="module")

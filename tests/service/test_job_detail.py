@@ -44,7 +44,7 @@ def test_events_list_ascending_with_cursor(api):
 def test_sse_stream_delivers_events_until_the_job_ends(api):
     job_id = insert_job(api, status="running", events=2)
 
-    def worker() -> None:   # the job goes on while the client is connected
+    def worker() -> None:  # the job goes on while the client is connected
         time.sleep(0.2)
         add_events(api, job_id, 3)
         time.sleep(0.1)
@@ -64,16 +64,23 @@ def test_sse_stream_delivers_events_until_the_job_ends(api):
     assert states[0]["status"] == "running" and states[-1]["status"] == "succeeded", states
     assert set(states[-1]) == {"status", "progress", "summary"}
     assert [int(e["id"]) for e in events] == [e["data"]["id"] for e in events]
-    assert r.text.startswith(":")   # an opening comment flushes the headers through proxies
+    assert r.text.startswith(":")  # an opening comment flushes the headers through proxies
 
     # resuming: only what came after the last event seen
     third = events[2]["id"]
-    resumed = [e for e in parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream",
-                                                   headers={**api.headers, "Last-Event-ID": third}).text)
-               if e["event"] != "state"]
+    resumed = [
+        e
+        for e in parse_sse(
+            api.client.get(f"/v1/jobs/{job_id}/events/stream", headers={**api.headers, "Last-Event-ID": third}).text
+        )
+        if e["event"] != "state"
+    ]
     assert [e["id"] for e in resumed] == [e["id"] for e in events[3:]]
-    by_query = [e for e in parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream?after={third}",
-                                                    headers=api.headers).text) if e["event"] != "state"]
+    by_query = [
+        e
+        for e in parse_sse(api.client.get(f"/v1/jobs/{job_id}/events/stream?after={third}", headers=api.headers).text)
+        if e["event"] != "state"
+    ]
     assert by_query == resumed
     r = api.client.get(f"/v1/jobs/{job_id}/events/stream", headers={**api.headers, "Last-Event-ID": "x"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "Last-Event-ID"
@@ -92,8 +99,10 @@ def test_metrics_checkpoints_and_artifacts(api):
     everything = c.get(f"/v1/jobs/{job_id}/metrics", headers=api.headers).json()["data"]
     assert {m["name"] for m in everything} == {"loss", "lr", "val_kl"} and len(everything) == 5
     loss = c.get(f"/v1/jobs/{job_id}/metrics?name=loss", headers=api.headers).json()["data"]
-    assert loss == [{"step": 10, "kind": "train", "name": "loss", "value": 0.1},
-                    {"step": 20, "kind": "train", "name": "loss", "value": 0.05}]
+    assert loss == [
+        {"step": 10, "kind": "train", "name": "loss", "value": 0.1},
+        {"step": 20, "kind": "train", "name": "loss", "value": 0.05},
+    ]
     checkpoints = c.get(f"/v1/jobs/{job_id}/checkpoints", headers=api.headers).json()["data"]
     assert [cp["step"] for cp in checkpoints] == [20] and "path" not in checkpoints[0]
     art = insert_artifact(api, job_id, b"{}", name="summary.json")
@@ -113,15 +122,18 @@ def test_deleting_a_finished_jobs_files_frees_them_and_keeps_its_history(api):
     (folder / ".attempts" / "1" / "checkpoints" / "w").write_bytes(b"y" * 500)
     url = f"/v1/jobs/{job_id}/files"
     r = api.client.delete(url, headers=api.headers)
-    assert r.status_code == 409 and "running" in r.json()["detail"] and folder.is_dir()   # not while it runs
-    user = insert_job(api, status="queued", spec={"student": {"model": "mdl_x", "adapter": job_id},
-                                                    "teachers": [], "data": {"train": "ds_x"}})
+    assert r.status_code == 409 and "running" in r.json()["detail"] and folder.is_dir()  # not while it runs
+    user = insert_job(
+        api,
+        status="queued",
+        spec={"student": {"model": "mdl_x", "adapter": job_id}, "teachers": [], "data": {"train": "ds_x"}},
+    )
     finish_job(api, job_id)
     r = api.client.delete(url, headers=api.headers)
-    assert r.status_code == 409 and user in r.json()["detail"]                          # nor while used
+    assert r.status_code == 409 and user in r.json()["detail"]  # nor while used
     finish_job(api, user, "cancelled")
     other, _ = api.other_project()
-    assert api.client.delete(url, headers=other).status_code == 404                   # another project's
+    assert api.client.delete(url, headers=other).status_code == 404  # another project's
 
     r = api.client.delete(url, headers=api.headers)
     assert r.status_code == 200, r.text
@@ -132,4 +144,4 @@ def test_deleting_a_finished_jobs_files_frees_them_and_keeps_its_history(api):
     assert job["status"] == "succeeded" and job["artifacts"] == []
     kinds = [e["kind"] for e in api.client.get(f"/v1/jobs/{job_id}/events", headers=api.headers).json()["data"]]
     assert kinds[-1] == "files_deleted" and kinds.count("progress") == 2
-    assert api.client.delete(url, headers=api.headers).json()["freed_bytes"] == 0      # again: nothing left
+    assert api.client.delete(url, headers=api.headers).json()["freed_bytes"] == 0  # again: nothing left

@@ -45,7 +45,7 @@ def test_offline_distill_creates_cache_jobs_and_enqueues_them(api):
         caches = session.query(Job).filter_by(kind="teacher_cache").all()
         assert len(caches) == 1 and caches[0].enqueued_at is not None
         assert session.query(JobDependency).filter_by(job_id=job["id"]).count() == 1
-        assert session.get(Job, job["id"]).enqueued_at is None      # waits for its cache
+        assert session.get(Job, job["id"]).enqueued_at is None  # waits for its cache
     assert api.queue_length() == 1
 
     # a second student over the same teacher and data reuses the cache job: nothing new to build
@@ -65,9 +65,11 @@ def test_online_distill_teacher_cache_and_benchmark(api):
     r = post_job(api, "teacher_cache", {"teacher": spec["teachers"][0]["model"], "data": spec["data"]["train"]})
     assert r.status_code == 201 and r.json()["spec"]["top_k"] == 64 and r.json()["progress"]["total_steps"] is None
     mcq = upload_dataset(api, b'{"question": "2+2?", "choices": ["3", "4"], "answer": 1}\n')
-    bench = {"reference": spec["teachers"][0]["model"],
-             "candidates": [{"label": "student", "model": spec["student"]["model"]}],
-             "data": {"text": spec["data"]["train"], "mcq": mcq["id"]}}
+    bench = {
+        "reference": spec["teachers"][0]["model"],
+        "candidates": [{"label": "student", "model": spec["student"]["model"]}],
+        "data": {"text": spec["data"]["train"], "mcq": mcq["id"]},
+    }
     r = post_job(api, "benchmark", bench)
     assert r.status_code == 201, r.text
     assert api.queue_length() == 3
@@ -75,23 +77,33 @@ def test_online_distill_teacher_cache_and_benchmark(api):
 
 def test_spec_validation_names_the_field(api):
     spec = setup_distill(api)
-    assert_refused(api, post_job(api, "distill", {**spec, "training": {"steps": -5}}), "spec.training.steps",
-                   "greater than 0")
-    assert_refused(api, post_job(api, "distill", {**spec, "training": {"learning_rat": 0.1}}),
-                   "spec.training.learning_rat", "Extra inputs")
-    assert_refused(api, post_job(api, "distill", {**spec, "training": {"batch_size": "four"}}),
-                   "spec.training.batch_size", "integer")
+    assert_refused(
+        api, post_job(api, "distill", {**spec, "training": {"steps": -5}}), "spec.training.steps", "greater than 0"
+    )
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "training": {"learning_rat": 0.1}}),
+        "spec.training.learning_rat",
+        "Extra inputs",
+    )
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "training": {"batch_size": "four"}}),
+        "spec.training.batch_size",
+        "integer",
+    )
     assert_refused(api, post_job(api, "distill", {**spec, "loss": {"kind": "l2"}}), "spec.loss.kind")
     assert_refused(api, post_job(api, "distill", {**spec, "teachers": []}), "spec.teachers")
     assert_refused(api, post_job(api, "distill", {k: v for k, v in spec.items() if k != "student"}), "spec.student")
     assert_refused(api, post_job(api, "distill", spec, priority=1), "priority", "Extra inputs")
     r = post_job(api, "mystery", spec)
     assert_refused(api, r, "kind")
-    assert [e["field"] for e in r.json()["errors"]] == ["kind"]      # the spec is not judged without a kind
+    assert [e["field"] for e in r.json()["errors"]] == ["kind"]  # the spec is not judged without a kind
     r = api.client.post("/v1/jobs", headers=api.headers, json=[spec])
     assert r.status_code == 422 and r.json()["errors"]
-    r = api.client.post("/v1/jobs", headers={**api.headers, "Content-Type": "application/json"},
-                        content=b'{"kind": "distill", "spec": ')
+    r = api.client.post(
+        "/v1/jobs", headers={**api.headers, "Content-Type": "application/json"}, content=b'{"kind": "distill", "spec": '
+    )
     assert r.status_code == 400 and r.headers["content-type"].startswith(PROBLEM) and "JSON" in r.json()["detail"]
     assert count(api, Job) == 0 and api.queue_length() == 0
 
@@ -102,23 +114,47 @@ def test_unknown_ids_paths_and_other_projects_ids_are_refused(api):
     foreign_model = register_model(api, "foreign", headers=other_headers)["id"]
     foreign_data = upload_dataset(api, headers=other_headers)["id"]
     teacher = spec["teachers"][0]
-    assert_refused(api, post_job(api, "distill", {**spec, "teachers": [teacher, {"model": "mdl_nope"}]}),
-                   "spec.teachers.1.model", "unknown model id")
-    assert_refused(api, post_job(api, "distill", {**spec, "student": {"model": foreign_model}}),
-                   "spec.student.model", "unknown model id")
-    assert_refused(api, post_job(api, "distill", {**spec, "student": {"model": "/models/SmolLM2"}}),
-                   "spec.student.model", "not paths")
-    assert_refused(api, post_job(api, "distill", {**spec, "data": {"train": foreign_data}}),
-                   "spec.data.train", "unknown dataset id")
-    assert_refused(api, post_job(api, "distill", {**spec, "data": {"train": spec["data"]["train"],
-                                                                   "valid": "ds_missing"}}),
-                   "spec.data.valid", "unknown dataset id")
-    assert_refused(api, post_job(api, "teacher_cache", {"teacher": teacher["model"], "data": "./train.jsonl"}),
-                   "spec.data", "not paths")
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "teachers": [teacher, {"model": "mdl_nope"}]}),
+        "spec.teachers.1.model",
+        "unknown model id",
+    )
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "student": {"model": foreign_model}}),
+        "spec.student.model",
+        "unknown model id",
+    )
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "student": {"model": "/models/SmolLM2"}}),
+        "spec.student.model",
+        "not paths",
+    )
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "data": {"train": foreign_data}}),
+        "spec.data.train",
+        "unknown dataset id",
+    )
+    assert_refused(
+        api,
+        post_job(api, "distill", {**spec, "data": {"train": spec["data"]["train"], "valid": "ds_missing"}}),
+        "spec.data.valid",
+        "unknown dataset id",
+    )
+    assert_refused(
+        api,
+        post_job(api, "teacher_cache", {"teacher": teacher["model"], "data": "./train.jsonl"}),
+        "spec.data",
+        "not paths",
+    )
     assert_refused(api, post_job(api, "distill", spec, parent_id="job_missing"), "parent_id", "unknown job id")
     mcq = upload_dataset(api, b'{"question": "q?", "choices": ["a", "b"], "answer": 0}\n')
-    assert_refused(api, post_job(api, "distill", {**spec, "data": {"train": mcq["id"]}}), "spec.data.train",
-                   "format 'mcq'")
+    assert_refused(
+        api, post_job(api, "distill", {**spec, "data": {"train": mcq["id"]}}), "spec.data.train", "format 'mcq'"
+    )
     # several problems are reported together
     r = post_job(api, "distill", {**spec, "student": {"model": "mdl_a"}, "teachers": [{"model": "mdl_b"}]})
     assert {e["field"] for e in r.json()["errors"]} == {"spec.student.model", "spec.teachers.0.model"}
@@ -131,8 +167,12 @@ def test_student_adapter_must_be_a_live_distill_job_of_the_project(api):
     foreign = insert_job(api, project_id=other_project, status="succeeded")
     cache = insert_job(api, status="succeeded", kind="teacher_cache")
     done = insert_job(api, status="succeeded")
-    for job_id, words in ((failed, "failed distill job"), ("job_missing", "unknown job id"),
-                          (foreign, "unknown job id"), (cache, "succeeded teacher_cache job")):
+    for job_id, words in (
+        (failed, "failed distill job"),
+        ("job_missing", "unknown job id"),
+        (foreign, "unknown job id"),
+        (cache, "succeeded teacher_cache job"),
+    ):
         r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": job_id}})
         assert_refused(api, r, "spec.student.adapter", words, jobs=4)
     r = post_job(api, "distill", {**spec, "student": {**spec["student"], "adapter": done}}, parent_id=done)
@@ -148,8 +188,11 @@ def test_student_adapter_must_be_a_live_distill_job_of_the_project(api):
 def test_evaluate_creates_a_benchmark_child_that_waits_for_its_parent(api):
     spec = setup_distill(api)
     valid = upload_dataset(api)["id"]
-    spec["evaluate"] = {"data": {"text": valid}, "speed": {"enabled": False},
-                        "candidates": [{"label": "teacher again", "model": spec["teachers"][0]["model"]}]}
+    spec["evaluate"] = {
+        "data": {"text": valid},
+        "speed": {"enabled": False},
+        "candidates": [{"label": "teacher again", "model": spec["teachers"][0]["model"]}],
+    }
     r = post_job(api, "distill", spec)
     assert r.status_code == 201, r.text
     parent = r.json()["id"]
@@ -181,10 +224,13 @@ def test_idempotency_key(api):
     again = api.client.post("/v1/jobs", headers=h, json=body)
     assert first.status_code == again.status_code == 201
     assert first.json() == again.json() and again.headers["idempotent-replayed"] == "true"
-    assert count(api, Job) == 2 and api.queue_length() == 1          # the job and its cache job, sent once
+    assert count(api, Job) == 2 and api.queue_length() == 1  # the job and its cache job, sent once
     # the same JSON serialised differently is the same request
-    same = api.client.post("/v1/jobs", headers={**h, "Content-Type": "application/json"},
-                           content=b'{"spec": ' + json.dumps(spec, indent=2).encode() + b', "kind": "distill"}')
+    same = api.client.post(
+        "/v1/jobs",
+        headers={**h, "Content-Type": "application/json"},
+        content=b'{"spec": ' + json.dumps(spec, indent=2).encode() + b', "kind": "distill"}',
+    )
     assert same.json()["id"] == first.json()["id"]
     other = api.client.post("/v1/jobs", headers=h, json={**body, "spec": {**spec, "teacher_mode": "online"}})
     assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
@@ -204,7 +250,7 @@ def test_broker_down_still_creates_the_job(database_url, tmp_path, redis_broker)
         assert r.status_code == 201 and r.json()["status"] == "queued"
         assert time.monotonic() - started < 10
         started = time.monotonic()
-        r2 = post_job(api, "distill", spec)   # the API stays quiet after a failed send: no second timeout
+        r2 = post_job(api, "distill", spec)  # the API stays quiet after a failed send: no second timeout
         assert r2.status_code == 201 and time.monotonic() - started < 1
         with api.db() as session:
             jobs = session.query(Job).all()
@@ -228,8 +274,9 @@ def test_list_filters_and_pages(api):
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "kind"
 
 
-@pytest.mark.parametrize("status, expected", [("queued", "cancelled"), ("running", "cancel_requested"),
-                                              ("cancelled", "cancelled")])
+@pytest.mark.parametrize(
+    "status, expected", [("queued", "cancelled"), ("running", "cancel_requested"), ("cancelled", "cancelled")]
+)
 def test_cancel(api, status, expected):
     job_id = insert_job(api, status=status)
     r = api.client.post(f"/v1/jobs/{job_id}/cancel", headers=api.headers)
@@ -259,6 +306,7 @@ def test_job_object_shows_progress_error_and_artifacts(api):
     assert [a["id"] for a in body["artifacts"]] == [art]
     with api.db() as session:
         from service.jobs import lifecycle
+
         lifecycle.finish(session, job_id, None, "failed", error_code="user_error", error_message="bad data")
     body = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()
     assert body["status"] == "failed" and body["error"] == {"code": "user_error", "message": "bad data"}
@@ -267,8 +315,16 @@ def test_job_object_shows_progress_error_and_artifacts(api):
 
 def test_a_hand_submitted_teacher_cache_is_reused_by_distill_jobs(api):
     spec = setup_distill(api)
-    r = post_job(api, "teacher_cache", {"teacher": spec["teachers"][0]["model"], "data": spec["data"]["train"],
-                                        "top_k": spec["loss"]["top_k"], "max_seq_len": spec["training"]["max_seq_len"]})
+    r = post_job(
+        api,
+        "teacher_cache",
+        {
+            "teacher": spec["teachers"][0]["model"],
+            "data": spec["data"]["train"],
+            "top_k": spec["loss"]["top_k"],
+            "max_seq_len": spec["training"]["max_seq_len"],
+        },
+    )
     assert r.status_code == 201, r.text
     r2 = post_job(api, "distill", spec)
     with api.db() as session:
@@ -286,24 +342,26 @@ def test_a_job_body_must_be_declared_json(api):
         assert r.json()["errors"][0]["field"] == "Content-Type"
         assert (content_type or "none") in r.json()["detail"]
     assert count(api, Job) == 0
-    r = api.client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json; charset=utf-8"},
-                        content=body)
+    r = api.client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json; charset=utf-8"}, content=body)
     assert r.status_code == 201, r.text
 
 
-@pytest.mark.parametrize("patch, field", [
-    ({"training": {"seed": 10 ** 30}}, "spec.training.seed"),
-    ({"training": {"seed": -1}}, "spec.training.seed"),
-    ({"adapter": {"scale": 1e308}}, "spec.adapter.scale"),
-    ({"training": {"param_groups": [{"pattern": "x", "lr_mult": 1e308}]}}, "spec.training.param_groups.0.lr_mult"),
-    ({"training": {"warmup_steps": 10 ** 15}}, "spec.training.warmup_steps"),
-    ({"training": {"eval_every": 10 ** 15}}, "spec.training.eval_every"),
-    ({"training": {"checkpoint_every": 10 ** 15}}, "spec.training.checkpoint_every"),
-    ({"training": {"keep_checkpoints": 10 ** 15}}, "spec.training.keep_checkpoints"),
-    ({"training": {"eval_batches": 10 ** 15}}, "spec.training.eval_batches"),
-    ({"training": {"steps": None, "stages": [{"steps": 6_000_000}, {"steps": 6_000_000}]}}, "spec.training"),
-    ({"training": {"steps": None, "stages": [{"steps": 2 ** 31}]}}, "spec.training.stages.0.steps"),
-])
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"training": {"seed": 10**30}}, "spec.training.seed"),
+        ({"training": {"seed": -1}}, "spec.training.seed"),
+        ({"adapter": {"scale": 1e308}}, "spec.adapter.scale"),
+        ({"training": {"param_groups": [{"pattern": "x", "lr_mult": 1e308}]}}, "spec.training.param_groups.0.lr_mult"),
+        ({"training": {"warmup_steps": 10**15}}, "spec.training.warmup_steps"),
+        ({"training": {"eval_every": 10**15}}, "spec.training.eval_every"),
+        ({"training": {"checkpoint_every": 10**15}}, "spec.training.checkpoint_every"),
+        ({"training": {"keep_checkpoints": 10**15}}, "spec.training.keep_checkpoints"),
+        ({"training": {"eval_batches": 10**15}}, "spec.training.eval_batches"),
+        ({"training": {"steps": None, "stages": [{"steps": 6_000_000}, {"steps": 6_000_000}]}}, "spec.training"),
+        ({"training": {"steps": None, "stages": [{"steps": 2**31}]}}, "spec.training.stages.0.steps"),
+    ],
+)
 def test_numbers_a_run_cannot_use_are_refused(api, patch, field):
     spec = setup_distill(api)
     for section, values in patch.items():
@@ -313,11 +371,19 @@ def test_numbers_a_run_cannot_use_are_refused(api, patch, field):
     assert_refused(api, post_job(api, "distill", spec), field)
 
 
-@pytest.mark.parametrize("path, field", [
-    ("/v1/jobs/job_1%002", "job_id"), ("/v1/jobs/job_1%0D%0Ax/events", "job_id"), ("/v1/datasets/ds%00", "dataset_id"),
-    ("/v1/models/m%00", "model_id"), ("/v1/artifacts/a%00", "artifact_id"), ("/v1/jobs?after=job_%00", "after"),
-    ("/v1/jobs?parent_id=%00", "parent_id"), ("/v1/datasets?after=%00", "after"),
-])
+@pytest.mark.parametrize(
+    "path, field",
+    [
+        ("/v1/jobs/job_1%002", "job_id"),
+        ("/v1/jobs/job_1%0D%0Ax/events", "job_id"),
+        ("/v1/datasets/ds%00", "dataset_id"),
+        ("/v1/models/m%00", "model_id"),
+        ("/v1/artifacts/a%00", "artifact_id"),
+        ("/v1/jobs?after=job_%00", "after"),
+        ("/v1/jobs?parent_id=%00", "parent_id"),
+        ("/v1/datasets?after=%00", "after"),
+    ],
+)
 def test_ids_with_control_characters_are_refused(api, path, field):
     r = api.client.get(path, headers=api.headers)
     assert r.status_code == 422, r.text

@@ -27,7 +27,8 @@ def assert_unforged(output: str) -> None:
 
 def test_escape_controls():
     assert escape_controls("a\r\nb\x00c\x1bd\x7fe\x85f\u2028g\th") == (
-        "a\\x0d\\x0ab\\x00c\\x1bd\\x7fe\\x85f\\u2028g\\x09h")
+        "a\\x0d\\x0ab\\x00c\\x1bd\\x7fe\\x85f\\u2028g\\x09h"
+    )
     assert escape_controls("line 1\nline 2\r", keep="\n") == "line 1\nline 2\\x0d"
     assert escape_controls("plain ünïcode / paths %0d") == "plain ünïcode / paths %0d"
 
@@ -52,7 +53,7 @@ def test_a_logged_request_path_stays_on_its_line(api, monkeypatch):
     assert r.status_code == 500
     output = stream.getvalue()
     assert "unhandled error on GET /v1/jobs/\\x0d\\x0aINFO:     forged line\\x00" in output
-    assert "RuntimeError: a bug in the key lookup" in output   # the traceback is kept, on its own lines
+    assert "RuntimeError: a bug in the key lookup" in output  # the traceback is kept, on its own lines
     assert_unforged(output)
 
 
@@ -65,17 +66,25 @@ def _send(port: int, request: bytes) -> bytes:
 def test_the_api_process_escapes_request_data_in_its_logs(tmp_path):
     """A real `distillery-server api`: its error line (a database without a schema makes the key lookup fail,
     so the path is logged) and its access line (the client address from X-Forwarded-For)."""
-    env = {**os.environ, "DISTILLERY_DATABASE_URL": f"sqlite:///{tmp_path / 'unmigrated.db'}",
-           "DISTILLERY_BROKER_URL": BROKER_URL, "DISTILLERY_ARTIFACT_ROOT": str(tmp_path / "artifacts")}
+    env = {
+        **os.environ,
+        "DISTILLERY_DATABASE_URL": f"sqlite:///{tmp_path / 'unmigrated.db'}",
+        "DISTILLERY_BROKER_URL": BROKER_URL,
+        "DISTILLERY_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+    }
     with open(tmp_path / "access.log", "w") as access, api_process(env, tmp_path, stdout=access) as (base, proc):
         port = int(base.rsplit(":", 1)[1])
-        reply = _send(port, (f"GET {HOSTILE_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                             "Authorization: Bearer dst_abc_def\r\n").encode()
-                      + b"X-Forwarded-For: 10.0.0.7\xc2\x85INFO:     forged\r\n\r\n")
+        reply = _send(
+            port,
+            (
+                f"GET {HOSTILE_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer dst_abc_def\r\n"
+            ).encode()
+            + b"X-Forwarded-For: 10.0.0.7\xc2\x85INFO:     forged\r\n\r\n",
+        )
         assert reply.startswith(b"HTTP/1.1 500"), reply
     errors = proc.stderr.read()
     access_log = (tmp_path / "access.log").read_text()
     assert "unhandled error on GET /v1/jobs/\\x0d\\x0aINFO:     forged line\\x00" in errors, errors[-3000:]
-    assert "\\x85INFO:     forged" in access_log, access_log   # NEL, escaped
+    assert "\\x85INFO:     forged" in access_log, access_log  # NEL, escaped
     assert_unforged(errors)
     assert_unforged(access_log)

@@ -57,12 +57,12 @@ def test_refused_paths(api):
     assert_path_refused(post_path(api, f"{folder}/../ok"), "..")
     assert_path_refused(post_path(api, roots / "missing"), "no such file")
     assert_path_refused(post_path(api, outside), "outside the allowed model roots")
-    (roots / "escape").symlink_to(outside)                       # a link inside the root pointing out
+    (roots / "escape").symlink_to(outside)  # a link inside the root pointing out
     assert_path_refused(post_path(api, roots / "escape"), "outside the allowed model roots")
     half = roots / "half"
     half.mkdir()
     (half / "config.json").write_text("{}")
-    (half / "model.safetensors").symlink_to(outside / "model.safetensors")   # weights linked from outside
+    (half / "model.safetensors").symlink_to(outside / "model.safetensors")  # weights linked from outside
     assert_path_refused(post_path(api, half), "outside the allowed model roots")
     empty = roots / "empty"
     empty.mkdir()
@@ -74,7 +74,7 @@ def test_refused_paths(api):
     bad_config = model_folder(roots, "bad-config")
     (bad_config / "config.json").write_text("{not json")
     assert_path_refused(post_path(api, bad_config), "not valid JSON")
-    if os.geteuid() != 0:   # root reads anything
+    if os.geteuid() != 0:  # root reads anything
         unreadable = model_folder(roots, "locked")
         (unreadable / "model.safetensors").chmod(0)
         assert_path_refused(post_path(api, unreadable), "not readable")
@@ -84,8 +84,10 @@ def test_refused_paths(api):
 def test_outside_the_roots_a_path_gets_one_answer_whether_it_exists_or_not(api):
     """No file-existence oracle: a missing and an existing path outside the roots are refused alike."""
     existing = model_folder(api.tmp / "elsewhere", "secret")
-    answers = {post_path(api, p).json()["errors"][0]["message"].replace(str(p), "<path>")
-               for p in (existing, api.tmp / "elsewhere" / "nothing-here", Path("/etc/passwd"), Path("/nope/x"))}
+    answers = {
+        post_path(api, p).json()["errors"][0]["message"].replace(str(p), "<path>")
+        for p in (existing, api.tmp / "elsewhere" / "nothing-here", Path("/etc/passwd"), Path("/nope/x"))
+    }
     assert len(answers) == 1 and "outside the allowed model roots" in answers.pop()
     # a dangling link inside a root, pointing out: the same answer as the other outside paths
     (api.tmp / "models" / "dangling").symlink_to(api.tmp / "elsewhere" / "nothing-here")
@@ -97,7 +99,7 @@ def test_every_file_of_a_model_folder_must_lie_inside_the_roots(api):
     secret.parent.mkdir(parents=True)
     secret.write_text('{"private": true}')
     folder = model_folder(api.tmp / "models", "leaky")
-    (folder / "tokenizer.json").symlink_to(secret)        # the worker would read it as the tokenizer
+    (folder / "tokenizer.json").symlink_to(secret)  # the worker would read it as the tokenizer
     assert_path_refused(post_path(api, folder), "outside the allowed model roots")
     assert count(api, Model) == 0
 
@@ -120,14 +122,19 @@ def test_without_roots_any_readable_path_is_allowed(database_url, tmp_path, redi
         r = a.client.post("/v1/models", headers=a.headers, json={"path": str(outside)})
         assert r.status_code == 201, r.text
         # but never the server's own storage: another project's uploaded GGUF lies there
-        upload = a.client.post("/v1/models", headers=a.headers,
-                               files={"file": ("m.gguf", GGUF, "application/octet-stream")})
+        upload = a.client.post(
+            "/v1/models", headers=a.headers, files={"file": ("m.gguf", GGUF, "application/octet-stream")}
+        )
         assert upload.status_code == 201, upload.text
         with a.sessions() as session:
             stored = Path(session.get(Model, upload.json()["id"]).path)
         assert stored.is_file()
-        for path in (stored, stored.parent, a.settings.artifact_root / "models" / "prj_other" / "x.gguf",
-                     a.settings.cache_dir / "teacher-caches" / "abc"):
+        for path in (
+            stored,
+            stored.parent,
+            a.settings.artifact_root / "models" / "prj_other" / "x.gguf",
+            a.settings.cache_dir / "teacher-caches" / "abc",
+        ):
             r = a.client.post("/v1/models", headers=a.headers, json={"path": str(path)})
             assert r.status_code == 422 and "server's own storage" in r.json()["errors"][0]["message"], r.text
 

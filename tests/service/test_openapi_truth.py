@@ -26,8 +26,11 @@ JOB_CREATE = ("post", "/v1/jobs")
 EVENT_STREAM = ("get", "/v1/jobs/{job_id}/events/stream")
 DOWNLOAD = ("get", "/v1/artifacts/{artifact_id}/content")
 METRICS = ("get", "/metrics")
-CONFLICTS = {("delete", "/v1/datasets/{dataset_id}"), ("post", "/v1/jobs/{job_id}/cancel"),
-             ("delete", "/v1/jobs/{job_id}/files")}
+CONFLICTS = {
+    ("delete", "/v1/datasets/{dataset_id}"),
+    ("post", "/v1/jobs/{job_id}/cancel"),
+    ("delete", "/v1/jobs/{job_id}/files"),
+}
 
 
 @pytest.fixture
@@ -38,8 +41,12 @@ def document(api) -> dict:
 
 
 def operations(document: dict) -> dict[tuple[str, str], dict]:
-    return {(method, path): op for path, item in document["paths"].items() for method, op in item.items()
-            if method in ("get", "post", "put", "patch", "delete")}
+    return {
+        (method, path): op
+        for path, item in document["paths"].items()
+        for method, op in item.items()
+        if method in ("get", "post", "put", "patch", "delete")
+    }
 
 
 def problem_statuses(operation: dict) -> set[int]:
@@ -64,15 +71,15 @@ def test_every_problem_response_is_problem_json_with_the_shared_schema(document)
 def test_real_problems_match_the_problem_schema(api, document):
     problem = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/Problem", **document})
     answers = [
-        api.client.get("/v1/jobs"),                                           # 401
-        api.client.get("/v1/jobs/job_missing", headers=api.headers),          # 404
-        api.client.get("/v1/jobs?limit=0", headers=api.headers),              # 422, a field
-        api.client.post("/v1/jobs", headers=api.headers, content=b"{"),       # 415
+        api.client.get("/v1/jobs"),  # 401
+        api.client.get("/v1/jobs/job_missing", headers=api.headers),  # 404
+        api.client.get("/v1/jobs?limit=0", headers=api.headers),  # 422, a field
+        api.client.post("/v1/jobs", headers=api.headers, content=b"{"),  # 415
         api.client.post("/v1/jobs", headers={**api.headers, "content-type": "application/json"}, content=b"{"),
         api.client.post("/v1/datasets", headers=api.headers, files={"file": ("d.jsonl", b"not json\n")}),
     ]
     assert [r.status_code for r in answers] == [401, 404, 422, 415, 400, 422]
-    assert answers[-1].json()["errors"][0]["line"] == 1                       # a dataset line
+    assert answers[-1].json()["errors"][0]["line"] == 1  # a dataset line
     for r in answers:
         assert r.headers["content-type"].startswith(PROBLEM)
         problem.validate(r.json())
@@ -99,7 +106,7 @@ def test_each_operation_lists_the_problems_it_can_answer(document):
         else:
             assert not statuses & {404, 422}, key
         assert (404 in statuses) == ("{" in path), key
-        assert (400 in statuses) == ("requestBody" in op), key   # a body that is not JSON / multipart
+        assert (400 in statuses) == ("requestBody" in op), key  # a body that is not JSON / multipart
         assert (409 in statuses) == (key in CONFLICTS), key
         assert (413 in statuses) == (key in UPLOADS | {JOB_CREATE}), key
         assert (415 in statuses) == (key in UPLOADS | {JOB_CREATE}), key
@@ -107,7 +114,7 @@ def test_each_operation_lists_the_problems_it_can_answer(document):
         assert (507 in statuses) == (key in UPLOADS), key
     assert problem_statuses(ops[("get", "/readyz")]) == {503}
     assert problem_statuses(ops[("get", "/healthz")]) == set()
-    assert problem_statuses(ops[METRICS]) == {401, 429}   # a wrong metrics token, and its limit
+    assert problem_statuses(ops[METRICS]) == {401, 429}  # a wrong metrics token, and its limit
     assert problem_statuses(ops[("post", "/v1/datasets")]) == {400, 401, 413, 415, 422, 429, 503, 507}
     assert problem_statuses(ops[JOB_CREATE]) == {400, 401, 413, 415, 422, 429, 503}
     assert problem_statuses(ops[EVENT_STREAM]) == {401, 404, 422, 429, 503}
@@ -152,7 +159,7 @@ LIFECYCLE_STATUSES = [lifecycle.QUEUED, lifecycle.RUNNING, lifecycle.CANCEL_REQU
 
 def test_job_status_and_kind_are_enums_of_the_real_values(document):
     schemas = document["components"]["schemas"]
-    kinds = schemas["JobCreate"]["properties"]["kind"]["enum"]   # what POST /v1/jobs accepts
+    kinds = schemas["JobCreate"]["properties"]["kind"]["enum"]  # what POST /v1/jobs accepts
     assert sorted(kinds) == ["benchmark", "distill", "teacher_cache"]
     job = schemas["JobOut"]["properties"]
     assert sorted(job["status"]["enum"]) == sorted(LIFECYCLE_STATUSES)
@@ -167,5 +174,7 @@ def test_an_unknown_status_or_kind_filter_is_still_a_422_naming_the_choices(api)
         r = api.client.get(f"/v1/jobs?{name}=bogus", headers=api.headers)
         assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
         assert r.json()["errors"][0]["field"] == name and "expected one of" in r.json()["errors"][0]["message"]
-    assert api.client.get("/v1/jobs?status=cancel_requested&kind=teacher_cache", headers=api.headers).json() \
-        == {"data": [], "has_more": False}
+    assert api.client.get("/v1/jobs?status=cancel_requested&kind=teacher_cache", headers=api.headers).json() == {
+        "data": [],
+        "has_more": False,
+    }

@@ -32,8 +32,11 @@ def test_readyz_with_the_database_down(tmp_path, redis_broker):
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(database_url=f"postgresql://postgres@127.0.0.1:{closed_port()}/nothing",
-                        broker_url="redis://127.0.0.1:6379/15", artifact_root=tmp_path)
+    settings = Settings(
+        database_url=f"postgresql://postgres@127.0.0.1:{closed_port()}/nothing",
+        broker_url="redis://127.0.0.1:6379/15",
+        artifact_root=tmp_path,
+    )
     with TestClient(create_app(settings)) as client:
         r = client.get("/readyz")
         assert r.status_code == 503
@@ -88,8 +91,14 @@ def test_public_metrics_show_nothing_about_tenants(database_url, tmp_path, redis
 
 
 def test_a_wrong_metrics_token_is_401_and_limited(database_url, tmp_path, redis_broker):
-    with running_api(database_url, tmp_path, redis_broker, metrics_token=METRICS_TOKEN,
-                     auth_failure_burst=3, auth_failure_per_second=0.5) as api:
+    with running_api(
+        database_url,
+        tmp_path,
+        redis_broker,
+        metrics_token=METRICS_TOKEN,
+        auth_failure_burst=3,
+        auth_failure_per_second=0.5,
+    ) as api:
         for _ in range(3):
             r = api.client.get("/metrics", headers={"Authorization": "Bearer guess"})
             assert r.status_code == 401 and r.headers["content-type"].startswith(PROBLEM), r.text

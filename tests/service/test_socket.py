@@ -33,12 +33,14 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path, redis_broker):
-    env = {**os.environ,
-           "DISTILLERY_DATABASE_URL": f"sqlite:///{tmp_path / 'api.db'}",
-           "DISTILLERY_BROKER_URL": BROKER_URL,
-           "DISTILLERY_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-           "DISTILLERY_MODEL_ROOTS": json.dumps([str(tmp_path / "models")]),
-           "DISTILLERY_EVENTS_POLL_SECONDS": "0.05"}
+    env = {
+        **os.environ,
+        "DISTILLERY_DATABASE_URL": f"sqlite:///{tmp_path / 'api.db'}",
+        "DISTILLERY_BROKER_URL": BROKER_URL,
+        "DISTILLERY_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "DISTILLERY_MODEL_ROOTS": json.dumps([str(tmp_path / "models")]),
+        "DISTILLERY_EVENTS_POLL_SECONDS": "0.05",
+    }
     run = dict(env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     migrated = subprocess.run([SERVER, "migrate"], **run)
     assert migrated.returncode == 0, migrated.stderr
@@ -47,8 +49,14 @@ def server(tmp_path, redis_broker):
     key = out.stdout.strip()
     assert out.returncode == 0 and key.startswith("dst_"), out
     port = free_port()
-    proc = subprocess.Popen([SERVER, "api", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SERVER, "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -77,8 +85,13 @@ def test_api_over_a_socket(server):
     dataset = client.post("/v1/datasets", files={"file": ("train.jsonl", TEXT_JSONL)}).json()
     assert dataset["records"] == 2
     models = [client.post("/v1/models", json={"path": str(model_folder(tmp / "models", n))}).json() for n in "st"]
-    spec = {"student": {"model": models[0]["id"]}, "teachers": [{"model": models[1]["id"]}],
-            "teacher_mode": "online", "data": {"train": dataset["id"], "valid": 0.25}, "training": {"steps": 5}}
+    spec = {
+        "student": {"model": models[0]["id"]},
+        "teachers": [{"model": models[1]["id"]}],
+        "teacher_mode": "online",
+        "data": {"train": dataset["id"], "valid": 0.25},
+        "training": {"steps": 5},
+    }
     r = client.post("/v1/jobs", json={"kind": "distill", "spec": spec}, headers={"Idempotency-Key": "once"})
     assert r.status_code == 201, r.text
     job = r.json()
@@ -123,7 +136,7 @@ def test_api_over_a_socket(server):
     assert kinds == ["created", "progress", "succeeded"]
     assert states[-1]["status"] == "succeeded" and all("id" not in e for e in states)
     progress_seen = received[1][0]
-    assert progress_seen < finished_at[0]          # delivered live, not when the stream closed
+    assert progress_seen < finished_at[0]  # delivered live, not when the stream closed
 
     # resume after the progress event: only the end
     last_id = received[1][1]["id"]
@@ -139,9 +152,16 @@ def test_api_over_a_socket(server):
 
     with Session(engine) as session:
         project_id = session.get(Job, job["id"]).project_id
-        art = Artifact(id=new_id("art"), project_id=project_id, job_id=job["id"], name="adapters.safetensors",
-                       path=str(path), size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest(),
-                       content_type="application/octet-stream")
+        art = Artifact(
+            id=new_id("art"),
+            project_id=project_id,
+            job_id=job["id"],
+            name="adapters.safetensors",
+            path=str(path),
+            size_bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            content_type="application/octet-stream",
+        )
         session.add(art)
         session.commit()
         art_id = art.id

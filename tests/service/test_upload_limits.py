@@ -27,9 +27,14 @@ def _start(tmp: Path, artifact_root: Path, **env_extra: str):
     upgrade(url)
     with session_scope(url) as session:
         key = create_api_key(session, "up")[1]
-    env = {**os.environ, "DISTILLERY_DATABASE_URL": url, "DISTILLERY_BROKER_URL": BROKER_URL,
-           "DISTILLERY_ARTIFACT_ROOT": str(artifact_root), "DISTILLERY_MAX_UPLOAD_BYTES": str(1 << 30),
-           **env_extra}
+    env = {
+        **os.environ,
+        "DISTILLERY_DATABASE_URL": url,
+        "DISTILLERY_BROKER_URL": BROKER_URL,
+        "DISTILLERY_ARTIFACT_ROOT": str(artifact_root),
+        "DISTILLERY_MAX_UPLOAD_BYTES": str(1 << 30),
+        **env_extra,
+    }
     return api_process(env, tmp), {"Authorization": f"Bearer {key}"}
 
 
@@ -61,7 +66,7 @@ def test_a_large_upload_is_validated_in_bounded_memory(tmp_path, redis_broker):
     # the whole file (160 MB) never sat in memory, nor a 17 MB line: 6.8 GB for 2 GB before this
     assert rise < 100, f"peak RSS rose {rise:.0f} MB"
     leftovers = [p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()]
-    assert len(leftovers) == 1 and leftovers[0].endswith(".jsonl")    # the good one; nothing of the bad one
+    assert len(leftovers) == 1 and leftovers[0].endswith(".jsonl")  # the good one; nothing of the bad one
 
 
 def test_uploads_at_once_are_bounded(tmp_path, redis_broker):
@@ -70,7 +75,7 @@ def test_uploads_at_once_are_bounded(tmp_path, redis_broker):
 
     def slow_body():
         boundary = b"slow"
-        yield b"--slow\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n"
+        yield b'--slow\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
         yield LINE.encode()
         release.wait(30)
         yield LINE.encode() + b"\r\n--" + boundary + b"--\r\n"
@@ -78,10 +83,13 @@ def test_uploads_at_once_are_bounded(tmp_path, redis_broker):
     with server as (base, _):
         first: dict = {}
         slow_headers = {**headers, "Content-Type": "multipart/form-data; boundary=slow"}
-        sender = threading.Thread(target=lambda: first.setdefault("r", httpx.post(
-            f"{base}/v1/datasets", headers=slow_headers, content=slow_body(), timeout=60)))
+        sender = threading.Thread(
+            target=lambda: first.setdefault(
+                "r", httpx.post(f"{base}/v1/datasets", headers=slow_headers, content=slow_body(), timeout=60)
+            )
+        )
         sender.start()
-        time.sleep(1.0)   # the first upload is being received
+        time.sleep(1.0)  # the first upload is being received
         r = httpx.post(f"{base}/v1/datasets", headers=headers, files={"file": ("b.jsonl", LINE.encode())})
         assert r.status_code == 429 and r.headers["retry-after"].isdigit(), r.text
         assert r.headers["content-type"].startswith("application/problem+json") and "uploads" in r.json()["detail"]

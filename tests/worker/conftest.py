@@ -24,7 +24,15 @@ from service.db.models import Dataset, Model, Project, new_id
 from service.db.session import session_scope
 from service.jobs import lifecycle
 from tests.helpers.services import (  # noqa: F401  (re-exported for the worker tests)
-    PG_SERVER, REQUIRE, ROOT, close_redis, drop_pg_database, redis_client, unavailable, wait_for)
+    PG_SERVER,
+    REQUIRE,
+    ROOT,
+    close_redis,
+    drop_pg_database,
+    redis_client,
+    unavailable,
+    wait_for,
+)
 from tests.helpers.services import create_pg_database as _create_pg_database
 
 BROKER_URL = os.environ.get("DISTILLERY_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/14")
@@ -59,18 +67,32 @@ class Service:
         self.folder, self.database_url, self.broker_url = folder, database_url, broker_url
         self.artifact_root = folder / "artifacts"
         self.cache_dir = folder / "cache"
-        self.env = {**os.environ, "DISTILLERY_DATABASE_URL": database_url, "DISTILLERY_BROKER_URL": broker_url,
-                    "DISTILLERY_ARTIFACT_ROOT": str(self.artifact_root), "DISTILLERY_CACHE_DIR": str(self.cache_dir),
-                    "DISTILLERY_LEASE_SECONDS": "3", "DISTILLERY_SWEEP_SECONDS": "1",
-                    "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "DISTILLERY_DATABASE_URL": database_url,
+            "DISTILLERY_BROKER_URL": broker_url,
+            "DISTILLERY_ARTIFACT_ROOT": str(self.artifact_root),
+            "DISTILLERY_CACHE_DIR": str(self.cache_dir),
+            "DISTILLERY_LEASE_SECONDS": "3",
+            "DISTILLERY_SWEEP_SECONDS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         self.workers: list[subprocess.Popen] = []
         self.project_id = make_project(database_url)
 
     # -- rows the API would have written
     def add_model(self, path: Path, name: str = "m") -> str:
         with session_scope(self.database_url) as s:
-            row = Model(project_id=self.project_id, name=name, source="path", format="mlx", path=str(path),
-                        fingerprint="0" * 64, info={})
+            row = Model(
+                project_id=self.project_id,
+                name=name,
+                source="path",
+                format="mlx",
+                path=str(path),
+                fingerprint="0" * 64,
+                info={},
+            )
             s.add(row)
             s.flush()
             return row.id
@@ -81,8 +103,16 @@ class Service:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dest)
         with session_scope(self.database_url) as s:
-            row = Dataset(id=dataset_id, project_id=self.project_id, name=name, format=fmt, path=str(dest), sha256="0" * 64,
-                          size_bytes=dest.stat().st_size, records=sum(1 for _ in dest.open()))
+            row = Dataset(
+                id=dataset_id,
+                project_id=self.project_id,
+                name=name,
+                format=fmt,
+                path=str(dest),
+                sha256="0" * 64,
+                size_bytes=dest.stat().st_size,
+                records=sum(1 for _ in dest.open()),
+            )
             s.add(row)
             s.flush()
             return row.id
@@ -93,8 +123,9 @@ class Service:
 
         send = send or queue.send
         with session_scope(self.database_url) as s:
-            job, caches = lifecycle.create_job(s, self.project_id, kind, spec,
-                                               total_steps=spec.get("training", {}).get("steps"))
+            job, caches = lifecycle.create_job(
+                s, self.project_id, kind, spec, total_steps=spec.get("training", {}).get("steps")
+            )
             ready = [c.id for c in caches] + ([job.id] if lifecycle.readiness(s, job) == "ready" else [])
             job_id = job.id
         for jid in ready:
@@ -107,9 +138,22 @@ class Service:
     def start_worker(self) -> subprocess.Popen:
         n = len(self.workers)
         log = open(self.folder / f"worker-{n}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--loglevel", "info",
-                                 "--hostname", f"w{n}-{os.getpid()}@%h"],
-                                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "worker",
+                "--loglevel",
+                "info",
+                "--hostname",
+                f"w{n}-{os.getpid()}@%h",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.workers.append(proc)
         return proc
 
@@ -169,4 +213,3 @@ def service(tmp_path_factory, redis_db14) -> Iterator[Service]:
         celery_app.cache_clear()
         if on_pg:
             drop_pg_database(url)
-

@@ -19,12 +19,12 @@ def test_an_attempt_inherits_checkpoints_and_small_files_and_is_immune_to_the_on
 
     second = attempts.prepare(job, 2)
     assert (second / "checkpoints" / "step-0000010" / "state.json").read_text() == '{"step": 10}'
-    assert not (second / "checkpoints" / ".tmp-step-0000020").exists()   # never finished: not inherited
-    assert not (second / "student").exists()                               # rebuilt by every attempt
+    assert not (second / "checkpoints" / ".tmp-step-0000020").exists()  # never finished: not inherited
+    assert not (second / "student").exists()  # rebuilt by every attempt
     # the stale first attempt wakes up and writes on
     with open(first / "metrics.jsonl", "a") as f:
         f.write('{"step": 11}\n')
-    (first / "checkpoints" / "step-0000010" / "state.json").unlink()        # its pruning
+    (first / "checkpoints" / "step-0000010" / "state.json").unlink()  # its pruning
     assert (second / "metrics.jsonl").read_text() == '{"step": 10}\n'
     assert (second / "checkpoints" / "step-0000010" / "state.json").is_file()
     # a third attempt starts from the second, not from the stale first
@@ -36,8 +36,7 @@ def test_an_attempt_inherits_checkpoints_and_small_files_and_is_immune_to_the_on
     attempts.publish(third, job)
     assert (job / "adapters.safetensors").read_bytes() == b"A" and (job / "checkpoints" / "step-0000010").is_dir()
     summary = {"student": str(third / "student"), "n": 1, "list": [str(third)]}
-    assert attempts.moved_paths(summary, third, job) == {"student": str(job / "student"), "n": 1,
-                                                         "list": [str(job)]}
+    assert attempts.moved_paths(summary, third, job) == {"student": str(job / "student"), "n": 1, "list": [str(job)]}
     attempts.discard(job)
     assert not (job / ".attempts").exists() and (job / "adapters.safetensors").is_file()
 

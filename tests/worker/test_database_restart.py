@@ -16,8 +16,12 @@ def test_a_run_survives_a_database_restart(tmp_path, redis_db14, tiny_teacher, t
     with private_postgres() as server:
         upgrade(server.url)
         svc = Service(tmp_path, server.url, BROKER_URL)
-        refs = (svc.add_model(tiny_student, "s"), svc.add_model(tiny_teacher, "t"),
-                svc.add_dataset(tiny_text["train"], "train"), svc.add_dataset(tiny_text["valid"], "valid"))
+        refs = (
+            svc.add_model(tiny_student, "s"),
+            svc.add_model(tiny_teacher, "t"),
+            svc.add_dataset(tiny_text["train"], "train"),
+            svc.add_dataset(tiny_text["valid"], "valid"),
+        )
         spec = distill_spec(*refs, steps=120, checkpoint_every=10, eval_every=60)
         spec["teacher_mode"] = "online"
         svc.start_worker()
@@ -25,11 +29,11 @@ def test_a_run_survives_a_database_restart(tmp_path, redis_db14, tiny_teacher, t
             job_id = svc.submit("distill", spec)
             wait_for(lambda: checkpoint_steps(svc, job_id), 90, "a first checkpoint")
             server.stop()
-            time.sleep(5)          # past the 3 s lease: the worker must give the run up
+            time.sleep(5)  # past the 3 s lease: the worker must give the run up
             server.start()
             done = wait_done(svc, job_id, timeout=180)
         finally:
             svc.stop_workers()
         assert done.status == "succeeded", (done.error_code, done.error_message, svc.logs())
-        assert loss_steps(svc, job_id) == list(range(1, 121))     # none lost, none twice
+        assert loss_steps(svc, job_id) == list(range(1, 121))  # none lost, none twice
         assert done.attempts >= 2 and job(svc, job_id).lease_owner is None

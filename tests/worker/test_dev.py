@@ -23,8 +23,9 @@ def free_port() -> int:
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def children_of(pid: int) -> list[int]:
@@ -43,9 +44,13 @@ def alive(pid: int) -> bool:
 
 def test_dev_runs_api_and_worker_on_the_embedded_default(tmp_path, tiny_teacher, tiny_student, tiny_text):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
-    env.update(DISTILLERY_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
-               DISTILLERY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
-               OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        DISTILLERY_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        DISTILLERY_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
+        DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     assert cli("migrate", env=env).returncode == 0
     created = cli("keys", "create", "--project", "bars", env=env)
     assert created.returncode == 0, created.stderr
@@ -53,10 +58,16 @@ def test_dev_runs_api_and_worker_on_the_embedded_default(tmp_path, tiny_teacher,
 
     port = free_port()
     log = open(tmp_path / "dev.log", "w")
-    dev = subprocess.Popen([sys.executable, "-m", "service.cli", "dev", "--port", str(port)], cwd=ROOT, env=env,
-                           stdout=log, stderr=subprocess.STDOUT)
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dev", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def healthy():
             try:
                 return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
@@ -76,16 +87,23 @@ def test_dev_runs_api_and_worker_on_the_embedded_default(tmp_path, tiny_teacher,
             r = c.post("/v1/models", json={"name": name, "path": str(path)})
             assert r.status_code == 201, r.text
             models[name] = r.json()["id"]
-        spec = {"student": {"model": models["student"]}, "teachers": [{"model": models["teacher"]}],
-                "data": {"train": ds["train"], "valid": ds["valid"]}, "loss": {"top_k": 16},
-                "adapter": {"rank": 4}, "training": {"steps": 4, "batch_size": 4, "max_seq_len": 48,
-                                                     "eval_every": 2, "checkpoint_every": 2}}
+        spec = {
+            "student": {"model": models["student"]},
+            "teachers": [{"model": models["teacher"]}],
+            "data": {"train": ds["train"], "valid": ds["valid"]},
+            "loss": {"top_k": 16},
+            "adapter": {"rank": 4},
+            "training": {"steps": 4, "batch_size": 4, "max_seq_len": 48, "eval_every": 2, "checkpoint_every": 2},
+        }
         r = c.post("/v1/jobs", json={"kind": "distill", "spec": spec})
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
-        job = wait_for(lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed",
-                                                                                        "cancelled") and j,
-                       120, "the job to end", interval=0.5)
+        job = wait_for(
+            lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed", "cancelled") and j,
+            120,
+            "the job to end",
+            interval=0.5,
+        )
         assert job["status"] == "succeeded", job
         names = {a["name"] for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
         assert {"adapters.safetensors", "adapter_config.json"} <= names
@@ -103,4 +121,4 @@ def test_dev_runs_api_and_worker_on_the_embedded_default(tmp_path, tiny_teacher,
     assert f"http://127.0.0.1:{port}" in output
     assert "dst_" not in output, "dev printed a new key although one existed"
     assert workers and not any(alive(p) for p in workers), "the worker outlived dev"
-    assert (tmp_path / "db-broker.db").exists()   # the embedded broker sits beside the database
+    assert (tmp_path / "db-broker.db").exists()  # the embedded broker sits beside the database

@@ -31,16 +31,21 @@ def small_disk(tmp_path):
 def _service(tmp_path: Path, disk: Path, name: str, **env: str) -> Service:
     folder = tmp_path / name
     folder.mkdir()
-    svc = Service(folder, sqlite_url(folder), BROKER_URL)   # database and logs off the small disk
+    svc = Service(folder, sqlite_url(folder), BROKER_URL)  # database and logs off the small disk
     svc.artifact_root = disk / "artifacts"
-    svc.env.update({"DISTILLERY_ARTIFACT_ROOT": str(svc.artifact_root), "DISTILLERY_CACHE_DIR": str(disk / "cache"),
-                    **env})
+    svc.env.update(
+        {"DISTILLERY_ARTIFACT_ROOT": str(svc.artifact_root), "DISTILLERY_CACHE_DIR": str(disk / "cache"), **env}
+    )
     return svc
 
 
 def _refs(svc: Service, tiny_teacher, tiny_student, tiny_text) -> tuple[str, str, str, str]:
-    return (svc.add_model(tiny_student, "s"), svc.add_model(tiny_teacher, "t"),
-            svc.add_dataset(tiny_text["train"], "train"), svc.add_dataset(tiny_text["valid"], "valid"))
+    return (
+        svc.add_model(tiny_student, "s"),
+        svc.add_model(tiny_teacher, "t"),
+        svc.add_dataset(tiny_text["train"], "train"),
+        svc.add_dataset(tiny_text["valid"], "valid"),
+    )
 
 
 def _leftovers(svc: Service, job_id: str) -> list[str]:
@@ -48,8 +53,7 @@ def _leftovers(svc: Service, job_id: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if job_id in str(p) and p.is_file()] if root.exists() else []
 
 
-def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_disk, tiny_teacher, tiny_student,
-                                                            tiny_text):
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_disk, tiny_teacher, tiny_student, tiny_text):
     svc = _service(tmp_path, small_disk, "a")
     student, teacher, train, valid = _refs(svc, tiny_teacher, tiny_student, tiny_text)
     svc.start_worker()
@@ -64,32 +68,39 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_disk,
     assert "free" in done.error_message
 
 
-def test_a_run_that_fills_the_disk_fails_as_resource_and_leaves_nothing(tmp_path, small_disk, tiny_teacher,
-                                                                       tiny_student, tiny_text):
+def test_a_run_that_fills_the_disk_fails_as_resource_and_leaves_nothing(
+    tmp_path, small_disk, tiny_teacher, tiny_student, tiny_text
+):
     # the pre-flight check is skipped so the run really writes until the disk is full
     svc = _service(tmp_path, small_disk, "b", DISTILLERY_SKIP_DISK_CHECK="1")
     student, teacher, train, valid = _refs(svc, tiny_teacher, tiny_student, tiny_text)
     ballast = small_disk / "ballast"
-    free_after = 600 << 10       # a few checkpoints of the tiny student, not hundreds
+    free_after = 600 << 10  # a few checkpoints of the tiny student, not hundreds
     with open(ballast, "wb") as f:
         import shutil
+
         f.write(b"\0" * (shutil.disk_usage(small_disk).free - free_after))
     svc.start_worker()
     try:
-        spec = distill_spec(student, teacher, train, valid, steps=400, checkpoint_every=1, keep_checkpoints=1000,
-                            eval_every=1000)
+        spec = distill_spec(
+            student, teacher, train, valid, steps=400, checkpoint_every=1, keep_checkpoints=1000, eval_every=1000
+        )
         spec["teacher_mode"] = "online"
         job_id = svc.submit("distill", spec)
         done = wait_done(svc, job_id, timeout=180)
-        assert done.status == "failed" and done.error_code == "resource", (done.error_code, done.error_message,
-                                                                           svc.logs())
+        assert done.status == "failed" and done.error_code == "resource", (
+            done.error_code,
+            done.error_message,
+            svc.logs(),
+        )
         assert "disk is full" in done.error_message and "partial files were removed" in done.error_message
         assert _leftovers(svc, job_id) == []
 
         # space again: the next job runs (nothing of the failed one is in its way)
         ballast.unlink()
-        again = wait_done(svc, svc.submit("distill", {**spec, "training": {**spec["training"], "steps": 4,
-                                                                          "checkpoint_every": 2}}))
+        again = wait_done(
+            svc, svc.submit("distill", {**spec, "training": {**spec["training"], "steps": 4, "checkpoint_every": 2}})
+        )
         assert again.status == "succeeded", (again.error_code, again.error_message, svc.logs())
     finally:
         svc.stop_workers()

@@ -25,7 +25,7 @@ def db(tmp_path, monkeypatch) -> str:
 
     url = sqlite_url(tmp_path)
     monkeypatch.setenv("DISTILLERY_DATABASE_URL", url)
-    monkeypatch.setenv("DISTILLERY_BROKER_URL", "redis://127.0.0.1:1/0")   # nothing listens: sends fail
+    monkeypatch.setenv("DISTILLERY_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens: sends fail
     get_settings.cache_clear()
     celery_app.cache_clear()
     yield url
@@ -63,7 +63,7 @@ def test_lease_renews_and_sees_cancellation_within_a_second(db):
 def test_lease_lost_when_another_worker_took_the_job(db):
     job_id = running_job(db, lease_seconds=3)
     with JobLease(job_id, "w1", lease_seconds=3) as lease:
-        with session_scope(db) as s:   # as if w1 had stalled past its lease: w2 claims the job
+        with session_scope(db) as s:  # as if w1 had stalled past its lease: w2 claims the job
             s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
         with session_scope(db) as s:
             assert lifecycle.claim(s, job_id, "w2", 60)
@@ -87,7 +87,7 @@ def test_sweep_once_leaves_jobs_unsent_while_the_broker_is_down(db):
         job_id = job.id
     assert sweep_once(600) == []
     with session_scope(db) as s:
-        assert s.get(Job, job_id).enqueued_at is None   # still due: the next round tries again
+        assert s.get(Job, job_id).enqueued_at is None  # still due: the next round tries again
 
 
 def test_sweeper_survives_database_errors(monkeypatch, caplog):

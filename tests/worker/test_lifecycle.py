@@ -14,8 +14,14 @@ from service.db.session import engine_for, session_scope
 from service.jobs import lifecycle
 from tests.worker.conftest import make_project, sqlite_url
 
-DISTILL = {"student": {"model": "mdl_s"}, "teachers": [{"model": "mdl_t"}], "teacher_mode": "offline",
-           "data": {"train": "ds_train", "valid": "ds_valid"}, "loss": {"top_k": 16}, "training": {"max_seq_len": 48}}
+DISTILL = {
+    "student": {"model": "mdl_s"},
+    "teachers": [{"model": "mdl_t"}],
+    "teacher_mode": "offline",
+    "data": {"train": "ds_train", "valid": "ds_valid"},
+    "loss": {"top_k": 16},
+    "training": {"max_seq_len": 48},
+}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -94,9 +100,9 @@ def test_claim_takes_an_expired_lease_but_not_a_live_one(db, project):
     assert (row.lease_owner, row.attempts) == ("w2", 2)
     assert event_kinds(db, job_id)[-1] == "resumed"
     with session_scope(db) as s:
-        assert not lifecycle.finish(s, job_id, "w1", lifecycle.SUCCEEDED)   # the old owner records nothing
+        assert not lifecycle.finish(s, job_id, "w1", lifecycle.SUCCEEDED)  # the old owner records nothing
         assert lifecycle.finish(s, job_id, "w2", lifecycle.SUCCEEDED, summary={"ok": 1})
-        assert not lifecycle.finish(s, job_id, "w2", lifecycle.FAILED)      # an outcome is written once
+        assert not lifecycle.finish(s, job_id, "w2", lifecycle.FAILED)  # an outcome is written once
     row = get(db, job_id)
     assert (row.status, row.summary, row.lease_owner) == ("succeeded", {"ok": 1}, None)
     assert claim(db, job_id, "w3") is None
@@ -114,7 +120,7 @@ def test_heartbeat_renews_and_reports_cancellation(db, project):
         lifecycle.request_cancel(s, s.get(Job, job_id))
     assert get(db, job_id).status == "cancel_requested"
     with session_scope(db) as s:
-        assert lifecycle.heartbeat(s, job_id, "w1", 600) == (True, True)   # still ours until it stops
+        assert lifecycle.heartbeat(s, job_id, "w1", 600) == (True, True)  # still ours until it stops
         assert lifecycle.finish(s, job_id, "w1", lifecycle.CANCELLED, error_message="cancelled")
     with session_scope(db) as s:
         assert lifecycle.heartbeat(s, job_id, "w1", 600) == (False, True)
@@ -127,12 +133,12 @@ def test_cancel_paths(db, project):
         lifecycle.request_cancel(s, s.get(Job, queued))
     assert get(db, queued).status == "cancelled" and claim(db, queued) is None
 
-    flagged = new_job(db, project)   # flagged, but its worker had not seen it yet: claim cancels it
+    flagged = new_job(db, project)  # flagged, but its worker had not seen it yet: claim cancels it
     with session_scope(db) as s:
         s.execute(update(Job).where(Job.id == flagged).values(cancel_requested=True))
     assert claim(db, flagged) is None and get(db, flagged).status == "cancelled"
 
-    orphan = new_job(db, project)    # cancel requested, then its worker died: the sweep cancels it
+    orphan = new_job(db, project)  # cancel requested, then its worker died: the sweep cancels it
     claim(db, orphan, "w1")
     with session_scope(db) as s:
         lifecycle.request_cancel(s, s.get(Job, orphan))
@@ -159,7 +165,7 @@ def test_release_requeues_unless_cancelled(db, project):
     row = get(db, job_id)
     assert (row.status, row.lease_owner, row.enqueued_at) == ("queued", None, None)
     with session_scope(db) as s:
-        assert job_id in lifecycle.sweep(s, 600)        # sent again at once
+        assert job_id in lifecycle.sweep(s, 600)  # sent again at once
     claim(db, job_id, "w2")
     with session_scope(db) as s:
         lifecycle.request_cancel(s, s.get(Job, job_id))
@@ -195,19 +201,19 @@ def test_dependencies_ready_waiting_blocked(db, project):
         job, caches = lifecycle.create_job(s, project, "distill", DISTILL, total_steps=10)
         distill, cache_ids = job.id, [c.id for c in caches]
         assert lifecycle.readiness(s, job) == "waiting"
-        again, reused = lifecycle.create_job(s, project, "distill", DISTILL)   # same inputs: same cache jobs
+        again, reused = lifecycle.create_job(s, project, "distill", DISTILL)  # same inputs: same cache jobs
         assert reused == [] and {d.id for d in lifecycle.dependencies(s, again.id)} == set(cache_ids)
         second = again.id
     assert len(cache_ids) == 2 and get(db, distill).total_steps == 10
     with session_scope(db) as s:
-        assert set(lifecycle.sweep(s, 600)) == set(cache_ids)   # waiting jobs are not sent
+        assert set(lifecycle.sweep(s, 600)) == set(cache_ids)  # waiting jobs are not sent
 
     first, other = cache_ids
     claim(db, first, "w1")
     with session_scope(db) as s:
         lifecycle.finish(s, first, "w1", lifecycle.SUCCEEDED)
     with session_scope(db) as s:
-        assert lifecycle.dependents_ready(s, first) == []       # the other cache still runs
+        assert lifecycle.dependents_ready(s, first) == []  # the other cache still runs
     claim(db, other, "w1")
     with session_scope(db) as s:
         lifecycle.finish(s, other, "w1", lifecycle.SUCCEEDED)
@@ -236,11 +242,11 @@ def test_fence_admits_only_the_lease_owner_of_a_live_job(db, project):
     with session_scope(db) as s:
         assert lifecycle.fence(s, job_id, "w1") and not lifecycle.fence(s, job_id, "w2")
     expire_lease(db, job_id)
-    with session_scope(db) as s:      # expired but not taken: still the owner's to write
+    with session_scope(db) as s:  # expired but not taken: still the owner's to write
         assert lifecycle.fence(s, job_id, "w1")
     assert claim(db, job_id, "w2")
     with session_scope(db) as s:
         assert not lifecycle.fence(s, job_id, "w1") and lifecycle.fence(s, job_id, "w2")
         lifecycle.finish(s, job_id, "w2", lifecycle.SUCCEEDED)
     with session_scope(db) as s:
-        assert not lifecycle.fence(s, job_id, "w2")   # an ended job takes no more writes
+        assert not lifecycle.fence(s, job_id, "w2")  # an ended job takes no more writes

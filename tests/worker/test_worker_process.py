@@ -30,20 +30,34 @@ TERMINAL = lifecycle.TERMINAL
 
 def distill_spec(student: str, teacher: str, train: str, valid: str, **training) -> dict:
     return {
-        "student": {"model": student}, "teachers": [{"model": teacher}], "teacher_mode": "offline",
+        "student": {"model": student},
+        "teachers": [{"model": teacher}],
+        "teacher_mode": "offline",
         "data": {"train": train, "valid": valid},
         "loss": {"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0, "top_k": 16},
         "adapter": {"type": "lora", "rank": 4, "scale": 10.0},
-        "training": {"steps": 8, "batch_size": 4, "learning_rate": 3e-3, "max_seq_len": 48, "eval_every": 4,
-                     "checkpoint_every": 4, "seed": 3, "eval_batches": 2, **training},
+        "training": {
+            "steps": 8,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "max_seq_len": 48,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "seed": 3,
+            "eval_batches": 2,
+            **training,
+        },
     }
 
 
 @pytest.fixture(scope="module")
 def refs(service, tiny_teacher, tiny_student, tiny_text):
-    return {"teacher": service.add_model(tiny_teacher, "teacher"), "student": service.add_model(tiny_student, "student"),
-            "train": service.add_dataset(tiny_text["train"], "train"),
-            "valid": service.add_dataset(tiny_text["valid"], "valid")}
+    return {
+        "teacher": service.add_model(tiny_teacher, "teacher"),
+        "student": service.add_model(tiny_student, "student"),
+        "train": service.add_dataset(tiny_text["train"], "train"),
+        "valid": service.add_dataset(tiny_text["valid"], "valid"),
+    }
 
 
 def job(service, job_id: str) -> Job:
@@ -71,8 +85,13 @@ def events(service, job_id: str) -> list[JobEvent]:
 
 def loss_steps(service, job_id: str) -> list[int]:
     with session_scope(service.database_url) as s:
-        return list(s.scalars(select(StepMetric.step).where(StepMetric.job_id == job_id, StepMetric.name == "loss")
-                              .order_by(StepMetric.step)))
+        return list(
+            s.scalars(
+                select(StepMetric.step)
+                .where(StepMetric.job_id == job_id, StepMetric.name == "loss")
+                .order_by(StepMetric.step)
+            )
+        )
 
 
 def checkpoint_steps(service, job_id: str) -> list[int]:
@@ -120,10 +139,16 @@ def test_teacher_cache_then_offline_distill(service, refs, tiny_student):
     out_dir = Path(arts["adapters.safetensors"].path).parent
     assert json.loads((out_dir / "summary.json").read_text())["best"] == done.summary["best"]
 
-    code = ("import sys; from mlx_lm import load, generate; m, t = load(sys.argv[1], adapter_path=sys.argv[2]);"
-            "print(repr(generate(m, t, prompt='The', max_tokens=4)))")
-    loaded = subprocess.run([sys.executable, "-c", code, str(tiny_student), str(out_dir)], capture_output=True,
-                            text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    code = (
+        "import sys; from mlx_lm import load, generate; m, t = load(sys.argv[1], adapter_path=sys.argv[2]);"
+        "print(repr(generate(m, t, prompt='The', max_tokens=4)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_student), str(out_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
@@ -132,8 +157,9 @@ def test_teacher_caches_are_not_shared_between_projects(service, refs, tiny_teac
     never say "hit" for a cache the first project built."""
     from tests.worker.conftest import make_project
 
-    first = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": refs["train"], "top_k": 16,
-                                             "max_seq_len": 48})
+    first = service.submit(
+        "teacher_cache", {"teacher": refs["teacher"], "data": refs["train"], "top_k": 16, "max_seq_len": 48}
+    )
     assert wait_done(service, first).status == "succeeded"
     mine = service.project_id
     service.project_id = make_project(service.database_url)
@@ -147,8 +173,9 @@ def test_teacher_caches_are_not_shared_between_projects(service, refs, tiny_teac
     cache_events = [e for e in events(service, other) if e.kind == "teacher_cache"]
     assert cache_events and not any(e.data.get("hit") for e in cache_events)
     assert any("built" in e.message for e in cache_events)
-    again = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": refs["train"], "top_k": 16,
-                                             "max_seq_len": 48})
+    again = service.submit(
+        "teacher_cache", {"teacher": refs["teacher"], "data": refs["train"], "top_k": 16, "max_seq_len": 48}
+    )
     assert wait_done(service, again).status == "succeeded"
     # within a project the cache is found again: what the other project's events would have said
     assert any(e.data.get("hit") for e in events(service, again) if e.kind == "teacher_cache")
@@ -157,12 +184,17 @@ def test_teacher_caches_are_not_shared_between_projects(service, refs, tiny_teac
 def test_user_error_fails_that_job_only(service, refs, tiny_root):
     bad = tiny.write_jsonl(tiny_root / "bad.jsonl", [{"text": "fine"}, {"nope": 1}])
     bad_id = service.add_dataset(bad, "bad")
-    failing = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": bad_id, "top_k": 16, "max_seq_len": 48})
-    unknown = service.submit("teacher_cache", {"teacher": "mdl_nope", "data": refs["train"], "top_k": 16, "max_seq_len": 48})
+    failing = service.submit(
+        "teacher_cache", {"teacher": refs["teacher"], "data": bad_id, "top_k": 16, "max_seq_len": 48}
+    )
+    unknown = service.submit(
+        "teacher_cache", {"teacher": "mdl_nope", "data": refs["train"], "top_k": 16, "max_seq_len": 48}
+    )
     # an offline distill on the bad data: its cache job fails, and the failure reaches the distill job
     blocked = service.submit("distill", distill_spec(refs["student"], refs["teacher"], bad_id, refs["valid"]))
-    fine = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": refs["valid"], "top_k": 16,
-                                            "max_seq_len": 48})
+    fine = service.submit(
+        "teacher_cache", {"teacher": refs["teacher"], "data": refs["valid"], "top_k": 16, "max_seq_len": 48}
+    )
 
     failed = wait_done(service, failing)
     assert (failed.status, failed.error_code) == ("failed", "user_error")
@@ -180,8 +212,10 @@ def test_internal_error_is_recorded_with_its_traceback(service, refs, tiny_teach
     if not broken.exists():
         shutil.copytree(tiny_teacher, broken)
         (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    job_id = service.submit("teacher_cache", {"teacher": service.add_model(broken, "broken"), "data": refs["valid"],
-                                              "top_k": 16, "max_seq_len": 48})
+    job_id = service.submit(
+        "teacher_cache",
+        {"teacher": service.add_model(broken, "broken"), "data": refs["valid"], "top_k": 16, "max_seq_len": 48},
+    )
     failed = wait_done(service, job_id)
     assert (failed.status, failed.error_code) == ("failed", "internal_error"), failed.error_message
     assert len(failed.error_message) < 600
@@ -190,21 +224,30 @@ def test_internal_error_is_recorded_with_its_traceback(service, refs, tiny_teach
 
 
 def test_job_sent_while_broker_down_runs_after_a_sweep(service, refs):
-    down = make_celery("redis://127.0.0.1:1/0")   # nothing listens there
+    down = make_celery("redis://127.0.0.1:1/0")  # nothing listens there
     attempts = []
     t0 = time.monotonic()
-    job_id = service.submit("teacher_cache", {"teacher": refs["teacher"], "data": refs["valid"], "top_k": 16,
-                                              "max_seq_len": 48},
-                            send=lambda jid: attempts.append(send(jid, down)) or attempts[-1])
-    assert attempts == [False] and time.monotonic() - t0 < 10   # fails fast, and the job is stored unsent
+    job_id = service.submit(
+        "teacher_cache",
+        {"teacher": refs["teacher"], "data": refs["valid"], "top_k": 16, "max_seq_len": 48},
+        send=lambda jid: attempts.append(send(jid, down)) or attempts[-1],
+    )
+    assert attempts == [False] and time.monotonic() - t0 < 10  # fails fast, and the job is stored unsent
     done = wait_done(service, job_id, timeout=60)
     assert done.status == "succeeded"
     assert done.enqueued_at is not None  # so a worker's sweeper sent it: the submitter never could
 
 
 def test_cancel_running_job_is_prompt_and_keeps_checkpoint(service, refs):
-    spec = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=100000,
-                        checkpoint_every=5, eval_every=100000)
+    spec = distill_spec(
+        refs["student"],
+        refs["teacher"],
+        refs["train"],
+        refs["valid"],
+        steps=100000,
+        checkpoint_every=5,
+        eval_every=100000,
+    )
     job_id = service.submit("distill", spec)
     wait_for(lambda: checkpoint_steps(service, job_id), 90, "a first checkpoint")
     with session_scope(service.database_url) as s:
@@ -222,8 +265,9 @@ def test_cancel_running_job_is_prompt_and_keeps_checkpoint(service, refs):
 def test_killed_worker_job_is_resumed_by_another(service, refs):
     service.ensure_worker()
     service.start_worker()
-    spec = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=160,
-                        checkpoint_every=10, eval_every=80)
+    spec = distill_spec(
+        refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=160, checkpoint_every=10, eval_every=80
+    )
     job_id = service.submit("distill", spec)
     wait_for(lambda: checkpoint_steps(service, job_id), 90, "a first checkpoint")
     owner = job(service, job_id).lease_owner
@@ -243,8 +287,11 @@ def test_killed_worker_job_is_resumed_by_another(service, refs):
     assert len(resumed) == 1 and resumed[0].data["step"] >= 10
     assert loss_steps(service, job_id) == list(range(1, 161))  # every step once: none lost, none twice
     with session_scope(service.database_url) as s:
-        evals = s.scalars(select(StepMetric.step).where(StepMetric.job_id == job_id, StepMetric.name == "val_kl")
-                          .order_by(StepMetric.step)).all()
+        evals = s.scalars(
+            select(StepMetric.step)
+            .where(StepMetric.job_id == job_id, StepMetric.name == "val_kl")
+            .order_by(StepMetric.step)
+        ).all()
         n_art = s.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
     assert evals == [0, 80, 160] and n_art >= 4
 
@@ -254,28 +301,35 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, re
     worker must not add metric rows, events or checkpoints, nor touch the new owner's files."""
     while len(service.live_workers()) < 2:
         service.start_worker()
-    spec = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=160,
-                        checkpoint_every=10, eval_every=80)
+    spec = distill_spec(
+        refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=160, checkpoint_every=10, eval_every=80
+    )
     job_id = service.submit("distill", spec)
     wait_for(lambda: checkpoint_steps(service, job_id), 90, "a first checkpoint")
     stale_owner = job(service, job_id).lease_owner
     pid = int(stale_owner.split(":")[1])
     os.kill(pid, signal.SIGSTOP)
     try:
-        taken = wait_for(lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j, 30,
-                         "another worker to take the frozen worker's job")
+        taken = wait_for(
+            lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j,
+            30,
+            "another worker to take the frozen worker's job",
+        )
         assert taken.lease_owner != stale_owner
         before = max(loss_steps(service, job_id))
         wait_for(lambda: max(loss_steps(service, job_id)) >= before + 5, 60, "the new owner to run on")
     finally:
-        os.kill(pid, signal.SIGCONT)   # the stale worker wakes mid-step, its buffers full
+        os.kill(pid, signal.SIGCONT)  # the stale worker wakes mid-step, its buffers full
     done = wait_done(service, job_id, timeout=120)
     assert done.status == "succeeded", (done.error_message, service.logs())
     assert done.attempts == 2
-    assert loss_steps(service, job_id) == list(range(1, 161))   # every step once: the stale rows never landed
+    assert loss_steps(service, job_id) == list(range(1, 161))  # every step once: the stale rows never landed
     with session_scope(service.database_url) as s:
-        evals = s.scalars(select(StepMetric.step).where(StepMetric.job_id == job_id, StepMetric.name == "val_kl")
-                          .order_by(StepMetric.step)).all()
+        evals = s.scalars(
+            select(StepMetric.step)
+            .where(StepMetric.job_id == job_id, StepMetric.name == "val_kl")
+            .order_by(StepMetric.step)
+        ).all()
         paths = s.scalars(select(Checkpoint.path).where(Checkpoint.job_id == job_id)).all()
         artifacts = s.scalars(select(Artifact.path).where(Artifact.job_id == job_id)).all()
     assert evals == [0, 80, 160]
@@ -284,9 +338,12 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, re
     job_dir = Path(artifacts[0]).parent
     while not (job_dir / "metrics.jsonl").is_file():
         job_dir = job_dir.parent
-    steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
-    assert steps == list(range(1, 161))   # the published file is the owner's alone
+    steps = [
+        json.loads(line)["step"]
+        for line in (job_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
+    assert steps == list(range(1, 161))  # the published file is the owner's alone
     kinds = [e.kind for e in events(service, job_id)]
     assert kinds.count("done") == 1 and kinds.count("succeeded") == 1
 
@@ -294,17 +351,27 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, re
 def test_worker_shutdown_releases_its_job_to_another(service, refs):
     while len(service.live_workers()) < 2:
         service.start_worker()
-    spec = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=100000,
-                        checkpoint_every=5, eval_every=100000)
+    spec = distill_spec(
+        refs["student"],
+        refs["teacher"],
+        refs["train"],
+        refs["valid"],
+        steps=100000,
+        checkpoint_every=5,
+        eval_every=100000,
+    )
     job_id = service.submit("distill", spec)
     wait_for(lambda: checkpoint_steps(service, job_id), 90, "a first checkpoint")
     pid = int(job(service, job_id).lease_owner.split(":")[1])
     stopping = next(p for p in service.workers if p.pid == pid)
-    stopping.send_signal(signal.SIGTERM)   # warm shutdown: checkpoint, give the job back, exit
+    stopping.send_signal(signal.SIGTERM)  # warm shutdown: checkpoint, give the job back, exit
     assert stopping.wait(20) == 0
     assert "released" in [e.kind for e in events(service, job_id)]
-    resumed = wait_for(lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j, 30,
-                       "another worker to take the job")
+    resumed = wait_for(
+        lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j,
+        30,
+        "another worker to take the job",
+    )
     assert int(resumed.lease_owner.split(":")[1]) != pid
     with session_scope(service.database_url) as s:
         lifecycle.request_cancel(s, s.get(Job, job_id))
@@ -322,7 +389,7 @@ def test_distill_continues_from_an_earlier_jobs_adapter(service, refs):
     # it started where the first one ended: its initial validation KL is the first one's final
     assert abs(second.summary["initial"]["val_kl"] - first.summary["final"]["val_kl"]) < 1e-3
 
-    spec["student"]["adapter"] = refs["train"]   # not a job: the user's to fix
+    spec["student"]["adapter"] = refs["train"]  # not a job: the user's to fix
     bad = wait_done(service, service.submit("distill", spec))
     assert (bad.status, bad.error_code) == ("failed", "user_error") and "student.adapter" in bad.error_message
 
@@ -355,8 +422,11 @@ def test_distill_with_evaluate_runs_its_benchmark_child(service, refs, tiny_teac
 
 
 def test_benchmark_user_error_names_the_field(service, refs):
-    spec = {"reference": refs["teacher"], "candidates": [{"label": "s", "model": refs["student"]}],
-            "data": {"mcq": refs["valid"]}}           # a text dataset in the mcq slot
+    spec = {
+        "reference": refs["teacher"],
+        "candidates": [{"label": "s", "model": refs["student"]}],
+        "data": {"mcq": refs["valid"]},
+    }  # a text dataset in the mcq slot
     job_id = service.submit("benchmark", spec)
     done = wait_done(service, job_id)
     assert done.status == "failed" and done.error_code == "user_error", done.error_message

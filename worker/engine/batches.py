@@ -19,7 +19,7 @@ from .cache import TeacherCache
 @dataclass
 class CachedTeacher:
     cache: TeacherCache
-    rows_of: np.ndarray      # example index in the split -> example index in the cache
+    rows_of: np.ndarray  # example index in the split -> example index in the cache
 
     def for_batch(self, example_ids: np.ndarray, tokens: mx.array) -> losses.SparseTeacher:
         ids, lps, tail = self.cache.rows(self.rows_of[example_ids], tokens.shape[1] - 1)

@@ -40,6 +40,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from distillery_contract.jobs import REFERENCE_LABEL
+from distillery_contract.specs import BenchmarkSpec
+
 from . import data as data_mod
 from . import models, preflight, report
 from . import student as student_mod
@@ -47,41 +50,49 @@ from .benchmark_metrics import PairScores, continuation_examples, mcq_metrics, p
 from .benchmark_passes import ModelScores, Progress, Workload, score_model
 from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
 from .errors import UserError
-from distillery_contract.jobs import REFERENCE_LABEL
-from distillery_contract.specs import BenchmarkSpec
 from .train import Hooks
 
 MCQ_PROMPT = "Question: {question}\nAnswer:"
 """Multiple-choice prompt; each choice is scored as the continuation " " + choice. Deliberately plain text even
 when the tokenizer has a chat template: one fixed format for every model, base or instruction-tuned."""
 
-HEADLINE = ("ppl", "kl", "top1_agreement", "mcq_accuracy", "pref_accuracy", "pref_accuracy_norm",
-            "prefill_tokens_per_second", "decode_tokens_per_second", "peak_memory_bytes", "compression_ratio_params")
+HEADLINE = (
+    "ppl",
+    "kl",
+    "top1_agreement",
+    "mcq_accuracy",
+    "pref_accuracy",
+    "pref_accuracy_norm",
+    "prefill_tokens_per_second",
+    "decode_tokens_per_second",
+    "peak_memory_bytes",
+    "compression_ratio_params",
+)
 TEXT_FORMATS = data_mod.TRAINABLE_FORMATS
 
 _TIE = "a tie (equal scores) counts as half a pair"
 DEFINITIONS = {
     "kl": "forward KL(reference || model) per target token, full vocabulary, T = 1 (nats); candidates are "
-          "compared with the reference's log-probs stored as float16 and renormalised (off by ~1e-6 relative)",
+    "compared with the reference's log-probs stored as float16 and renormalised (off by ~1e-6 relative)",
     "js": "Jensen-Shannon divergence between reference and model per target token (nats)",
     "top1_agreement": "share of target tokens where the model's argmax equals the reference's",
     "top5_agreement": "share of target tokens where the reference's argmax is among the model's 5 highest logits",
     "ce": "mean cross-entropy of the data's own next tokens (nats); ppl = exp(ce)",
     "mcq_accuracy": "share of questions whose answer has the highest summed log-likelihood of ' ' + choice "
-                    "after 'Question: ...\\nAnswer:'",
+    "after 'Question: ...\\nAnswer:'",
     "mcq_accuracy_norm": "as mcq_accuracy, each choice's log-likelihood divided by its token count",
     "pref_accuracy": "share of pairs with log p(chosen | prompt) > log p(rejected | prompt), each summed over the "
-                     f"response's tokens (longer responses score lower); {_TIE}",
+    f"response's tokens (longer responses score lower); {_TIE}",
     "pref_accuracy_norm": "as pref_accuracy, each response scored by its mean log-prob per response token "
-                          f"(length-normalised); {_TIE}",
+    f"(length-normalised); {_TIE}",
     "pref_agreement": "share of pairs the model orders (chosen vs rejected, summed scores) as the reference does; "
-                      "both tying counts as the same order, one tying as half",
+    "both tying counts as the same order, one tying as half",
     "pref_agreement_norm": "as pref_agreement, with the per-token mean scores",
     "pref_ties": "pairs whose summed scores are exactly equal (pref_ties_norm: whose per-token means are)",
     "prefill_tokens_per_second": "prompt tokens / time to the first generated token (mlx-lm stream_generate)",
     "decode_tokens_per_second": "generated tokens / seconds since the first one appeared (mlx-lm's generation_tps)",
     "peak_memory_bytes": "peak of MLX-allocated memory while generating (weights, KV cache, activations; "
-                         "not the Python process's other memory), the model loaded alone",
+    "not the Python process's other memory), the model loaded alone",
     "parameters": "parameters of the base model (quantized weights counted unpacked); adapter_parameters apart",
     "size_bytes": "bytes on disk: the model's *.safetensors plus the adapter's files",
     "compression_ratio_params": "reference parameters / model parameters (base + LoRA/DoRA adapter)",
@@ -113,11 +124,11 @@ class Row:
     """One model of the report: the reference or a candidate."""
 
     label: str
-    name: str                 # the model as the spec names it
+    name: str  # the model as the spec names it
     adapter_name: str | None
     path: Path
     adapter: Path | None
-    field: str                # where it is in the spec, for error messages: "reference" or "candidates.N"
+    field: str  # where it is in the spec, for error messages: "reference" or "candidates.N"
     is_reference: bool = False
     metrics: dict = field(default_factory=dict)
 
@@ -130,8 +141,13 @@ class Row:
 # ------------------------------------------------------------------------------------------- the run
 
 
-def run_benchmark(spec: BenchmarkSpec, inputs: BenchmarkInputs, out_dir: Path, hooks: Hooks | None = None,
-                  on_progress: Callable[[dict], None] | None = None) -> dict:
+def run_benchmark(
+    spec: BenchmarkSpec,
+    inputs: BenchmarkInputs,
+    out_dir: Path,
+    hooks: Hooks | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
     """Run every phase the data allows, write report.json / report.md / charts; return a small summary."""
     hooks = hooks or Hooks()
     t_start = time.perf_counter()
@@ -142,16 +158,25 @@ def run_benchmark(spec: BenchmarkSpec, inputs: BenchmarkInputs, out_dir: Path, h
     tokenizer = _check_models(rows)
     datasets = _load_data(spec, inputs, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    work = Workload(_text_examples(datasets, tokenizer, spec), _mcq_examples(datasets, tokenizer, spec),
-                    _pref_examples(datasets, tokenizer, spec), spec.batch_size, pad_id)
+    work = Workload(
+        _text_examples(datasets, tokenizer, spec),
+        _mcq_examples(datasets, tokenizer, spec),
+        _pref_examples(datasets, tokenizer, spec),
+        spec.batch_size,
+        pad_id,
+    )
     scratch = out_dir / SCRATCH_DIR
     vocab = _config_vocab_size(rows[0].path)
     if work.text and vocab is not None:
         ensure_free_space(scratch, work.text_positions, vocab)
     distinct = _distinct_models(rows)
     progress = Progress(len(distinct) * (work.batches_per_model + int(spec.speed.enabled)), hooks, on_progress)
-    hooks.event("preflight", f"benchmark of {len(rows)} models on {', '.join(datasets)}",
-                models=[r.label for r in rows], datasets={k: len(d.records) for k, d in datasets.items()})
+    hooks.event(
+        "preflight",
+        f"benchmark of {len(rows)} models on {', '.join(datasets)}",
+        models=[r.label for r in rows],
+        datasets={k: len(d.records) for k, d in datasets.items()},
+    )
     progress.start()
 
     # -- every phase, one model at a time, the reference first
@@ -166,8 +191,10 @@ def run_benchmark(spec: BenchmarkSpec, inputs: BenchmarkInputs, out_dir: Path, h
     rep["wall_seconds"] = time.perf_counter() - t_start
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2))
     (out_dir / "report.md").write_text(report.write_markdown(rep))
-    summary = {"reference": rows[0].label,
-               "metrics": {r.label: {k: r.metrics[k] for k in HEADLINE if k in r.metrics} for r in rows}}
+    summary = {
+        "reference": rows[0].label,
+        "metrics": {r.label: {k: r.metrics[k] for k in HEADLINE if k in r.metrics} for r in rows},
+    }
     hooks.event("done", f"benchmark of {len(rows)} models done", summary=summary)
     return summary
 
@@ -204,13 +231,15 @@ def _check_models(rows: list[Row]):
         if r.adapter is not None:
             missing = [f for f in ("adapter_config.json", "adapters.safetensors") if not (r.adapter / f).is_file()]
             if missing:
-                raise UserError(f"{r.field}.adapter: {r.adapter_name} is not an adapter folder "
-                                f"(no {' or '.join(missing)})")
+                raise UserError(
+                    f"{r.field}.adapter: {r.adapter_name} is not an adapter folder (no {' or '.join(missing)})"
+                )
     ref_tok = models.load_tokenizer(rows[0].path)
     for r in rows[1:]:
         try:
-            models.check_tokenizers(ref_tok, models.load_tokenizer(r.path), f"reference {rows[0].name}",
-                                    f"candidate {r.label!r} ({r.name})")
+            models.check_tokenizers(
+                ref_tok, models.load_tokenizer(r.path), f"reference {rows[0].name}", f"candidate {r.label!r} ({r.name})"
+            )
         except UserError as e:
             raise UserError(f"{r.field}.model: {e}") from None
     return ref_tok
@@ -251,8 +280,11 @@ def _text_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_
 def _mcq_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
     if "mcq" not in datasets:
         return []
-    pairs = [(MCQ_PROMPT.format(question=r["question"]), " " + choice)
-             for r in datasets["mcq"].records for choice in r["choices"]]
+    pairs = [
+        (MCQ_PROMPT.format(question=r["question"]), " " + choice)
+        for r in datasets["mcq"].records
+        for choice in r["choices"]
+    ]
     return continuation_examples(tokenizer, pairs, spec.max_seq_len)
 
 
@@ -293,24 +325,36 @@ def _load(row: Row):
     model, tokenizer, _ = models.load_model(row.path)
     n_params = get_total_parameters(model)  # before the adapter; quantized weights counted unpacked
     if row.adapter is not None:
-        student_mod.load_adapter(model, row.adapter, f"{row.field}.adapter: {row.adapter_name} does not fit "
-                                                     f"model {row.name}")
+        student_mod.load_adapter(
+            model, row.adapter, f"{row.field}.adapter: {row.adapter_name} does not fit model {row.name}"
+        )
     model.eval()  # LoRA dropout off
-    models.dequantized_compute(model)   # quality passes at OpenBLAS speed; the speed test switches back
+    models.dequantized_compute(model)  # quality passes at OpenBLAS speed; the speed test switches back
     mx.eval(model.parameters())
     return model, tokenizer, n_params
 
 
-def _score_one_at_a_time(distinct: list[Row], work: Workload, store: ReferenceStore, spec: BenchmarkSpec,
-                         progress: Progress, hooks: Hooks) -> dict[tuple, ModelScores]:
+def _score_one_at_a_time(
+    distinct: list[Row], work: Workload, store: ReferenceStore, spec: BenchmarkSpec, progress: Progress, hooks: Hooks
+) -> dict[tuple, ModelScores]:
     """Each model loaded, run through every phase and freed before the next is loaded: peak memory is the
     largest model plus one batch. `distinct[0]`, the reference, fills `store` for the others."""
     scores = {}
     for i, row in enumerate(distinct):
         model, tok, n_params = _load(row)
         try:
-            scores[row.key] = score_model(model, tok, n_params, row.label, work, store, is_reference=i == 0,
-                                          speed=spec.speed, progress=progress, hooks=hooks)
+            scores[row.key] = score_model(
+                model,
+                tok,
+                n_params,
+                row.label,
+                work,
+                store,
+                is_reference=i == 0,
+                speed=spec.speed,
+                progress=progress,
+                hooks=hooks,
+            )
         finally:
             del model
             _release()
@@ -336,8 +380,11 @@ def _apply_scores(rows: list[Row], scores: dict[tuple, ModelScores], datasets: d
         if s.mcq is not None:
             m.update(_mcq_result(datasets["mcq"].records, *s.mcq))
         if s.preference is not None:
-            m.update(pref_metrics(PairScores.from_examples(*s.preference), PairScores.from_examples(*ref.preference),
-                                  pref_subjects))
+            m.update(
+                pref_metrics(
+                    PairScores.from_examples(*s.preference), PairScores.from_examples(*ref.preference), pref_subjects
+                )
+            )
         m.update(s.speed)
 
 
@@ -384,13 +431,24 @@ def _report(spec: BenchmarkSpec, rows: list[Row], datasets: dict, text_ex: list)
         "reference": rows[0].label,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "kl_method": "full",
-        "settings": {**spec.model_dump(mode="json", include={"max_seq_len", "batch_size", "max_examples", "speed"}),
-                     "mcq_prompt": MCQ_PROMPT + " {choice}", "device": "cpu" if cpu else "gpu",
-                     "compute_dtype": "float32" if cpu else "as stored",
-                     "reference_logprobs": "float16 on disk, renormalised (candidates' kl, js)",
-                     "preference_tie": "half a pair"},
+        "settings": {
+            **spec.model_dump(mode="json", include={"max_seq_len", "batch_size", "max_examples", "speed"}),
+            "mcq_prompt": MCQ_PROMPT + " {choice}",
+            "device": "cpu" if cpu else "gpu",
+            "compute_dtype": "float32" if cpu else "as stored",
+            "reference_logprobs": "float16 on disk, renormalised (candidates' kl, js)",
+            "preference_tie": "half a pair",
+        },
         "data": data_info,
-        "candidates": [{"label": r.label, "model": r.name, "adapter": r.adapter_name, "is_reference": r.is_reference,
-                        "metrics": r.metrics} for r in rows],
+        "candidates": [
+            {
+                "label": r.label,
+                "model": r.name,
+                "adapter": r.adapter_name,
+                "is_reference": r.is_reference,
+                "metrics": r.metrics,
+            }
+            for r in rows
+        ],
         "definitions": DEFINITIONS,
     }

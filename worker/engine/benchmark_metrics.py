@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import math
 import statistics
+from collections import deque
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -64,8 +65,15 @@ def text_metrics(sums: dict[str, float]) -> dict:
     """Means per target token from accumulated `text_sums`; ppl = exp(ce)."""
     n = max(sums["tokens"], 1.0)
     ce = sums["ce"] / n
-    return {"ppl": math.exp(min(ce, 50.0)), "ce": ce, "kl": sums["kl"] / n, "js": sums["js"] / n,
-            "top1_agreement": sums["top1"] / n, "top5_agreement": sums["top5"] / n, "tokens": int(sums["tokens"])}
+    return {
+        "ppl": math.exp(min(ce, 50.0)),
+        "ce": ce,
+        "kl": sums["kl"] / n,
+        "js": sums["js"] / n,
+        "top1_agreement": sums["top1"] / n,
+        "top5_agreement": sums["top5"] / n,
+        "tokens": int(sums["tokens"]),
+    }
 
 
 # ------------------------------------------------------------------------------------- log-likelihoods
@@ -117,17 +125,18 @@ def by_subject(subjects: list[str | None], **per_example: np.ndarray) -> dict[st
     out = {}
     for subject in named:
         pick = labels == subject
-        out[subject] = {**{k: float(np.asarray(v)[pick].mean()) for k, v in per_example.items()},
-                        "n": int(pick.sum())}
+        out[subject] = {**{k: float(np.asarray(v)[pick].mean()) for k, v in per_example.items()}, "n": int(pick.sum())}
     return out
 
 
-def mcq_metrics(scores: list[list[float]], n_tokens: list[list[int]], answers: list[int],
-                subjects: list[str | None]) -> dict:
+def mcq_metrics(
+    scores: list[list[float]], n_tokens: list[list[int]], answers: list[int], subjects: list[str | None]
+) -> dict:
     """Accuracy (argmax of summed log-likelihood), length-normalised accuracy, and both per subject."""
     right = np.array([int(np.argmax(s)) == a for s, a in zip(scores, answers)], dtype=np.float64)
-    right_norm = np.array([int(np.argmax(per_token(s, n))) == a for s, n, a in zip(scores, n_tokens, answers)],
-                          dtype=np.float64)
+    right_norm = np.array(
+        [int(np.argmax(per_token(s, n))) == a for s, n, a in zip(scores, n_tokens, answers)], dtype=np.float64
+    )
     out = {"mcq_accuracy": float(right.mean()), "mcq_accuracy_norm": float(right_norm.mean()), "mcq_n": len(answers)}
     subject_table = by_subject(subjects, accuracy=right, accuracy_norm=right_norm)
     if subject_table:
@@ -204,17 +213,19 @@ def measure_speed(model, tokenizer, prompt_tokens: int, decode_tokens: int, repe
         return mx.put_along_axis(logits, eos, mx.array(-mx.inf, logits.dtype), axis=-1) if eos.size else logits
 
     def once(n: int):
-        last = None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=n, logits_processors=[no_eos]):
-            pass
-        return last
+        # run the generator to its end; its last response carries the timings
+        responses = deque(stream_generate(model, tokenizer, prompt, max_tokens=n, logits_processors=[no_eos]), maxlen=1)
+        return responses[0] if responses else None
 
     once(min(decode_tokens, 2))  # warm-up: first-call allocations and kernel setup
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
     runs = [once(decode_tokens) for _ in range(repeats)]
-    return {"prefill_tokens_per_second": statistics.median(r.prompt_tps for r in runs),
-            "decode_tokens_per_second": statistics.median(r.generation_tps for r in runs),
-            "peak_memory_bytes": int(mx.get_peak_memory()),
-            "speed_prompt_tokens": prompt_tokens, "speed_decode_tokens": runs[-1].generation_tokens}
+    return {
+        "prefill_tokens_per_second": statistics.median(r.prompt_tps for r in runs),
+        "decode_tokens_per_second": statistics.median(r.generation_tps for r in runs),
+        "peak_memory_bytes": int(mx.get_peak_memory()),
+        "speed_prompt_tokens": prompt_tokens,
+        "speed_decode_tokens": runs[-1].generation_tokens,
+    }

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from distillery_contract.specs import BenchmarkSpeed
+
 from . import data as data_mod
 from . import models
 from .benchmark_metrics import measure_speed, reference_view, sequence_logprobs, text_sums
 from .benchmark_store import ReferenceStore
 from .errors import Cancelled
-from distillery_contract.specs import BenchmarkSpeed
 from .train import Hooks
 
 
@@ -49,18 +50,23 @@ class Workload:
 @dataclass
 class Batch:
     example_ids: np.ndarray
-    tokens: mx.array            # [B, L]
-    target_mask: mx.array       # [B, L], aligned with tokens like `data.Example.target_mask`
-    positions: mx.array         # flat indices into [B, L - 1] of the positions predicting a target
-    targets: mx.array           # the target token at each of those positions
+    tokens: mx.array  # [B, L]
+    target_mask: mx.array  # [B, L], aligned with tokens like `data.Example.target_mask`
+    positions: mx.array  # flat indices into [B, L - 1] of the positions predicting a target
+    targets: mx.array  # the target token at each of those positions
 
 
 def batches(examples: list[data_mod.Example], batch_size: int, pad_id: int) -> Iterator[Batch]:
     for idx in data_mod.eval_batches([len(e.tokens) for e in examples], batch_size):
         tokens, mask = data_mod.collate([examples[i] for i in idx], pad_id)
         positions = np.flatnonzero(mask[:, 1:])
-        yield Batch(idx, mx.array(tokens), mx.array(mask), mx.array(positions.astype(np.int32)),
-                    mx.array(tokens[:, 1:].reshape(-1)[positions]))
+        yield Batch(
+            idx,
+            mx.array(tokens),
+            mx.array(mask),
+            mx.array(positions.astype(np.int32)),
+            mx.array(tokens[:, 1:].reshape(-1)[positions]),
+        )
 
 
 class Progress:
@@ -92,35 +98,48 @@ class ModelScores:
     """What one model's pass produced; benchmark.py turns it into report metrics."""
 
     parameters: int
-    text: dict[str, float] | None = None                        # accumulated `text_sums`
-    mcq: tuple[np.ndarray, np.ndarray] | None = None            # (summed log-likelihood, tokens) per example
-    preference: tuple[np.ndarray, np.ndarray] | None = None     # likewise, chosen and rejected interleaved
+    text: dict[str, float] | None = None  # accumulated `text_sums`
+    mcq: tuple[np.ndarray, np.ndarray] | None = None  # (summed log-likelihood, tokens) per example
+    preference: tuple[np.ndarray, np.ndarray] | None = None  # likewise, chosen and rejected interleaved
     speed: dict = field(default_factory=dict)
 
 
-def score_model(model, tokenizer, n_params: int, label: str, work: Workload, store: ReferenceStore,
-                is_reference: bool, speed: BenchmarkSpeed, progress: Progress, hooks: Hooks) -> ModelScores:
+def score_model(
+    model,
+    tokenizer,
+    n_params: int,
+    label: str,
+    work: Workload,
+    store: ReferenceStore,
+    is_reference: bool,
+    speed: BenchmarkSpeed,
+    progress: Progress,
+    hooks: Hooks,
+) -> ModelScores:
     """Every phase for one loaded model. The reference (first) fills `store`; candidates read it."""
     scores = ModelScores(parameters=n_params)
     if work.text:
         hooks.event("phase", f"text: {label}, {len(work.text)} sequences", phase="text", label=label)
         scores.text = text_pass(model, work, store, is_reference, progress, label)
-    for phase, examples, what in (("mcq", work.mcq, f"{len(work.mcq)} choices"),
-                                  ("preference", work.preference, f"{len(work.preference) // 2} pairs")):
+    for phase, examples, what in (
+        ("mcq", work.mcq, f"{len(work.mcq)} choices"),
+        ("preference", work.preference, f"{len(work.preference) // 2} pairs"),
+    ):
         if examples:
             hooks.event("phase", f"{phase}: {label}, {what}", phase=phase, label=label)
             setattr(scores, phase, loglik_pass(model, examples, work, phase, progress, label))
     if speed.enabled:
         progress.check("speed")
         hooks.event("phase", f"speed: {label}", phase="speed", label=label)
-        models.quantized_compute(model)   # generation speed as users get it: MLX's quantized kernels
+        models.quantized_compute(model)  # generation speed as users get it: MLX's quantized kernels
         scores.speed = measure_speed(model, tokenizer, speed.prompt_tokens, speed.decode_tokens, speed.repeats)
         progress.advance("speed", label)
     return scores
 
 
-def text_pass(model, work: Workload, store: ReferenceStore, write_reference: bool, progress: Progress,
-              label: str) -> dict[str, float]:
+def text_pass(
+    model, work: Workload, store: ReferenceStore, write_reference: bool, progress: Progress, label: str
+) -> dict[str, float]:
     """Accumulated `text_sums` over the text batches, at their target positions only.
 
     The reference compares with its own in-memory distribution (exact zeros for KL and JS) and appends it to
@@ -147,8 +166,9 @@ def text_pass(model, work: Workload, store: ReferenceStore, write_reference: boo
     return totals
 
 
-def loglik_pass(model, examples: list[data_mod.Example], work: Workload, phase: str, progress: Progress,
-                label: str) -> tuple[np.ndarray, np.ndarray]:
+def loglik_pass(
+    model, examples: list[data_mod.Example], work: Workload, phase: str, progress: Progress, label: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(summed log-likelihood of the targets, number of targets) of every example, in example order."""
     ll, n = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     for batch in batches(examples, work.batch_size, work.pad_id):

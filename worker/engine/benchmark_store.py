@@ -57,7 +57,8 @@ def ensure_free_space(folder: Path, n_positions: int, vocab: int) -> None:
             f"data.text: the benchmark keeps the reference's full distribution on disk while it scores the "
             f"candidates one at a time: {n_positions} target tokens × {vocab} vocabulary entries × 2 bytes "
             f"(float16) = {_size(needed)} in {folder}, but only {_size(free)} is free there; lower max_examples "
-            f"or max_seq_len, or free disk space")
+            f"or max_seq_len, or free disk space"
+        )
 
 
 class ReferenceStore:
@@ -109,10 +110,11 @@ class ReferenceStore:
             raise RuntimeError("read before seal(): the reference pass has not finished")
         start, n = self._batches[i]
         itemsize = np.dtype(STORED_DTYPE).itemsize
-        window = np.memmap(self.path, dtype=STORED_DTYPE, mode="r", offset=start * self.vocab * itemsize,
-                           shape=(n, self.vocab))
+        window = np.memmap(
+            self.path, dtype=STORED_DTYPE, mode="r", offset=start * self.vocab * itemsize, shape=(n, self.vocab)
+        )
         stored = mx.array(window)  # a copy, so the window can be unmapped right away: the pages read do not
-        del window                 # stay counted in the process's memory
+        del window  # stay counted in the process's memory
         return losses.log_softmax_t(stored), mx.array(self._argmax[i])
 
     def _open(self, vocab: int) -> None:

@@ -38,14 +38,29 @@ FORMAT_VERSION = 1
 ARRAYS = ("tokens", "target_mask", "offsets", "sources", "topk_ids", "topk_logprobs", "tail_logmass")
 
 
-def cache_key(*, teacher: str, tokenizer: str, dataset: str, top_k: int, max_seq_len: int, template: str | None,
-              subset: np.ndarray | None = None) -> str:
+def cache_key(
+    *,
+    teacher: str,
+    tokenizer: str,
+    dataset: str,
+    top_k: int,
+    max_seq_len: int,
+    template: str | None,
+    subset: np.ndarray | None = None,
+) -> str:
     """Content address: the same teacher weights, tokenizer, data, k, length and chat template give the same key.
 
     `subset` (sorted sequence indices) names a cache of part of the dataset; None is the whole dataset.
     """
-    parts = {"v": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "dataset": dataset,
-             "top_k": top_k, "max_seq_len": max_seq_len, "template": template or ""}
+    parts = {
+        "v": FORMAT_VERSION,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "dataset": dataset,
+        "top_k": top_k,
+        "max_seq_len": max_seq_len,
+        "template": template or "",
+    }
     if subset is not None:
         parts["subset"] = hashlib.sha256(np.asarray(subset, dtype=np.int64).tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -89,9 +104,14 @@ class TeacherCache:
 
     def examples(self) -> list[data_mod.Example]:
         o = self.offsets
-        return [data_mod.Example(tokens=np.asarray(self.tokens[o[e]:o[e + 1]]),
-                                 target_mask=np.asarray(self.target_mask[o[e]:o[e + 1]]), source=e)
-                for e in range(len(self))]
+        return [
+            data_mod.Example(
+                tokens=np.asarray(self.tokens[o[e] : o[e + 1]]),
+                target_mask=np.asarray(self.target_mask[o[e] : o[e + 1]]),
+                source=e,
+            )
+            for e in range(len(self))
+        ]
 
     def rows(self, example_ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Teacher rows for a batch, padded to `length` positions: (ids [B, L, k], logprobs, tail [B, L])."""
@@ -102,9 +122,9 @@ class TeacherCache:
         for b, e in enumerate(example_ids):
             start, end = self.offsets[e], self.offsets[e + 1]
             n = min(end - start, length)
-            ids[b, :n] = self.topk_ids[start:start + n]
-            lps[b, :n] = self.topk_logprobs[start:start + n]
-            tail[b, :n] = self.tail_logmass[start:start + n]
+            ids[b, :n] = self.topk_ids[start : start + n]
+            lps[b, :n] = self.topk_logprobs[start : start + n]
+            tail[b, :n] = self.tail_logmass[start : start + n]
         return ids, lps, tail
 
 
@@ -133,7 +153,7 @@ def _block_topk(logits: mx.array, k: int, block: int = 32) -> tuple[mx.array, mx
     if n_blocks * block != vocab:
         x = mx.concatenate([x, mx.full((*lead, n_blocks * block - vocab), -math.inf, dtype=x.dtype)], axis=-1)
     blocks = x.reshape(*lead, n_blocks, block)
-    best = mx.argpartition(-blocks.max(axis=-1), kth=k - 1, axis=-1)[..., :k]                 # [..., k]
+    best = mx.argpartition(-blocks.max(axis=-1), kth=k - 1, axis=-1)[..., :k]  # [..., k]
     cand = mx.take_along_axis(blocks, best[..., None], axis=-2).reshape(*lead, k * block)
     sel = mx.argpartition(-cand, kth=k - 1, axis=-1)[..., :k]
     ids = mx.take_along_axis(best, sel // block, axis=-1) * block + sel % block
@@ -149,12 +169,12 @@ def _logsumexp(logits: mx.array, chunk: int = 16) -> mx.array:
     out = np.empty((flat.shape[0], 1), dtype=np.float32)
     buf = np.empty((min(chunk, len(flat)), flat.shape[1]), dtype=np.float32)
     for s in range(0, len(flat), chunk):
-        x = flat[s:s + chunk]
+        x = flat[s : s + chunk]
         m = x.max(axis=-1, keepdims=True)
-        b = buf[:len(x)]
+        b = buf[: len(x)]
         np.subtract(x, m, out=b)
         np.exp(b, out=b)
-        out[s:s + chunk] = m + np.log(b.sum(axis=-1, keepdims=True))
+        out[s : s + chunk] = m + np.log(b.sum(axis=-1, keepdims=True))
     return mx.array(out.reshape(*logits.shape[:-1], 1))
 
 
@@ -172,7 +192,7 @@ def reconstruction_kl(logits: mx.array, ids: mx.array, logprobs: mx.array, tail:
     rows = np.flatnonzero(np.asarray(mask).reshape(-1))
     total = 0.0
     for s in range(0, len(rows), 16):
-        r = rows[s:s + 16]
+        r = rows[s : s + 16]
         x = flat[r] - flat[r].max(axis=-1, keepdims=True)
         logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
         p = np.exp(logp)
@@ -235,10 +255,12 @@ def build(
                 id_dtype = np.uint16 if vocab <= 65536 else np.int32
                 arrays = {
                     "topk_ids": np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", id_dtype, (n_tokens, top_k)),
-                    "topk_logprobs": np.lib.format.open_memmap(tmp / "topk_logprobs.npy", "w+", np.float16, (n_tokens, top_k)),
+                    "topk_logprobs": np.lib.format.open_memmap(
+                        tmp / "topk_logprobs.npy", "w+", np.float16, (n_tokens, top_k)
+                    ),
                     "tail_logmass": np.lib.format.open_memmap(tmp / "tail_logmass.npy", "w+", np.float32, (n_tokens,)),
                 }
-                for name in arrays:   # take the blocks now: a full disk is an error here, not a SIGBUS mid-write
+                for name in arrays:  # take the blocks now: a full disk is an error here, not a SIGBUS mid-write
                     _reserve(tmp / f"{name}.npy")
             ids, lps, tail = teacher_topk(logits, top_k)
             if b < sample_batches:
@@ -248,9 +270,9 @@ def build(
             ids, lps, tail = np.array(ids), np.array(lps), np.array(tail)
             for row, e in enumerate(idx):
                 s, n = offsets[e], lengths[e]
-                arrays["topk_ids"][s:s + n] = ids[row, :n]
-                arrays["topk_logprobs"][s:s + n] = lps[row, :n]
-                arrays["tail_logmass"][s:s + n] = tail[row, :n]
+                arrays["topk_ids"][s : s + n] = ids[row, :n]
+                arrays["topk_logprobs"][s : s + n] = lps[row, :n]
+                arrays["tail_logmass"][s : s + n] = tail[row, :n]
             done += int(sum(lengths[i] for i in idx))
             if on_progress:
                 on_progress(done, n_tokens)
@@ -258,10 +280,20 @@ def build(
             a.flush()
         elapsed = time.perf_counter() - t0
         row_bytes = sum(a.dtype.itemsize * (a.shape[1] if a.ndim == 2 else 1) for a in arrays.values())
-        meta = {**meta, "format_version": FORMAT_VERSION, "key": key, "top_k": top_k, "vocab_size": vocab,
-                "examples": len(examples), "tokens": n_tokens, "target_tokens": int(mask.sum()),
-                "bytes_per_token": row_bytes, "reconstruction_kl": float(np.mean(recon)) if recon else None,
-                "build_seconds": elapsed, "build_tokens_per_second": n_tokens / elapsed if elapsed else None}
+        meta = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "top_k": top_k,
+            "vocab_size": vocab,
+            "examples": len(examples),
+            "tokens": n_tokens,
+            "target_tokens": int(mask.sum()),
+            "bytes_per_token": row_bytes,
+            "reconstruction_kl": float(np.mean(recon)) if recon else None,
+            "build_seconds": elapsed,
+            "build_tokens_per_second": n_tokens / elapsed if elapsed else None,
+        }
         del arrays
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:

@@ -66,8 +66,9 @@ def load_jsonl(path: str | Path, format: str | None = None, *, max_bytes: int | 
         checker.close()
     except DatasetError as e:
         raise UserError(str(e)) from None
-    return Dataset(path=path, format=checker.format, records=checker.records, lines=checker.lines,
-                   sha256=checker.sha256)
+    return Dataset(
+        path=path, format=checker.format, records=checker.records, lines=checker.lines, sha256=checker.sha256
+    )
 
 
 # ----------------------------------------------------------------------------------------- tokenizing
@@ -124,8 +125,12 @@ def tokenize(ds: Dataset, tokenizer, max_seq_len: int, *, stats: dict | None = N
     if stats is not None:
         stats.update(counts)
     if counts["skipped"]:
-        log.warning("%s: skipped %d examples with no target token within max_seq_len=%d",
-                    ds.path.name, counts["skipped"], max_seq_len)
+        log.warning(
+            "%s: skipped %d examples with no target token within max_seq_len=%d",
+            ds.path.name,
+            counts["skipped"],
+            max_seq_len,
+        )
     if not examples:
         raise UserError(
             f"{ds.path.name}: no example has a target token within max_seq_len={max_seq_len} "
@@ -283,9 +288,7 @@ def holdout(examples: list[Example], fraction: float, seed: int) -> tuple[list[E
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
     sources = sorted({e.source for e in examples})
     if len(sources) < 2:
-        raise UserError(
-            f"cannot hold out a validation split from {len(sources)} record(s); give a validation dataset"
-        )
+        raise UserError(f"cannot hold out a validation split from {len(sources)} record(s); give a validation dataset")
     n_valid = min(max(1, round(fraction * len(sources))), len(sources) - 1)
     picked = _rng(seed, 0).permutation(len(sources))[:n_valid]
     valid_sources = {sources[i] for i in picked}

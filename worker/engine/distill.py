@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 import numpy as np
+from mlx.utils import tree_flatten
+
+from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 
 from . import cache as cache_mod
 from . import data as data_mod
@@ -30,7 +32,6 @@ from . import models, preflight
 from . import student as student_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
 from .errors import UserError
-from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 from .train import Hooks, train
 
 CACHE_BATCH_SIZE = 8
@@ -47,17 +48,32 @@ class Inputs:
     student_adapter: Path | None = None
 
 
-def ensure_cache(teacher_dir: Path, dataset: data_mod.Dataset, examples: list[data_mod.Example], tokenizer,
-                 *, top_k: int, max_seq_len: int, store: cache_mod.CacheStore, hooks: Hooks,
-                 subset: np.ndarray | None = None) -> cache_mod.TeacherCache:
+def ensure_cache(
+    teacher_dir: Path,
+    dataset: data_mod.Dataset,
+    examples: list[data_mod.Example],
+    tokenizer,
+    *,
+    top_k: int,
+    max_seq_len: int,
+    store: cache_mod.CacheStore,
+    hooks: Hooks,
+    subset: np.ndarray | None = None,
+) -> cache_mod.TeacherCache:
     """The teacher cache for (teacher, dataset, k, length, template[, subset]): reused if it exists, else built.
 
     `examples` is the whole tokenized dataset; `subset` (sorted indices into it) limits the build to the
     sequences a run will use. A cache of the whole dataset serves any subset, so it is looked up first.
     """
     template = getattr(tokenizer, "chat_template", None) if data_mod.needs_chat_template(dataset.format) else None
-    parts = dict(teacher=models.model_fingerprint(teacher_dir), tokenizer=models.tokenizer_fingerprint(teacher_dir),
-                 dataset=f"{dataset.sha256}:{dataset.format}", top_k=top_k, max_seq_len=max_seq_len, template=template)
+    parts = dict(
+        teacher=models.model_fingerprint(teacher_dir),
+        tokenizer=models.tokenizer_fingerprint(teacher_dir),
+        dataset=f"{dataset.sha256}:{dataset.format}",
+        top_k=top_k,
+        max_seq_len=max_seq_len,
+        template=template,
+    )
     whole = cache_mod.cache_key(**parts)
     if subset is not None and len(subset) == len(examples):
         subset = None
@@ -65,24 +81,46 @@ def ensure_cache(teacher_dir: Path, dataset: data_mod.Dataset, examples: list[da
     for candidate in dict.fromkeys((whole, key)):
         found = store.get(candidate)
         if found is not None:
-            hooks.event("teacher_cache", f"teacher cache hit {candidate[:12]} for {dataset.path.name}", key=candidate,
-                        hit=True, **_cache_stats(found))
+            hooks.event(
+                "teacher_cache",
+                f"teacher cache hit {candidate[:12]} for {dataset.path.name}",
+                key=candidate,
+                hit=True,
+                **_cache_stats(found),
+            )
             return found
     chosen = np.arange(len(examples)) if subset is None else subset
     todo = [examples[i] for i in chosen]
-    hooks.event("teacher_cache", f"building teacher cache {key[:12]} for {dataset.path.name} "
-                f"({len(todo)} of {len(examples)} sequences, {sum(len(e.tokens) for e in todo)} tokens, k={top_k})",
-                key=key, hit=False)
+    hooks.event(
+        "teacher_cache",
+        f"building teacher cache {key[:12]} for {dataset.path.name} "
+        f"({len(todo)} of {len(examples)} sequences, {sum(len(e.tokens) for e in todo)} tokens, k={top_k})",
+        key=key,
+        hit=False,
+    )
     model = models.load_model(teacher_dir)[0]
-    models.dequantized_compute(model)   # a quantized teacher at OpenBLAS speed on the CPU
+    models.dequantized_compute(model)  # a quantized teacher at OpenBLAS speed on the CPU
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     built = cache_mod.build(
-        model, todo, store.path(key), key=key, top_k=top_k, batch_size=CACHE_BATCH_SIZE, pad_id=pad_id,
+        model,
+        todo,
+        store.path(key),
+        key=key,
+        top_k=top_k,
+        batch_size=CACHE_BATCH_SIZE,
+        pad_id=pad_id,
         sources=chosen,
-        meta={"teacher": str(teacher_dir), "dataset": str(dataset.path), "dataset_sha256": dataset.sha256,
-              "format": dataset.format, "max_seq_len": max_seq_len, "dataset_sequences": len(examples)},
+        meta={
+            "teacher": str(teacher_dir),
+            "dataset": str(dataset.path),
+            "dataset_sha256": dataset.sha256,
+            "format": dataset.format,
+            "max_seq_len": max_seq_len,
+            "dataset_sequences": len(examples),
+        },
         on_progress=lambda done, total: hooks.event("cache_progress", f"{done}/{total} tokens", done=done, total=total),
-        should_stop=hooks.should_stop)
+        should_stop=hooks.should_stop,
+    )
     hooks.event("teacher_cache", f"teacher cache {key[:12]} built", key=key, hit=False, **_cache_stats(built))
     return built
 
@@ -91,20 +129,32 @@ def _cache_stats(c: cache_mod.TeacherCache) -> dict:
     return {k: c.meta.get(k) for k in ("tokens", "bytes_per_token", "reconstruction_kl", "build_tokens_per_second")}
 
 
-def build_teacher_cache(spec: TeacherCacheSpec, teacher_dir: Path, dataset_path: Path, store: cache_mod.CacheStore,
-                        hooks: Hooks | None = None) -> cache_mod.TeacherCache:
+def build_teacher_cache(
+    spec: TeacherCacheSpec,
+    teacher_dir: Path,
+    dataset_path: Path,
+    store: cache_mod.CacheStore,
+    hooks: Hooks | None = None,
+) -> cache_mod.TeacherCache:
     """The `teacher_cache` job kind on its own."""
     hooks = hooks or Hooks()
     ds = data_mod.load_jsonl(dataset_path)
     tokenizer = models.load_tokenizer(teacher_dir)
     preflight.check_chat_template(ds.format, tokenizer, f"teacher {teacher_dir.name}", dataset_path)
     examples = data_mod.tokenize(ds, tokenizer, spec.max_seq_len)
-    return ensure_cache(teacher_dir, ds, examples, tokenizer, top_k=spec.top_k, max_seq_len=spec.max_seq_len,
-                        store=store, hooks=hooks)
+    return ensure_cache(
+        teacher_dir, ds, examples, tokenizer, top_k=spec.top_k, max_seq_len=spec.max_seq_len, store=store, hooks=hooks
+    )
 
 
-def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_mod.CacheStore,
-                hooks: Hooks | None = None, on_progress: Callable[[dict], None] | None = None) -> dict:
+def run_distill(
+    spec: DistillSpec,
+    inputs: Inputs,
+    out_dir: Path,
+    store: cache_mod.CacheStore,
+    hooks: Hooks | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
     hooks = hooks or Hooks()
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,11 +169,17 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     for ds in filter(None, (train_ds, valid_ds)):
         preflight.check_chat_template(ds.format, tokenizer, f"student {inputs.student.name}", ds.path)
         if ds.format not in data_mod.TRAINABLE_FORMATS:
-            raise UserError(f"data: {ds.path.name} is '{ds.format}' data; distillation trains on "
-                            f"{', '.join(data_mod.TRAINABLE_FORMATS)}")
+            raise UserError(
+                f"data: {ds.path.name} is '{ds.format}' data; distillation trains on "
+                f"{', '.join(data_mod.TRAINABLE_FORMATS)}"
+            )
     memory = preflight.check_memory(spec, inputs.student, inputs.teachers)
-    hooks.event("preflight", "pre-flight checks passed", memory_estimate_bytes=memory["total"],
-                memory_available_bytes=memory["available"])
+    hooks.event(
+        "preflight",
+        "pre-flight checks passed",
+        memory_estimate_bytes=memory["total"],
+        memory_available_bytes=memory["available"],
+    )
 
     # -- data: index arrays into the tokenized datasets; a short run uses (and caches) only what it needs
     train_all = data_mod.tokenize(train_ds, tokenizer, tr.max_seq_len)
@@ -136,12 +192,19 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
     if budget < len(train_idx):
         # seed-independent, so runs that differ only in seed (or alpha, loss...) share one teacher cache
         train_idx = np.sort(np.random.default_rng(0).permutation(train_idx)[:budget])
-        hooks.event("data", f"the step budget covers {budget} of {len(train_all)} training sequences: "
-                    "training (and its teacher cache) uses a fixed random subset of that size")
+        hooks.event(
+            "data",
+            f"the step budget covers {budget} of {len(train_all)} training sequences: "
+            "training (and its teacher cache) uses a fixed random subset of that size",
+        )
     train_ex = [train_all[i] for i in train_idx]
     valid_ex = [valid_all[i] for i in valid_idx]
-    hooks.event("data", f"{len(train_ex)} training and {len(valid_ex)} validation sequences",
-                train_tokens=sum(len(e.tokens) for e in train_ex), valid_tokens=sum(len(e.tokens) for e in valid_ex))
+    hooks.event(
+        "data",
+        f"{len(train_ex)} training and {len(valid_ex)} validation sequences",
+        train_tokens=sum(len(e.tokens) for e in train_ex),
+        valid_tokens=sum(len(e.tokens) for e in valid_ex),
+    )
 
     # -- teachers: caches (offline) or models in the loop (online)
     train_split, valid_split = Split(train_ex), Split(valid_ex)
@@ -168,13 +231,22 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
 
     # -- student and training
     mx.random.seed(tr.seed)  # the adapter's initialisation
-    student = student_mod.build_student(spec.student, spec.adapter, inputs.student, out_dir,
-                                        adapter_path=inputs.student_adapter,
-                                        adapter_fields_set=spec.adapter.model_fields_set)
+    student = student_mod.build_student(
+        spec.student,
+        spec.adapter,
+        inputs.student,
+        out_dir,
+        adapter_path=inputs.student_adapter,
+        adapter_fields_set=spec.adapter.model_fields_set,
+    )
     q = spec.student.quantize
-    hooks.event("student", f"student ready: {len(student.model.layers)} layers"
-                + (f", {q.bits}-bit quantized (group {q.group_size})" if q else "")
-                + f", {student.adapter_config['fine_tune_type']} adapter", path=str(student.path))
+    hooks.event(
+        "student",
+        f"student ready: {len(student.model.layers)} layers"
+        + (f", {q.bits}-bit quantized (group {q.group_size})" if q else "")
+        + f", {student.adapter_config['fine_tune_type']} adapter",
+        path=str(student.path),
+    )
     trainable = sum(v.size for _, v in tree_flatten(student.model.trainable_parameters()))
     parameters = sum(v.size for _, v in tree_flatten(student.model.parameters()))
     disk = preflight.run_disk_estimate(spec, trainable, parameters, student.path)
@@ -201,11 +273,16 @@ def run_distill(spec: DistillSpec, inputs: Inputs, out_dir: Path, store: cache_m
         "learning_rate": state.learning_rate,
         "lr_search": state.lr_search,
         "rollbacks": state.rollbacks,
-        "train": {"steps": state.step, "tokens": state.tokens,
-                  "tokens_per_second": state.tokens / state.wall_seconds if state.wall_seconds else None,
-                  "peak_memory_bytes": mx.get_peak_memory(), "wall_seconds": time.perf_counter() - t_start,
-                  "stopped_early": state.stopped_early, "stop_reason": state.stop_reason,
-                  "skipped_steps": state.skipped_steps},
+        "train": {
+            "steps": state.step,
+            "tokens": state.tokens,
+            "tokens_per_second": state.tokens / state.wall_seconds if state.wall_seconds else None,
+            "peak_memory_bytes": mx.get_peak_memory(),
+            "wall_seconds": time.perf_counter() - t_start,
+            "stopped_early": state.stopped_early,
+            "stop_reason": state.stop_reason,
+            "skipped_steps": state.skipped_steps,
+        },
         "teacher_mode": spec.teacher_mode,
         "preset": spec.preset,
         "student": str(student.path),
@@ -223,20 +300,35 @@ def run_warnings(state) -> list[dict]:
     out = []
     if state.best_step == 0:
         trained = state.last_eval.get("val_kl") if state.last_eval.get("step", 0) > 0 else None
-        seen = f"; the last evaluation (step {state.last_eval['step']}) had {trained:.4f}" if trained is not None else ""
-        out.append({"code": "no_improvement", "message":
-                    f"no trained step beat the starting student (val KL {state.initial['val_kl']:.4f} at step 0"
-                    f"{seen}): the run ships the starting student unchanged. Try a lower learning rate "
-                    "(or `learning_rate: auto`), more data, or check that the teacher is better than the student."})
+        seen = (
+            f"; the last evaluation (step {state.last_eval['step']}) had {trained:.4f}" if trained is not None else ""
+        )
+        out.append(
+            {
+                "code": "no_improvement",
+                "message": f"no trained step beat the starting student (val KL {state.initial['val_kl']:.4f} at step 0"
+                f"{seen}): the run ships the starting student unchanged. Try a lower learning rate "
+                "(or `learning_rate: auto`), more data, or check that the teacher is better than the student.",
+            }
+        )
     if state.rollbacks:
-        out.append({"code": "diverged" if state.stop_reason == "diverged" else "rolled_back", "message":
-                    f"training diverged {len(state.rollbacks)} time(s) and was rolled back to its best checkpoint "
-                    f"(learning rate now x{state.lr_scale:g})"
-                    + ("; it stopped early, out of rollbacks" if state.stop_reason == "diverged" else "")
-                    + ": the learning rate is probably too high for this student."})
+        out.append(
+            {
+                "code": "diverged" if state.stop_reason == "diverged" else "rolled_back",
+                "message": f"training diverged {len(state.rollbacks)} time(s) and was rolled back to its best checkpoint "
+                f"(learning rate now x{state.lr_scale:g})"
+                + ("; it stopped early, out of rollbacks" if state.stop_reason == "diverged" else "")
+                + ": the learning rate is probably too high for this student.",
+            }
+        )
     elif state.stop_reason == "diverged":
-        out.append({"code": "diverged", "message": "training diverged and stopped (rollbacks are disabled); "
-                    f"the best checkpoint (step {state.best_step}) is shipped."})
+        out.append(
+            {
+                "code": "diverged",
+                "message": "training diverged and stopped (rollbacks are disabled); "
+                f"the best checkpoint (step {state.best_step}) is shipped.",
+            }
+        )
     return out
 
 

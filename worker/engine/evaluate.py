@@ -34,7 +34,7 @@ def _teacher_view(teacher, logits: mx.array):
     p = mx.exp(log_p)
     n_tail = max(teacher.vocab_size - teacher.topk_ids.shape[-1], 1)
     spread = mx.concatenate([mx.zeros_like(log_p[..., :-1]), mx.full(log_p[..., -1:].shape, math.log(n_tail))], -1)
-    entropy = -(p * (log_p - spread)).sum(axis=-1)   # the tail's mass spread evenly over its n_tail tokens
+    entropy = -(p * (log_p - spread)).sum(axis=-1)  # the tail's mass spread evenly over its n_tail tokens
     return log_p, log_q, teacher.topk_ids[..., 0].astype(mx.int32), entropy
 
 
@@ -74,8 +74,14 @@ def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, bat
     mean = {k: v / n for k, v in sums.items()}
     k = split.teachers[0].cache.top_k if split.teachers and not dense else None
     return {
-        "val_kl": mean["kl"], "val_js": mean["js"], "val_ce": mean["ce"], "val_ppl": math.exp(min(mean["ce"], 50.0)),
-        "val_top1_agreement": mean["top1"], "val_top5_agreement": mean["top5"],
-        "student_entropy": mean["s_ent"], "teacher_entropy": mean["t_ent"], "val_tokens": count,
+        "val_kl": mean["kl"],
+        "val_js": mean["js"],
+        "val_ce": mean["ce"],
+        "val_ppl": math.exp(min(mean["ce"], 50.0)),
+        "val_top1_agreement": mean["top1"],
+        "val_top5_agreement": mean["top5"],
+        "student_entropy": mean["s_ent"],
+        "teacher_entropy": mean["t_ent"],
+        "val_tokens": count,
         "kl_method": "full" if dense else f"top{k}+tail",
     }

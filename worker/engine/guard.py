@@ -24,7 +24,7 @@ OK, SKIP, ROLLBACK = "ok", "skip", "rollback"
 
 @dataclass
 class Verdict:
-    action: str             # OK, SKIP (drop this update) or ROLLBACK
+    action: str  # OK, SKIP (drop this update) or ROLLBACK
     reason: str = ""
 
 
@@ -49,8 +49,8 @@ class DivergenceGuard:
                 return Verdict(ROLLBACK, f"{reason}, {state.guard_spikes} steps in a row")
             return Verdict(SKIP, reason)
         state.guard_spikes = 0
-        state.recent_losses = (state.recent_losses + [loss])[-self.cfg.window:]
-        state.recent_grad_norms = (state.recent_grad_norms + [grad_norm])[-self.cfg.window:]
+        state.recent_losses = (state.recent_losses + [loss])[-self.cfg.window :]
+        state.recent_grad_norms = (state.recent_grad_norms + [grad_norm])[-self.cfg.window :]
         return Verdict(OK)
 
     def _spike(self, state, loss: float, grad_norm: float) -> str:
@@ -70,8 +70,10 @@ class DivergenceGuard:
         if not math.isfinite(val_kl):
             return Verdict(ROLLBACK, f"val KL is {val_kl}")
         if val_kl > best_val_kl * (1.0 + self.cfg.val_tolerance):
-            return Verdict(ROLLBACK, f"val KL {val_kl:.4f} is above the best {best_val_kl:.4f} by more than "
-                           f"{self.cfg.val_tolerance:.0%}")
+            return Verdict(
+                ROLLBACK,
+                f"val KL {val_kl:.4f} is above the best {best_val_kl:.4f} by more than {self.cfg.val_tolerance:.0%}",
+            )
         return Verdict(OK)
 
     @staticmethod

@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from .errors import UserError
 from distillery_contract.specs import DistillSpec
+
+from .errors import UserError
 
 
 def default_cache_dir() -> Path:
@@ -55,11 +56,14 @@ def resolve_inputs(spec: DistillSpec, base: Path, cache_dir: Path):
 
     imports = cache_dir / "models"
     student = resolve_model(path(spec.student.model, "student.model"), imports, "student.model")
-    teachers = [resolve_model(path(t.model, f"teachers.{i}.model"), imports, f"teachers.{i}.model")
-                for i, t in enumerate(spec.teachers)]
+    teachers = [
+        resolve_model(path(t.model, f"teachers.{i}.model"), imports, f"teachers.{i}.model")
+        for i, t in enumerate(spec.teachers)
+    ]
     valid = spec.data.valid
     return Inputs(
-        student=student, teachers=teachers,
+        student=student,
+        teachers=teachers,
         train=path(spec.data.train, "data.train", must_be_file=True),
         valid=valid if isinstance(valid, float) else path(valid, "data.valid", must_be_file=True),
         student_adapter=path(spec.student.adapter, "student.adapter") if spec.student.adapter else None,
@@ -87,11 +91,16 @@ def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progre
 
     def on_metrics(r: dict) -> None:
         if r["kind"] == "eval":
-            _print(f"[eval] step {r['step']}: val_kl {r['val_kl']:.4f} ppl {r['val_ppl']:.2f} "
-                   f"top1 {r['val_top1_agreement']:.3f}", bar)
+            _print(
+                f"[eval] step {r['step']}: val_kl {r['val_kl']:.4f} ppl {r['val_ppl']:.2f} "
+                f"top1 {r['val_top1_agreement']:.3f}",
+                bar,
+            )
         elif bar is None and (r["step"] % 10 == 0 or r["step"] == spec.training.steps):
-            print(f"step {r['step']}/{spec.training.steps} loss {r['loss']:.4f} {r['tokens_per_second']:.0f} tok/s",
-                  flush=True)
+            print(
+                f"step {r['step']}/{spec.training.steps} loss {r['loss']:.4f} {r['tokens_per_second']:.0f} tok/s",
+                flush=True,
+            )
 
     hooks = Hooks(on_metrics=on_metrics, on_event=on_event)
     try:
@@ -100,9 +109,11 @@ def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progre
         if bar:
             bar.close()
     i, f = summary["initial"], summary["final"]
-    print(f"val KL {i['val_kl']:.4f} -> {f['val_kl']:.4f}, perplexity {i['val_ppl']:.2f} -> {f['val_ppl']:.2f}, "
-          f"top-1 agreement {i['val_top1_agreement']:.3f} -> {f['val_top1_agreement']:.3f}; "
-          f"{summary['train']['tokens_per_second']:.0f} tokens/s; adapter in {out_dir}")
+    print(
+        f"val KL {i['val_kl']:.4f} -> {f['val_kl']:.4f}, perplexity {i['val_ppl']:.2f} -> {f['val_ppl']:.2f}, "
+        f"top-1 agreement {i['val_top1_agreement']:.3f} -> {f['val_top1_agreement']:.3f}; "
+        f"{summary['train']['tokens_per_second']:.0f} tokens/s; adapter in {out_dir}"
+    )
     for w in summary.get("warnings", []):
         print(f"WARNING: {w['message']}", file=sys.stderr, flush=True)
     return summary
@@ -121,8 +132,14 @@ class _ProgressBar:
     def __init__(self, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self.progress.start()
         self.task = self.progress.add_task("distill", total=total, info="")
         self.cache_task = None
@@ -133,8 +150,9 @@ class _ProgressBar:
         self.progress.update(self.cache_task, completed=done, total=total)
 
     def step(self, r: dict) -> None:
-        self.progress.update(self.task, completed=r["step"],
-                             info=f"loss {r['loss']:.4f}  {r['tokens_per_second']:.0f} tok/s")
+        self.progress.update(
+            self.task, completed=r["step"], info=f"loss {r['loss']:.4f}  {r['tokens_per_second']:.0f} tok/s"
+        )
 
     def close(self) -> None:
         self.progress.stop()

@@ -133,9 +133,7 @@ def _clean_logprob(x: mx.array) -> mx.array:
     return mx.where(mx.isnan(x), LOG_PROB_FLOOR, mx.clip(x, LOG_PROB_FLOOR, 0.0))
 
 
-def teacher_buckets(
-    topk_logprobs: mx.array, tail_logmass: mx.array, temperature: float, vocab_size: int
-) -> mx.array:
+def teacher_buckets(topk_logprobs: mx.array, tail_logmass: mx.array, temperature: float, vocab_size: int) -> mx.array:
     """The teacher on k + 1 buckets at temperature T: [..., k] cached tokens, then [..., 1] the tail.
 
     The tail's internal shape is not cached, so it is taken as uniform over the n = V − k uncached tokens:

@@ -31,8 +31,13 @@ def trial_steps(run_steps: int, configured: int | None) -> int:
     return configured if configured is not None else min(max(run_steps // 10, 4), 20)
 
 
-def search(rates: list[float], steps: int, start_score: float, run_trial: Callable[[float], dict],
-           on_trial: Callable[[dict], None]) -> dict:
+def search(
+    rates: list[float],
+    steps: int,
+    start_score: float,
+    run_trial: Callable[[float], dict],
+    on_trial: Callable[[dict], None],
+) -> dict:
     """Run one trial per rate (`run_trial(rate) -> {"val_kl", "loss", ...}`) and choose.
 
     Returns what goes into `summary.lr_search`.
@@ -51,5 +56,11 @@ def search(rates: list[float], steps: int, start_score: float, run_trial: Callab
     else:
         chosen = trials[0]
         reason = "no trial improved on the starting student; the smallest rate is used"
-    return {"chosen": chosen["learning_rate"], "reason": reason, "start_val_kl": start_score,
-            "steps_per_trial": steps, "trials": trials, "seconds": time.perf_counter() - t0}
+    return {
+        "chosen": chosen["learning_rate"],
+        "reason": reason,
+        "start_val_kl": start_score,
+        "steps_per_trial": steps,
+        "trials": trials,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -19,9 +19,18 @@ import mlx.nn as nn
 
 from .errors import UserError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 def resolve_model(ref: str | Path, import_root: Path, field: str = "model") -> Path:
@@ -137,21 +146,32 @@ def check_group_size(model: nn.Module, group_size: int, field: str = "student.qu
     leave the others in float); returns those layers as (path, module, predicate verdict)."""
     targets = _quantize_targets(model)
     dims = {path: m.weight.shape[-1] for path, m, _ in targets}
-    bad = [(p, dims[p]) for p, _, v in targets
-           if dims[p] % (v.get("group_size", group_size) if isinstance(v, dict) else group_size)]
+    bad = [
+        (p, dims[p])
+        for p, _, v in targets
+        if dims[p] % (v.get("group_size", group_size) if isinstance(v, dict) else group_size)
+    ]
     if bad:
         fits = [g for g in (32, 64, 128) if all(d % g == 0 for d in dims.values())]
-        hint = (f"use {' or '.join(map(str, fits))}" if fits else
-                "no group size (32, 64 or 128) divides all of them")
-        raise UserError(f"{field}.group_size: {group_size} does not divide the input size of {len(bad)} of the "
-                        f"model's {len(targets)} linear/embedding layers (e.g. {bad[0][0]}: {bad[0][1]}); {hint}")
+        hint = f"use {' or '.join(map(str, fits))}" if fits else "no group size (32, 64 or 128) divides all of them"
+        raise UserError(
+            f"{field}.group_size: {group_size} does not divide the input size of {len(bad)} of the "
+            f"model's {len(targets)} linear/embedding layers (e.g. {bad[0][0]}: {bad[0][1]}); {hint}"
+        )
     if not targets:
         raise UserError(f"{field}: the model has no layer mlx-lm can quantize")
     return targets
 
 
-def quantize(model: nn.Module, config: dict, *, bits: int, group_size: int, storage_dtype: mx.Dtype,
-             field: str = "student.quantize") -> dict:
+def quantize(
+    model: nn.Module,
+    config: dict,
+    *,
+    bits: int,
+    group_size: int,
+    storage_dtype: mx.Dtype,
+    field: str = "student.quantize",
+) -> dict:
     """Affine-quantize `model` in place with mlx-lm's own `quantize_model` (same layers, same predicate, so the
     result saves as a folder `mlx_lm.load` rebuilds). Returns the config with its `quantization` entry.
 
@@ -166,7 +186,7 @@ def quantize(model: nn.Module, config: dict, *, bits: int, group_size: int, stor
     for _, m, _ in targets:
         if mx.issubdtype(m.weight.dtype, mx.floating):
             m.weight = m.weight.astype(storage_dtype)
-    with contextlib.redirect_stdout(io.StringIO()):   # it prints bits per weight
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints bits per weight
         _, qconfig = quantize_model(model, config, group_size, bits, mode="affine")
     _cast_quantized(model, compute)
     mx.eval(model.parameters())
@@ -176,8 +196,13 @@ def quantize(model: nn.Module, config: dict, *, bits: int, group_size: int, stor
 def _cast_quantized(model: nn.Module, dtype: mx.Dtype) -> None:
     for _, m in model.named_modules():
         if "scales" in m and not m.children():
-            m.update({k: v.astype(dtype) for k, v in m.items()
-                      if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)})
+            m.update(
+                {
+                    k: v.astype(dtype)
+                    for k, v in m.items()
+                    if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)
+                }
+            )
 
 
 def requantize(module: nn.Module, like: nn.Module, storage_dtype: mx.Dtype) -> nn.Module:
@@ -186,8 +211,9 @@ def requantize(module: nn.Module, like: nn.Module, storage_dtype: mx.Dtype) -> n
     compute = module.weight.dtype
     module.weight = module.weight.astype(storage_dtype)
     q = module.to_quantized(group_size=like.group_size, bits=like.bits, mode=like.mode)
-    q.update({k: v.astype(compute) for k, v in q.items()
-              if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)})
+    q.update(
+        {k: v.astype(compute) for k, v in q.items() if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)}
+    )
     return q
 
 
@@ -198,8 +224,14 @@ class DequantizedLinear(nn.QuantizedLinear):
     price: backward keeps each layer's dequantized matrix (float32 weights' memory, as without quantization)."""
 
     def __call__(self, x):
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
+        w = mx.dequantize(
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
         x = x @ w.T.astype(x.dtype)
         if "bias" in self:
             x = x + self["bias"]
@@ -210,8 +242,14 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
     """QuantizedEmbedding whose tied output projection (`as_linear`) multiplies by the dequantized matrix."""
 
     def as_linear(self, x):
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode)
+        w = mx.dequantize(
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
         return x @ w.T.astype(x.dtype)
 
 
@@ -279,8 +317,7 @@ def check_tokenizers(teacher_tok, student_tok, teacher_name: str, student_name: 
     if not problems and teacher_tok.encode(probe) != student_tok.encode(probe):
         problems.append("same vocabulary but the tokenizers split text differently (pre-tokenizer or normalizer)")
     if problems:
-        raise UserError(f"{teacher_name} and {student_name} are not tokenizer-compatible: "
-                        + "; ".join(problems))
+        raise UserError(f"{teacher_name} and {student_name} are not tokenizer-compatible: " + "; ".join(problems))
 
 
 def prune_layers(model: nn.Module, config: dict, keep: list[int]) -> dict:

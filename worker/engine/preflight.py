@@ -13,10 +13,11 @@ import struct
 import sys
 from pathlib import Path
 
+from distillery_contract.specs import DistillSpec
+
 from . import data as data_mod
 from . import models
 from .errors import ResourceError, UserError
-from distillery_contract.specs import DistillSpec
 
 GiB = 1 << 30
 
@@ -46,15 +47,21 @@ def count_parameters(model_dir: Path) -> int:
 
 def count_unpacked_quantized(model_dir: Path, bits: int) -> int:
     """Weights held in an already-quantized folder's packed uint32 matrices."""
-    return sum(_size(shape) * 32 // bits for name, shape, dtype in _tensor_shapes(model_dir, with_dtype=True)
-               if dtype == "U32" and name.endswith(".weight"))
+    return sum(
+        _size(shape) * 32 // bits
+        for name, shape, dtype in _tensor_shapes(model_dir, with_dtype=True)
+        if dtype == "U32" and name.endswith(".weight")
+    )
 
 
 def count_quantizable(model_dir: Path, group_size: int) -> int:
     """Weights `student.quantize` quantizes: the matrices (linear and embedding weights) whose rows split into
     groups of `group_size`."""
-    return sum(_size(shape) for name, shape in _tensor_shapes(model_dir)
-               if name.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0)
+    return sum(
+        _size(shape)
+        for name, shape in _tensor_shapes(model_dir)
+        if name.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0
+    )
 
 
 def available_memory() -> int:
@@ -95,8 +102,11 @@ def memory_estimate(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Pat
     trainable = p_student if spec.adapter.type == "full" else 0
     # a quantized student: bits/8 bytes per quantized weight plus a float32 scale and bias per group
     # (the rest, e.g. norms, stays float32)
-    student_bytes = (4 * (p_student - p_quant) + p_quant * q.bits // 8 + 8 * p_quant // q.group_size
-                     if q is not None else 4 * p_student)
+    student_bytes = (
+        4 * (p_student - p_quant) + p_quant * q.bits // 8 + 8 * p_quant // q.group_size
+        if q is not None
+        else 4 * p_student
+    )
     est = {
         "student_weights": student_bytes,
         "optimizer_and_grads": 12 * trainable + 12 * (p_student // 50 if spec.adapter.type != "full" else 0),
@@ -104,7 +114,7 @@ def memory_estimate(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Pat
         # (logits, their softmax, the gradient, the loss's temporaries)
         "activations": 4 * b * seq * (34 * hidden * layers + 4 * vocab),
     }
-    given = models.quantization_of(cfg)   # a student that is quantized already (student.quantize refuses it)
+    given = models.quantization_of(cfg)  # a student that is quantized already (student.quantize refuses it)
     if q is None and given is not None and isinstance(given.get("bits"), int):
         p_quant = count_unpacked_quantized(student_dir, given["bits"])
         if spec.student.keep_layers:
@@ -113,7 +123,7 @@ def memory_estimate(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Pat
         # DoRA layers, and the CPU's dequantize-then-matmul layers (models.DequantizedLinear), dequantize their
         # weights in the forward pass and the backward keeps those float32 matrices
         est["dequantized_weights"] = 4 * p_quant
-    if spec.teacher_mode == "online":   # teachers run at full precision, whatever the student's quantization
+    if spec.teacher_mode == "online":  # teachers run at full precision, whatever the student's quantization
         est["teacher_weights"] = sum(4 * count_parameters(t) for t in teacher_dirs)
         est["teacher_logits"] = 4 * b * seq * vocab * len(teacher_dirs)
     est["total"] = sum(est.values())
@@ -131,13 +141,15 @@ def check_memory(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Path])
     have = available_memory()
     if os.environ.get("DISTILLERY_SKIP_MEMORY_CHECK") != "1" and est["total"] > 0.9 * have:
         parts = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in est.items() if k != "total")
-        raise UserError(f"not enough memory: the run needs about {est['total'] / GiB:.1f} GiB ({parts}) and "
-                        f"{have / GiB:.1f} GiB is available; lower training.batch_size or training.max_seq_len"
-                        + (", or use teacher_mode: offline" if spec.teacher_mode == "online" else ""))
+        raise UserError(
+            f"not enough memory: the run needs about {est['total'] / GiB:.1f} GiB ({parts}) and "
+            f"{have / GiB:.1f} GiB is available; lower training.batch_size or training.max_seq_len"
+            + (", or use teacher_mode: offline" if spec.teacher_mode == "online" else "")
+        )
     return {**est, "available": have}
 
 
-DISK_MARGIN = 1.1              # what a run writes, plus this fraction, plus DISK_SLACK must be free
+DISK_MARGIN = 1.1  # what a run writes, plus this fraction, plus DISK_SLACK must be free
 DISK_SLACK = 64 << 20
 
 
@@ -147,9 +159,11 @@ def check_disk(path: Path, needed: int, what: str) -> dict[str, int]:
     path.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path).free
     if os.environ.get("DISTILLERY_SKIP_DISK_CHECK") != "1" and free < needed * DISK_MARGIN + DISK_SLACK:
-        raise ResourceError(f"not enough disk space in {path}: {what} needs about {_human(needed)} and "
-                            f"{_human(free)} is free; free some space (e.g. delete finished jobs' files with "
-                            "DELETE /v1/jobs/{id}/files) and submit again")
+        raise ResourceError(
+            f"not enough disk space in {path}: {what} needs about {_human(needed)} and "
+            f"{_human(free)} is free; free some space (e.g. delete finished jobs' files with "
+            "DELETE /v1/jobs/{id}/files) and submit again"
+        )
     return {"needed": needed, "free": free}
 
 
@@ -157,12 +171,15 @@ def run_disk_estimate(spec: DistillSpec, trainable: int, parameters: int, studen
     """Bytes a distill run writes into its folder once the student is built: checkpoints (weights and AdamW's
     two moments of every trainable parameter, float32) as many as are kept at once, the adapter, `fused/`."""
     checkpoint = 12 * trainable
-    kept = spec.training.keep_checkpoints + 3   # + the best (two versions while it moves) + one being written
+    kept = spec.training.keep_checkpoints + 3  # + the best (two versions while it moves) + one being written
     est = {"checkpoints": checkpoint * kept, "adapter": 4 * trainable}
     if spec.output.fuse:
         on_disk = sum(f.stat().st_size for f in student_dir.glob("*.safetensors"))
-        est["fused"] = max(on_disk, 2 * parameters) if models.quantization_of(
-            json.loads((student_dir / "config.json").read_text())) else on_disk
+        est["fused"] = (
+            max(on_disk, 2 * parameters)
+            if models.quantization_of(json.loads((student_dir / "config.json").read_text()))
+            else on_disk
+        )
     est["total"] = sum(est.values())
     return est
 
@@ -184,15 +201,22 @@ def check_student(spec: DistillSpec, student_dir: Path, adapter_dir: Path | None
 
 
 def check_chat_template(fmt: str, tokenizer, name: str, dataset: Path) -> None:
-    if data_mod.needs_chat_template(fmt) and not getattr(tokenizer, "has_chat_template", False) \
-            and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{dataset.name} is chat data but {name} has no chat template "
-                        f"(add `chat_template` to its tokenizer_config.json)")
+    if (
+        data_mod.needs_chat_template(fmt)
+        and not getattr(tokenizer, "has_chat_template", False)
+        and not getattr(tokenizer, "chat_template", None)
+    ):
+        raise UserError(
+            f"{dataset.name} is chat data but {name} has no chat template "
+            f"(add `chat_template` to its tokenizer_config.json)"
+        )
 
 
 def check_models(student_dir: Path, teacher_dirs: list[Path]):
     """Load the tokenizers and check each teacher against the student. Returns the student's tokenizer."""
     student_tok = models.load_tokenizer(student_dir)
     for t in teacher_dirs:
-        models.check_tokenizers(models.load_tokenizer(t), student_tok, f"teacher {t.name}", f"student {student_dir.name}")
+        models.check_tokenizers(
+            models.load_tokenizer(t), student_tok, f"teacher {t.name}", f"student {student_dir.name}"
+        )
     return student_tok

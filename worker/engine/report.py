@@ -71,11 +71,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-PREF_NOTE = ("Each response is scored by log p(response | prompt). *summed*: over the response's tokens, so a "
-             "longer response scores lower and a model that favours short answers can fall below chance; "
-             "*per token*: that sum divided by the response's token count (length-normalised). Accuracy: chosen "
-             "scores higher than rejected; agreement: the model orders the pair as the reference does. "
-             "A tie (exactly equal scores) counts as half a pair.")
+PREF_NOTE = (
+    "Each response is scored by log p(response | prompt). *summed*: over the response's tokens, so a "
+    "longer response scores lower and a model that favours short answers can fall below chance; "
+    "*per token*: that sum divided by the response's token count (length-normalised). Accuracy: chosen "
+    "scores higher than rejected; agreement: the model orders the pair as the reference does. "
+    "A tie (exactly equal scores) counts as half a pair."
+)
 
 
 def _pref_table(rows: list[dict]) -> list[str]:
@@ -83,14 +85,21 @@ def _pref_table(rows: list[dict]) -> list[str]:
     shown = [r for r in rows if "pref_accuracy" in r["metrics"]]
     if not shown:
         return []
-    header = ["model", "accuracy (summed)", "accuracy (per token)", "agreement (summed)", "agreement (per token)",
-              "ties (summed / per token)"]
+    header = [
+        "model",
+        "accuracy (summed)",
+        "accuracy (per token)",
+        "agreement (summed)",
+        "agreement (per token)",
+        "ties (summed / per token)",
+    ]
 
     def line(r):
         m = r["metrics"]
         values = [m.get(k) for k in ("pref_accuracy", "pref_accuracy_norm", "pref_agreement", "pref_agreement_norm")]
         ties = f"{m.get('pref_ties', '–')} / {m.get('pref_ties_norm', '–')} of {m.get('pref_n', '–')}"
         return [r["label"]] + [_pct(v) if v is not None else "–" for v in values] + [ties]
+
     return ["", "## Preference", "", PREF_NOTE, "", _table(header, [line(r) for r in shown])]
 
 
@@ -107,9 +116,15 @@ def _subject_table(rows: list[dict], key: str, title: str) -> list[str]:
             return "–"
         norm = f" / {_pct(v['accuracy_norm'])}" if "accuracy_norm" in v else ""
         return f"{_pct(v['accuracy'])}{norm} (n={v['n']})"
+
     note = ["Each cell: accuracy summed / per token (length-normalised), and the subject's count.", ""] if both else []
-    return ["", f"## {title}", "", *note,
-            _table(["subject"] + [r["label"] for r in rows], [[s] + [cell(r, s) for r in rows] for s in subjects])]
+    return [
+        "",
+        f"## {title}",
+        "",
+        *note,
+        _table(["subject"] + [r["label"] for r in rows], [[s] + [cell(r, s) for r in rows] for s in subjects]),
+    ]
 
 
 def write_markdown(report: dict) -> str:
@@ -120,13 +135,23 @@ def write_markdown(report: dict) -> str:
     keep = [j for j in range(len(COLUMNS)) if any(c[j] is not None for c in cells)]
     ref = next(r for r in rows if r["label"] == report["reference"])
     name = lambda r: f"**{r['label']}**" if r is ref else r["label"]  # noqa: E731
-    out = ["# Benchmark", "",
-           f"Reference: **{ref['label']}** (`{ref['model']}`), the bold row. Created {report.get('created_at', '')}; "
-           f"KL over the {report.get('kl_method', 'full')} vocabulary at T = 1.", ""]
+    out = [
+        "# Benchmark",
+        "",
+        f"Reference: **{ref['label']}** (`{ref['model']}`), the bold row. Created {report.get('created_at', '')}; "
+        f"KL over the {report.get('kl_method', 'full')} vocabulary at T = 1.",
+        "",
+    ]
     for slot, d in report.get("data", {}).items():
         out.append(f"- `{slot}`: {d['file']} ({d['format']}, {d['records']} records)")
-    out += ["", _table(["model"] + [COLUMNS[j][0] for j in keep],
-                       [[name(r)] + [c[j] or "–" for j in keep] for r, c in zip(rows, cells)]), ""]
+    out += [
+        "",
+        _table(
+            ["model"] + [COLUMNS[j][0] for j in keep],
+            [[name(r)] + [c[j] or "–" for j in keep] for r, c in zip(rows, cells)],
+        ),
+        "",
+    ]
     for r in rows:
         extra = [f"model `{r['model']}`"] + ([f"adapter `{r['adapter']}`"] if r.get("adapter") else [])
         out.append(f"- {r['label']}: " + ", ".join(extra))
@@ -144,21 +169,40 @@ def write_markdown(report: dict) -> str:
 
 # file → (title, [(panel title, metric key, log scale, value format)])
 BAR_CHARTS = {
-    "quality.png": ("Quality vs the reference", [
-        ("perplexity (log)", "ppl", True, _num), ("KL(reference ‖ model)", "kl", False, lambda v: f"{v:.3f}"),
-        ("top-1 agreement", "top1_agreement", False, _pct), ("top-5 agreement", "top5_agreement", False, _pct)]),
-    "tasks.png": ("Tasks", [
-        ("MCQ accuracy (summed)", "mcq_accuracy", False, _pct),
-        ("MCQ accuracy (per token)", "mcq_accuracy_norm", False, _pct),
-        ("preference accuracy (summed)", "pref_accuracy", False, _pct),
-        ("preference accuracy (per token)", "pref_accuracy_norm", False, _pct)]),
-    "speed.png": ("Speed and memory", [
-        ("prefill tokens/s", "prefill_tokens_per_second", False, _num),
-        ("decode tokens/s", "decode_tokens_per_second", False, _num),
-        ("peak memory", "peak_memory_bytes", False, _bytes)]),
-    "size.png": ("Size", [
-        ("parameters", "parameters", False, _count), ("size on disk", "size_bytes", False, _bytes),
-        ("compression (params)", "compression_ratio_params", False, lambda v: f"{v:.2f}×")]),
+    "quality.png": (
+        "Quality vs the reference",
+        [
+            ("perplexity (log)", "ppl", True, _num),
+            ("KL(reference ‖ model)", "kl", False, lambda v: f"{v:.3f}"),
+            ("top-1 agreement", "top1_agreement", False, _pct),
+            ("top-5 agreement", "top5_agreement", False, _pct),
+        ],
+    ),
+    "tasks.png": (
+        "Tasks",
+        [
+            ("MCQ accuracy (summed)", "mcq_accuracy", False, _pct),
+            ("MCQ accuracy (per token)", "mcq_accuracy_norm", False, _pct),
+            ("preference accuracy (summed)", "pref_accuracy", False, _pct),
+            ("preference accuracy (per token)", "pref_accuracy_norm", False, _pct),
+        ],
+    ),
+    "speed.png": (
+        "Speed and memory",
+        [
+            ("prefill tokens/s", "prefill_tokens_per_second", False, _num),
+            ("decode tokens/s", "decode_tokens_per_second", False, _num),
+            ("peak memory", "peak_memory_bytes", False, _bytes),
+        ],
+    ),
+    "size.png": (
+        "Size",
+        [
+            ("parameters", "parameters", False, _count),
+            ("size on disk", "size_bytes", False, _bytes),
+            ("compression (params)", "compression_ratio_params", False, lambda v: f"{v:.2f}×"),
+        ],
+    ),
 }
 
 
@@ -193,8 +237,13 @@ def _bar_chart(rows: list[dict], panels: list, title: str, path: Path) -> bool:
         colors = ["0.6" if r.get("is_reference") else "C0" for r in shown]
         bars = ax.bar(range(len(shown)), values, color=colors)
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
-        ax.set_xticks(range(len(shown)), [r["label"] for r in shown], rotation=30 if len(shown) > 3 else 0,
-                      ha="right" if len(shown) > 3 else "center", fontsize=8)
+        ax.set_xticks(
+            range(len(shown)),
+            [r["label"] for r in shown],
+            rotation=30 if len(shown) > 3 else 0,
+            ha="right" if len(shown) > 3 else "center",
+            fontsize=8,
+        )
         if log and all(v > 0 for v in values):
             ax.set_yscale("log")
         ax.margins(y=0.15)

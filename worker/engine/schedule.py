@@ -12,11 +12,11 @@ from distillery_contract.specs import LossSpec, ParamGroup, TrainingSpec
 class Stage:
     index: int
     name: str
-    start: int          # first global step (0-based) of the stage
+    start: int  # first global step (0-based) of the stage
     steps: int
     learning_rate: float
     warmup_steps: int
-    loss: LossSpec      # the run's loss with the stage's overrides applied
+    loss: LossSpec  # the run's loss with the stage's overrides applied
     param_groups: list[ParamGroup]
 
     @property
@@ -34,18 +34,22 @@ def stages(training: TrainingSpec, loss: LossSpec, learning_rate: float | None =
             raise ValueError("learning_rate is 'auto': pass the rate the search chose")
         learning_rate = float(training.learning_rate)
     if not training.stages:
-        return [Stage(0, "main", 0, training.steps, learning_rate, training.warmup_steps, loss,
-                      training.param_groups)]
+        return [Stage(0, "main", 0, training.steps, learning_rate, training.warmup_steps, loss, training.param_groups)]
     out, start = [], 0
     for i, s in enumerate(training.stages):
         overrides = s.loss.model_dump(exclude_none=True) if s.loss else {}
-        out.append(Stage(
-            index=i, name=s.name or f"stage{i + 1}", start=start, steps=s.steps,
-            learning_rate=s.learning_rate or learning_rate,
-            warmup_steps=s.warmup_steps if s.warmup_steps is not None else (training.warmup_steps if i == 0 else 0),
-            loss=loss.model_copy(update=overrides),
-            param_groups=s.param_groups if s.param_groups is not None else training.param_groups,
-        ))
+        out.append(
+            Stage(
+                index=i,
+                name=s.name or f"stage{i + 1}",
+                start=start,
+                steps=s.steps,
+                learning_rate=s.learning_rate or learning_rate,
+                warmup_steps=s.warmup_steps if s.warmup_steps is not None else (training.warmup_steps if i == 0 else 0),
+                loss=loss.model_copy(update=overrides),
+                param_groups=s.param_groups if s.param_groups is not None else training.param_groups,
+            )
+        )
         start += s.steps
     return out
 

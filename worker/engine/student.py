@@ -21,9 +21,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRAEmbedding
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from distillery_contract.specs import AdapterSpec, ParamGroup, StudentSpec
+
 from . import models
 from .errors import UserError
-from distillery_contract.specs import AdapterSpec, ParamGroup, StudentSpec
 
 
 @dataclass
@@ -31,20 +32,29 @@ class Student:
     model: nn.Module
     tokenizer: object
     config: dict
-    path: Path             # the folder the adapter loads onto (the source, or the pruned/quantized `student/` we wrote)
-    adapter_config: dict   # adapter_config.json as mlx-lm reads it
+    path: Path  # the folder the adapter loads onto (the source, or the pruned/quantized `student/` we wrote)
+    adapter_config: dict  # adapter_config.json as mlx-lm reads it
 
 
 def adapter_config(adapter: AdapterSpec, num_layers: int) -> dict:
-    cfg = {"fine_tune_type": adapter.type, "num_layers": num_layers if adapter.layers == -1 else adapter.layers,
-           "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale, "dropout": adapter.dropout}}
+    cfg = {
+        "fine_tune_type": adapter.type,
+        "num_layers": num_layers if adapter.layers == -1 else adapter.layers,
+        "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale, "dropout": adapter.dropout},
+    }
     if adapter.keys:
         cfg["lora_parameters"]["keys"] = list(adapter.keys)
     return cfg
 
 
-def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out_dir: Path,
-                  adapter_path: Path | None = None, adapter_fields_set: set[str] | None = None) -> Student:
+def build_student(
+    spec: StudentSpec,
+    adapter: AdapterSpec,
+    model_path: Path,
+    out_dir: Path,
+    adapter_path: Path | None = None,
+    adapter_fields_set: set[str] | None = None,
+) -> Student:
     """Load, prune, quantize (writing `out_dir/student/` when pruned or quantized), apply the starting adapter
     or a fresh one."""
     start_cfg = json.loads((adapter_path / "adapter_config.json").read_text()) if adapter_path is not None else None
@@ -55,8 +65,9 @@ def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out
     if adapter_path is not None:
         _check_starting_adapter(start_cfg, adapter, adapter_fields_set or set())
         # applies its LoRA layers and weights (frozen for now)
-        load_adapter(model, adapter_path, f"student.adapter: {adapter_path.name} does not fit student model "
-                                          f"{model_path.name}")
+        load_adapter(
+            model, adapter_path, f"student.adapter: {adapter_path.name} does not fit student model {model_path.name}"
+        )
         acfg = start_cfg
     dtype = models.source_dtype(model_path)
     if spec.keep_layers is not None:
@@ -68,7 +79,7 @@ def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out
     if spec.keep_layers is not None or spec.quantize is not None:
         path = out_dir / "student"
         _save_base(model, config, model_path, path, dtype)
-    models.dequantized_compute(model)   # a quantized student (ours or given) at OpenBLAS speed on the CPU
+    models.dequantized_compute(model)  # a quantized student (ours or given) at OpenBLAS speed on the CPU
     n_layers = len(model.layers)
     if adapter_path is None:
         acfg = adapter_config(adapter, n_layers)
@@ -76,11 +87,15 @@ def build_student(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, out
             raise UserError(f"adapter.layers: {adapter.layers} > the student's {n_layers} layers")
         if adapter.type in ("lora", "dora"):
             try:
-                linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"], use_dora=adapter.type == "dora")
+                linear_to_lora_layers(
+                    model, acfg["num_layers"], acfg["lora_parameters"], use_dora=adapter.type == "dora"
+                )
             except ValueError as e:
                 raise UserError(f"adapter: {e}") from None
     else:  # after pruning, the adapted layers are the kept ones from the first adapted layer on
-        adapted = [i for i, layer in enumerate(model.layers) if any(hasattr(m, "lora_a") for _, m in layer.named_modules())]
+        adapted = [
+            i for i, layer in enumerate(model.layers) if any(hasattr(m, "lora_a") for _, m in layer.named_modules())
+        ]
         acfg = dict(acfg, num_layers=n_layers - adapted[0] if adapted else n_layers)
     if spec.quantize is not None:
         _check_quantized_adapters(model)
@@ -103,20 +118,26 @@ def check_quantize(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, ad
     start_cfg = json.loads((adapter_path / "adapter_config.json").read_text()) if adapter_path is not None else None
     already = models.quantization_of(models.read_config(model_path))
     if already is not None:
-        raise UserError(f"student.quantize: student model {model_path.name} is already quantized at "
-                        f"{already.get('bits', '?')} bits (group size {already.get('group_size', '?')}); "
-                        "give its full-precision model, or drop student.quantize to train an adapter on it as is")
+        raise UserError(
+            f"student.quantize: student model {model_path.name} is already quantized at "
+            f"{already.get('bits', '?')} bits (group size {already.get('group_size', '?')}); "
+            "give its full-precision model, or drop student.quantize to train an adapter on it as is"
+        )
     kind = start_cfg.get("fine_tune_type", "lora") if start_cfg is not None else adapter.type
     if kind == "full":
         field = "student.adapter" if start_cfg is not None else "adapter.type"
         what = "a full fine-tuning starting adapter" if start_cfg is not None else "full"
-        raise UserError(f"{field}: {what} cannot be combined with student.quantize: quantized weights do not "
-                        "train; use a lora or dora adapter on the quantized student")
+        raise UserError(
+            f"{field}: {what} cannot be combined with student.quantize: quantized weights do not "
+            "train; use a lora or dora adapter on the quantized student"
+        )
     if kind == "dora" and q.bits not in DORA_QUANTIZE_BITS:
         field = "student.adapter" if start_cfg is not None and adapter.type != "dora" else "adapter.type"
-        raise UserError(f"{field}: dora on a {q.bits}-bit student is not supported by mlx-lm (its DoRA layer "
-                        f"gets the input size of 3/5/6-bit layers wrong); use student.quantize.bits 2, 4 or 8, "
-                        "or a lora adapter")
+        raise UserError(
+            f"{field}: dora on a {q.bits}-bit student is not supported by mlx-lm (its DoRA layer "
+            f"gets the input size of 3/5/6-bit layers wrong); use student.quantize.bits 2, 4 or 8, "
+            "or a lora adapter"
+        )
     models.check_group_size(models.skeleton(model_path), q.group_size)
 
 
@@ -124,13 +145,13 @@ def _quantize_base(model: nn.Module, config: dict, q, dtype: mx.Dtype) -> dict:
     """Quantize the base layers; a starting adapter's LoRA/DoRA layers keep wrapping them, as when mlx-lm loads
     that adapter onto the quantized folder."""
     wrapped = [(name, m, _base_attr(m)) for name, m in model.named_modules() if _base_attr(m)]
-    if wrapped:   # quantize the plain model, so paths (and the model's quant_predicate) are what mlx-lm sees
+    if wrapped:  # quantize the plain model, so paths (and the model's quant_predicate) are what mlx-lm sees
         model.update_modules(tree_unflatten([(name, m[attr]) for name, m, attr in wrapped]))
     config = models.quantize(model, config, bits=q.bits, group_size=q.group_size, storage_dtype=dtype)
     if wrapped:
         modules = dict(model.named_modules())
         for name, m, attr in wrapped:
-            setattr(m, attr, modules[name])   # plain attribute: a DoRA layer keeps its loaded magnitude `m`
+            setattr(m, attr, modules[name])  # plain attribute: a DoRA layer keeps its loaded magnitude `m`
         model.update_modules(tree_unflatten([(name, m) for name, m, _ in wrapped]))
     return config
 
@@ -145,8 +166,10 @@ def _base_attr(module: nn.Module) -> str | None:
 def _check_quantized_adapters(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, DoRAEmbedding) and isinstance(m.embedding, nn.QuantizedEmbedding):
-            raise UserError(f"adapter.keys: dora cannot adapt the quantized embedding {name} (mlx-lm's DoRA "
-                            "embedding has no quantized form); use lora, or leave embeddings out of adapter.keys")
+            raise UserError(
+                f"adapter.keys: dora cannot adapt the quantized embedding {name} (mlx-lm's DoRA "
+                "embedding has no quantized form); use lora, or leave embeddings out of adapter.keys"
+            )
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, refusal: str) -> None:
@@ -168,14 +191,18 @@ def _check_starting_adapter(start: dict, adapter: AdapterSpec, fields_set: set[s
     theirs = {"type": start.get("fine_tune_type", "lora"), "rank": lora.get("rank"), "scale": lora.get("scale")}
     for field in ("type", "rank", "scale"):
         if field in fields_set and theirs[field] is not None and getattr(adapter, field) != theirs[field]:
-            raise UserError(f"adapter.{field}: {getattr(adapter, field)!r} contradicts the starting adapter's "
-                            f"{theirs[field]!r} (student.adapter); omit it or make them equal")
+            raise UserError(
+                f"adapter.{field}: {getattr(adapter, field)!r} contradicts the starting adapter's "
+                f"{theirs[field]!r} (student.adapter); omit it or make them equal"
+            )
 
 
 def _save_base(model: nn.Module, config: dict, source: Path, out: Path, dtype: mx.Dtype) -> None:
     """Write the base weights (pruned and/or quantized, without any LoRA parameters) as a plain mlx-lm folder."""
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in _base_weights(model).items()}
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in _base_weights(model).items()
+    }
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     models.save_config(config, out)
     models.copy_tokenizer(source, out)
@@ -191,8 +218,8 @@ def _base_weights(model: nn.Module) -> dict[str, mx.array]:
             continue
         parts = name.split(".")
         for i in range(1, len(parts) - 1):
-            if wrappers.get(".".join(parts[:i])) == parts[i]:   # `q_proj.linear.weight` -> `q_proj.weight`
-                name = ".".join(parts[:i] + parts[i + 1:])
+            if wrappers.get(".".join(parts[:i])) == parts[i]:  # `q_proj.linear.weight` -> `q_proj.weight`
+                name = ".".join(parts[:i] + parts[i + 1 :])
                 break
         base[name] = value
     return base

@@ -32,23 +32,25 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from distillery_contract.specs import DistillSpec, TrainingSpec
+
 from . import data as data_mod
-from . import evaluate, guard as guard_mod, losses, lr_search, schedule
+from . import evaluate, losses, lr_search, schedule
+from . import guard as guard_mod
 from . import student as student_mod
 from .batches import Split
 from .checkpoints import Checkpoints
 from .errors import Cancelled
-from distillery_contract.specs import DistillSpec, TrainingSpec
 
 
 @dataclass
 class Hooks:
     """How the caller (CLI or worker) hears about the run and asks it to stop."""
 
-    on_metrics: Callable[[dict], None] | None = None            # every logged record (train step or eval)
-    on_event: Callable[[str, str, dict], None] | None = None    # (kind, message, data)
+    on_metrics: Callable[[dict], None] | None = None  # every logged record (train step or eval)
+    on_event: Callable[[str, str, dict], None] | None = None  # (kind, message, data)
     on_checkpoint: Callable[[int, Path], None] | None = None
-    should_stop: Callable[[], bool] | None = None               # cooperative cancellation
+    should_stop: Callable[[], bool] | None = None  # cooperative cancellation
 
     def metrics(self, record: dict) -> None:
         if self.on_metrics:
@@ -66,7 +68,7 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens: int = 0
     wall_seconds: float = 0.0
-    learning_rate: float | None = None       # the peak rate: the spec's, or the one the search chose
+    learning_rate: float | None = None  # the peak rate: the spec's, or the one the search chose
     lr_search: dict | None = None
     best_step: int | None = None
     best_val_kl: float = math.inf
@@ -75,8 +77,8 @@ class TrainState:
     last_eval: dict = field(default_factory=dict)
     best_eval: dict = field(default_factory=dict)
     stopped_early: bool = False
-    stop_reason: str | None = None           # None while running; "early_stopping" or "diverged" when cut short
-    lr_scale: float = 1.0                    # lowered by each rollback
+    stop_reason: str | None = None  # None while running; "early_stopping" or "diverged" when cut short
+    lr_scale: float = 1.0  # lowered by each rollback
     rollbacks: list = field(default_factory=list)
     skipped_steps: int = 0
     recent_losses: list = field(default_factory=list)
@@ -103,18 +105,24 @@ class BatchOrder:
 @dataclass
 class StepResult:
     loss: float
-    grad_norm: float          # before clipping
+    grad_norm: float  # before clipping
     target_tokens: int
     tokens: int
-    grads: dict               # averaged and clipped
+    grads: dict  # averaged and clipped
     verdict: guard_mod.Verdict = field(default_factory=lambda: guard_mod.Verdict(guard_mod.OK))  # OK: applied
 
 
 class Trainer:
     """The model, its data and its loss: takes training steps (`train_step`), evaluates."""
 
-    def __init__(self, student: student_mod.Student, train_split: Split, valid_split: Split, tr: TrainingSpec,
-                 weights: losses.FixedWeights):
+    def __init__(
+        self,
+        student: student_mod.Student,
+        train_split: Split,
+        valid_split: Split,
+        tr: TrainingSpec,
+        weights: losses.FixedWeights,
+    ):
         self.model, self.acfg = student.model, student.adapter_config
         self.train_split, self.valid_split, self.tr, self.weights = train_split, valid_split, tr, weights
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
@@ -125,8 +133,15 @@ class Trainer:
         logits = model(tokens[:, :-1])
         return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, self.weights, loss_cfg)
 
-    def train_step(self, state: TrainState, loss_cfg, optimizer, *, seed_step: int,
-                   check: Callable[[StepResult], guard_mod.Verdict] | None = None) -> StepResult:
+    def train_step(
+        self,
+        state: TrainState,
+        loss_cfg,
+        optimizer,
+        *,
+        seed_step: int,
+        check: Callable[[StepResult], guard_mod.Verdict] | None = None,
+    ) -> StepResult:
         """One optimizer step at the optimizer's current learning rate: the micro-batches taken from `state`'s
         data position (which advances), the random key reseeded from (seed, `seed_step`) for dropout, the
         averaged and clipped gradients, then the AdamW update, unless `check` (called with the result before
@@ -155,7 +170,7 @@ class Trainer:
             grads = tree_map(lambda g: g / self.tr.grad_accum, grads)
         if self.tr.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, self.tr.max_grad_norm)
-        else:   # the guard watches the norm even when nothing clips it
+        else:  # the guard watches the norm even when nothing clips it
             norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads)
 
@@ -201,9 +216,16 @@ def set_learning_rate(optimizer, lr: float) -> None:
         sub.learning_rate = lr * mult
 
 
-def train(student: student_mod.Student, train_split: Split, valid_split: Split, spec: DistillSpec,
-          teacher_weights: list[float], out_dir: Path, hooks: Hooks,
-          on_progress: Callable[[dict], None] | None = None) -> TrainState:
+def train(
+    student: student_mod.Student,
+    train_split: Split,
+    valid_split: Split,
+    spec: DistillSpec,
+    teacher_weights: list[float],
+    out_dir: Path,
+    hooks: Hooks,
+    on_progress: Callable[[dict], None] | None = None,
+) -> TrainState:
     tr = spec.training
     trainer = Trainer(student, train_split, valid_split, tr, losses.FixedWeights(teacher_weights))
     model, acfg = trainer.model, trainer.acfg
@@ -218,8 +240,12 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
 
     def run_eval(step: int) -> dict:
         t0 = time.perf_counter()
-        record = {"step": step, "kind": "eval", **trainer.evaluate(tr.eval_batches),
-                  "eval_seconds": time.perf_counter() - t0}
+        record = {
+            "step": step,
+            "kind": "eval",
+            **trainer.evaluate(tr.eval_batches),
+            "eval_seconds": time.perf_counter() - t0,
+        }
         log(record)
         return record
 
@@ -235,7 +261,7 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
         hooks.event("resumed", f"resumed from checkpoint at step {state.step}", step=state.step)
     else:
         metrics_path.unlink(missing_ok=True)
-        ckpts.drop_after(-1)   # best checkpoints of a run killed before its first step checkpoint
+        ckpts.drop_after(-1)  # best checkpoints of a run killed before its first step checkpoint
         state = TrainState()
         state.initial = state.last_eval = run_eval(0)
         state.learning_rate, state.lr_search = _peak_rate(trainer, spec, state, hooks)
@@ -250,9 +276,14 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
         """Back to the best checkpoint with a lower rate; None when the rollbacks are used up (stop)."""
         if len(state.rollbacks) >= tr.divergence_guard.max_rollbacks:
             state.stop_reason = "diverged"
-            hooks.event("diverged", f"training diverged at step {state.step} ({reason}) after "
-                        f"{len(state.rollbacks)} rollbacks; stopping, the best checkpoint (step {state.best_step}) "
-                        "is kept", step=state.step, reason=reason)
+            hooks.event(
+                "diverged",
+                f"training diverged at step {state.step} ({reason}) after "
+                f"{len(state.rollbacks)} rollbacks; stopping, the best checkpoint (step {state.best_step}) "
+                "is kept",
+                step=state.step,
+                reason=reason,
+            )
             return None
         best = ckpts.best_path(state.best_step)
         fresh = _setup_stage(model, acfg, stage, tr.weight_decay)
@@ -260,11 +291,16 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
         Checkpoints.restore(best, model, fresh if same_stage else None)
         state.lr_scale *= tr.divergence_guard.lr_factor
         guard.forget(state)
-        state.rollbacks.append({"step": state.step, "to_step": state.best_step, "reason": reason,
-                                "lr_scale": state.lr_scale})
-        hooks.event("rollback", f"step {state.step}: {reason}; rolled back to step {state.best_step} and the "
-                    f"learning rate scaled to x{state.lr_scale:g} (rollback {len(state.rollbacks)} of "
-                    f"{tr.divergence_guard.max_rollbacks})", **state.rollbacks[-1])
+        state.rollbacks.append(
+            {"step": state.step, "to_step": state.best_step, "reason": reason, "lr_scale": state.lr_scale}
+        )
+        hooks.event(
+            "rollback",
+            f"step {state.step}: {reason}; rolled back to step {state.best_step} and the "
+            f"learning rate scaled to x{state.lr_scale:g} (rollback {len(state.rollbacks)} of "
+            f"{tr.divergence_guard.max_rollbacks})",
+            **state.rollbacks[-1],
+        )
         return fresh
 
     while state.step < tr.steps and state.stop_reason is None:
@@ -280,24 +316,41 @@ def train(student: student_mod.Student, train_split: Split, valid_split: Split, 
         set_learning_rate(optimizer, lr)
 
         t0 = time.perf_counter()
-        result = trainer.train_step(state, stage.loss, optimizer, seed_step=state.step,
-                                    check=lambda r: guard.check_step(state, r.loss, r.grad_norm))
+        result = trainer.train_step(
+            state,
+            stage.loss,
+            optimizer,
+            seed_step=state.step,
+            check=lambda r: guard.check_step(state, r.loss, r.grad_norm),
+        )
         verdict = result.verdict
         dt = time.perf_counter() - t0
 
         state.step += 1
         state.tokens += result.tokens
         state.wall_seconds += dt
-        record = {"step": state.step, "kind": "train", "stage": stage.name, "loss": result.loss, "lr": lr,
-                  "target_tokens": result.target_tokens, "tokens": result.tokens,
-                  "tokens_per_second": result.tokens / dt, "grad_norm": result.grad_norm}
+        record = {
+            "step": state.step,
+            "kind": "train",
+            "stage": stage.name,
+            "loss": result.loss,
+            "lr": lr,
+            "target_tokens": result.target_tokens,
+            "tokens": result.tokens,
+            "tokens_per_second": result.tokens / dt,
+            "grad_norm": result.grad_norm,
+        }
         if verdict.action != guard_mod.OK:
             record["guard"] = verdict.action
         log(record)
         if verdict.action == guard_mod.SKIP:
             state.skipped_steps += 1
-            hooks.event("guard", f"step {state.step}: {verdict.reason}; its update is skipped", step=state.step,
-                        reason=verdict.reason)
+            hooks.event(
+                "guard",
+                f"step {state.step}: {verdict.reason}; its update is skipped",
+                step=state.step,
+                reason=verdict.reason,
+            )
         elif verdict.action == guard_mod.ROLLBACK:
             optimizer = roll_back(verdict.reason) or optimizer
         if on_progress:
@@ -334,8 +387,13 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
     stage = schedule.stages(tr, spec.loss, rates[0])[0]
     start_weights = trainer.trainable()
     start_score = trainer.evaluate(tr.lr_search.eval_batches, spread=True)["val_kl"]
-    hooks.event("lr_search", f"searching the learning rate: {len(rates)} trials of {steps} steps "
-                f"({', '.join(f'{r:g}' for r in sorted(rates))})", rates=sorted(rates), steps=steps)
+    hooks.event(
+        "lr_search",
+        f"searching the learning rate: {len(rates)} trials of {steps} steps "
+        f"({', '.join(f'{r:g}' for r in sorted(rates))})",
+        rates=sorted(rates),
+        steps=steps,
+    )
 
     def run_trial(rate: float) -> dict:
         optimizer = _setup_stage(trainer.model, trainer.acfg, stage, tr.weight_decay)
@@ -352,8 +410,12 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
         return {"val_kl": val_kl if math.isfinite(val_kl) else math.inf, "last_loss": losses_seen[-1]}
 
     def on_trial(t: dict) -> None:
-        hooks.event("lr_trial", f"learning rate {t['learning_rate']:g}: val KL {t['val_kl']:.4f} after {steps} "
-                    f"steps (start {start_score:.4f})", **t)
+        hooks.event(
+            "lr_trial",
+            f"learning rate {t['learning_rate']:g}: val KL {t['val_kl']:.4f} after {steps} "
+            f"steps (start {start_score:.4f})",
+            **t,
+        )
 
     result = lr_search.search(rates, steps, start_score, run_trial, on_trial)
     hooks.event("lr_search", f"learning rate {result['chosen']:g} chosen ({result['reason']})", **result)
@@ -364,8 +426,9 @@ def _finite(result: StepResult) -> guard_mod.Verdict:
     """The learning-rate search's check: a trial stops, without the update, at a non-finite loss or gradient."""
     if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
         return guard_mod.Verdict(guard_mod.OK)
-    return guard_mod.Verdict(guard_mod.ROLLBACK, f"non-finite loss or gradient (loss {result.loss}, gradient "
-                             f"norm {result.grad_norm})")
+    return guard_mod.Verdict(
+        guard_mod.ROLLBACK, f"non-finite loss or gradient (loss {result.loss}, gradient norm {result.grad_norm})"
+    )
 
 
 def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) -> optim.Optimizer:
@@ -386,8 +449,12 @@ def _track_best(state: TrainState, tr: TrainingSpec, hooks: Hooks) -> bool:
     patience = tr.early_stopping_patience
     if patience is not None and state.evals_since_best >= patience:
         state.stopped_early, state.stop_reason = True, "early_stopping"
-        hooks.event("early_stopping", f"val KL did not improve for {patience} evaluations; stopping at step "
-                    f"{state.step} (best {state.best_val_kl:.4f} at step {state.best_step})", step=state.step)
+        hooks.event(
+            "early_stopping",
+            f"val KL did not improve for {patience} evaluations; stopping at step "
+            f"{state.step} (best {state.best_val_kl:.4f} at step {state.best_step})",
+            step=state.step,
+        )
     return False
 
 

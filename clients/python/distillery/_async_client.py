@@ -20,9 +20,9 @@ import httpx
 from . import _calls as calls
 from ._base import BaseClient, Call, PartialFile, artifact_target, warn_about
 from ._exceptions import APIConnectionError, APIError, JobFailedError, WaitTimeout, error_for
+from ._jobfile import job_body
 from ._progress import JobProgress
 from ._sse import Message, SSEDecoder
-from ._jobfile import job_body
 from .types import TERMINAL, Artifact, Checkpoint, Dataset, Event, Job, JobState, MetricPoint, Model
 
 
@@ -37,11 +37,18 @@ class AsyncDistillery(BaseClient):
     # Every backoff wait goes through this hook, so a test can record the delays instead of sleeping.
     _sleep = staticmethod(anyio.sleep)
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 http_client: httpx.AsyncClient | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(base_url, api_key, **kw)
         self._http = http_client or httpx.AsyncClient(
-            base_url=self.base_url, headers=self._default_headers(), timeout=self.timeout)
+            base_url=self.base_url, headers=self._default_headers(), timeout=self.timeout
+        )
         self.datasets = AsyncDatasets(self)
         self.models = AsyncModels(self)
         self.jobs = AsyncJobs(self)
@@ -53,22 +60,31 @@ class AsyncDistillery(BaseClient):
         attempt = 0
         while True:
             response = None
-            for f in (call.files or {}).values():   # a retried upload starts its file again
+            for f in (call.files or {}).values():  # a retried upload starts its file again
                 if isinstance(f, tuple) and hasattr(f[1], "seek"):
                     f[1].seek(0)
             try:
-                request = self._http.build_request(call.method, call.path, params=call.params, json=call.json,
-                                                   data=call.data, files=call.files, headers=call.headers,
-                                                   timeout=self._timeout_for(stream, read_timeout))
+                request = self._http.build_request(
+                    call.method,
+                    call.path,
+                    params=call.params,
+                    json=call.json,
+                    data=call.data,
+                    files=call.files,
+                    headers=call.headers,
+                    timeout=self._timeout_for(stream, read_timeout),
+                )
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as e:
                 if not self._should_retry(attempt, None):
-                    raise APIConnectionError(f"{call.method} {self.base_url}{call.path}: {e or type(e).__name__}") from e
+                    raise APIConnectionError(
+                        f"{call.method} {self.base_url}{call.path}: {e or type(e).__name__}"
+                    ) from e
             else:
                 if response.status_code < 400:
                     return response
                 if not self._should_retry(attempt, response):
-                    await response.aread()   # the error's detail is in the body
+                    await response.aread()  # the error's detail is in the body
                     raise error_for(response)
                 await response.aclose()
             await self._sleep(self._delay(attempt, response))
@@ -153,8 +169,14 @@ class AsyncJobs(_Resource):
         """Submit a job from a typed spec (`DistillSpec`...), a `{kind, spec}` dict, or a YAML/JSON file."""
         return await self._client.call(calls.create_job(job_body(spec, parent_id), idempotency_key))
 
-    def list(self, *, status: str | None = None, kind: str | None = None, parent_id: str | None = None,
-             limit: int | None = None) -> AsyncIterator[Job]:
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        parent_id: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[Job]:
         """Every job, newest first; `parent_id` lists a job's children (e.g. its evaluation)."""
         return self._client.pages(lambda after: calls.list_jobs(status, kind, limit, after, parent_id))
 
@@ -203,7 +225,7 @@ class AsyncJobs(_Resource):
                         if message is None:
                             continue
                         if message.event != "state" or message.data != snapshot:
-                            failures = 0   # progress (the same snapshot on each reconnection is none)
+                            failures = 0  # progress (the same snapshot on each reconnection is none)
                         if message.id is not None:
                             after = message.id
                         if message.event == "state":
@@ -211,17 +233,23 @@ class AsyncJobs(_Resource):
                         yield message
                 if status in TERMINAL:
                     return
-            except httpx.TransportError:   # the connection broke mid-stream
+            except httpx.TransportError:  # the connection broke mid-stream
                 if deadline is not None and time.monotonic() >= deadline:
-                    return   # the caller's time is up, not the stream's fault
-            failures += 1    # broke, or closed before the job ended (a proxy's timeout): resume
+                    return  # the caller's time is up, not the stream's fault
+            failures += 1  # broke, or closed before the job ended (a proxy's timeout): resume
             if failures > client.max_retries:
                 raise APIConnectionError(f"lost the event stream of job {id} {failures} times")
             await client._sleep(client._delay(failures - 1, None))
 
     async def wait(
-        self, id: str, *, timeout: float | None = None, progress: bool = False, poll: float = 2.0,
-        on_state: Callable[[JobState], None] | None = None, on_event: Callable[[Event], None] | None = None,
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,
+        progress: bool = False,
+        poll: float = 2.0,
+        on_state: Callable[[JobState], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> Job:
         """Follow the job to its end (over SSE, or by polling where streaming fails) and return it; raise
         `JobFailedError` if it failed or was cancelled, `WaitTimeout` after `timeout` seconds. The callbacks
@@ -229,6 +257,7 @@ class AsyncJobs(_Resource):
         deadline = None if timeout is None else time.monotonic() + timeout
         job = await self.get(id)
         with JobProgress(job.id, job.kind, enabled=progress) as bar:
+
             def state(s: JobState) -> None:
                 bar.update(s)
                 if on_state:
@@ -249,7 +278,7 @@ class AsyncJobs(_Resource):
                 except (APIConnectionError, APIError) as e:
                     if isinstance(e, APIError) and e.status in (401, 403, 404):
                         raise
-                    while True:                     # no event stream here: poll instead
+                    while True:  # no event stream here: poll instead
                         job = await self.get(id)
                         state(JobState(status=job.status, progress=job.progress, summary=job.summary))
                         if job.done:
@@ -261,7 +290,7 @@ class AsyncJobs(_Resource):
             job = await self.get(id)
             state(JobState(status=job.status, progress=job.progress, summary=job.summary))
         if not job.done:
-            raise WaitTimeout(job, timeout)   # the stream stopped at the deadline
+            raise WaitTimeout(job, timeout)  # the stream stopped at the deadline
         if job.status != "succeeded":
             raise JobFailedError(job)
         warn_about(job)
@@ -276,14 +305,21 @@ class AsyncArtifacts(_Resource):
         return await self._client.call(calls.get_artifact(id))
 
     async def download(
-        self, job_id: str, dest: str | Path, *, names: Callable[[str], bool] | None = None,
+        self,
+        job_id: str,
+        dest: str | Path,
+        *,
+        names: Callable[[str], bool] | None = None,
     ) -> list[Path]:
         """Write the job's artifacts under `dest` (keeping folders such as `student/`), each checked against
         its sha256. An interrupted download resumes from its `.part` file with an HTTP Range request."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        return [await self.download_file(a, artifact_target(dest, a)) for a in await self.list(job_id)
-                if names is None or names(a.name)]
+        return [
+            await self.download_file(a, artifact_target(dest, a))
+            for a in await self.list(job_id)
+            if names is None or names(a.name)
+        ]
 
     async def download_file(self, artifact: Artifact, target: str | Path) -> Path:
         """One artifact to `target`, resumed from `<target>.part` if one is there; nothing fetched if `target`
@@ -294,13 +330,13 @@ class AsyncArtifacts(_Resource):
         attempt = 0
         while True:
             try:
-                call = calls.artifact_content(artifact.id, part.request_headers())   # Range: from what we have
+                call = calls.artifact_content(artifact.id, part.request_headers())  # Range: from what we have
                 async with self._client.stream(call) as response:
                     with part.begin(response) as fh:
                         async for chunk in response.aiter_bytes():
                             part.write(fh, chunk)
                     return part.finish(response)
-            except httpx.TransportError as e:   # broke mid-body: go on from what arrived
+            except httpx.TransportError as e:  # broke mid-body: go on from what arrived
                 if attempt >= self._client.max_retries:
                     raise APIConnectionError(f"download of {artifact.name} failed: {e}") from e
             await self._client._sleep(self._client._delay(attempt, None))

@@ -45,7 +45,7 @@ class Call:
     data: dict[str, Any] | None = None
     files: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    parse: Callable[[Any], Any] | None = None    # JSON body -> result; None: no body expected
+    parse: Callable[[Any], Any] | None = None  # JSON body -> result; None: no body expected
 
     def __post_init__(self) -> None:
         if self.params:
@@ -76,16 +76,25 @@ class BaseClient:
     """Settings and the retry policy. Arguments win over `DISTILLERY_*` variables, which win over the config
     file (see `_config`)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, profile: str | None = None,
-                 timeout: float | None = None, max_retries: int | None = None, backoff: float = 0.5,
-                 max_backoff: float = 8.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        profile: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+    ) -> None:
         config = resolve_config(base_url, api_key, profile=profile, timeout=timeout, max_retries=max_retries)
         self.base_url = config.base_url
         self.api_key = config.api_key
         self.timeout = httpx.Timeout(config.timeout, connect=min(10.0, config.timeout))
         # an event stream is quiet between events; the server sends a keep-alive every 15 s
-        self._stream_timeout = httpx.Timeout(config.timeout, connect=self.timeout.connect,
-                                             read=max(config.timeout, STREAM_READ_TIMEOUT))
+        self._stream_timeout = httpx.Timeout(
+            config.timeout, connect=self.timeout.connect, read=max(config.timeout, STREAM_READ_TIMEOUT)
+        )
         self.max_retries = config.max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -112,8 +121,8 @@ class BaseClient:
         after = retry_after(response)
         if after is not None:
             return min(after, MAX_RETRY_AFTER)
-        cap = min(self.max_backoff, self.backoff * 2 ** attempt)
-        return cap / 2 + random.uniform(0, cap / 2)   # exponential, with jitter so clients don't retry in step
+        cap = min(self.max_backoff, self.backoff * 2**attempt)
+        return cap / 2 + random.uniform(0, cap / 2)  # exponential, with jitter so clients don't retry in step
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.base_url}>"
@@ -125,8 +134,12 @@ class BaseClient:
 def artifact_target(dest: Path, artifact: Artifact) -> Path:
     """Where an artifact goes under `dest`, keeping its folders (`student/config.json`) but never leaving it."""
     parts = PurePosixPath(artifact.name).parts
-    if not parts or PurePosixPath(artifact.name).is_absolute() or any(p in ("..", ".", "") for p in parts) \
-            or any("\\" in p or ":" in p for p in parts):
+    if (
+        not parts
+        or PurePosixPath(artifact.name).is_absolute()
+        or any(p in ("..", ".", "") for p in parts)
+        or any("\\" in p or ":" in p for p in parts)
+    ):
         raise DistilleryError(f"refusing artifact name {artifact.name!r}: not a plain relative path")
     target = dest.joinpath(*parts)
     if not target.resolve().is_relative_to(dest.resolve()):
@@ -143,7 +156,7 @@ class PartialFile:
         self.hash = hashlib.sha256()
         self.offset = 0
         if self.part.exists() and self.part.stat().st_size < artifact.size_bytes:
-            with self.part.open("rb") as fh:        # resume: hash what is already here
+            with self.part.open("rb") as fh:  # resume: hash what is already here
                 while chunk := fh.read(1 << 20):
                     self.hash.update(chunk)
             self.offset = self.part.stat().st_size
@@ -183,8 +196,10 @@ class PartialFile:
         got = self.hash.hexdigest()
         if got != expected:
             self.part.unlink(missing_ok=True)
-            raise ChecksumError(f"{self.artifact.name}: sha256 {got} does not match the server's {expected}; "
-                                "the partial file was removed, download again")
+            raise ChecksumError(
+                f"{self.artifact.name}: sha256 {got} does not match the server's {expected}; "
+                "the partial file was removed, download again"
+            )
         self.part.replace(self.target)
         return self.target
 

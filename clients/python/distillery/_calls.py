@@ -21,8 +21,13 @@ def _list_of(model):
 # datasets
 def upload_dataset(file: Any, filename: str, name: str | None, format: str | None) -> Call:
     data = {k: v for k, v in {"name": name, "format": format}.items() if v}
-    return Call("POST", "/v1/datasets", files={"file": (filename, file, "application/jsonl")}, data=data,
-                parse=Dataset.model_validate)
+    return Call(
+        "POST",
+        "/v1/datasets",
+        files={"file": (filename, file, "application/jsonl")},
+        data=data,
+        parse=Dataset.model_validate,
+    )
 
 
 def list_datasets(limit: int | None, after: str | None = None) -> Call:
@@ -39,13 +44,19 @@ def delete_dataset(id: str) -> Call:
 
 # models
 def register_model(path: str | Path, name: str | None) -> Call:
-    return Call("POST", "/v1/models", json={"path": str(path)} | ({"name": name} if name else {}),
-                parse=Model.model_validate)
+    return Call(
+        "POST", "/v1/models", json={"path": str(path)} | ({"name": name} if name else {}), parse=Model.model_validate
+    )
 
 
 def upload_model(file: Any, filename: str, name: str | None) -> Call:
-    return Call("POST", "/v1/models", files={"file": (filename, file, "application/octet-stream")},
-                data={"name": name} if name else {}, parse=Model.model_validate)
+    return Call(
+        "POST",
+        "/v1/models",
+        files={"file": (filename, file, "application/octet-stream")},
+        data={"name": name} if name else {},
+        parse=Model.model_validate,
+    )
 
 
 def list_models(limit: int | None, after: str | None = None) -> Call:
@@ -62,11 +73,15 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> Call:
     return Call("POST", "/v1/jobs", json=body, headers=headers, parse=Job.model_validate)
 
 
-def list_jobs(status: str | None, kind: str | None, limit: int | None, after: str | None = None,
-              parent_id: str | None = None) -> Call:
-    return Call("GET", "/v1/jobs", params={"status": status, "kind": kind, "parent_id": parent_id, "limit": limit,
-                                           "after": after},
-                parse=_page_of(Job))
+def list_jobs(
+    status: str | None, kind: str | None, limit: int | None, after: str | None = None, parent_id: str | None = None
+) -> Call:
+    return Call(
+        "GET",
+        "/v1/jobs",
+        params={"status": status, "kind": kind, "parent_id": parent_id, "limit": limit, "after": after},
+        parse=_page_of(Job),
+    )
 
 
 def get_job(id: str) -> Call:

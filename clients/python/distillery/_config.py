@@ -67,8 +67,14 @@ def _read_file(path: Path, profile: str | None) -> dict[str, Any]:
     return values
 
 
-def resolve_config(base_url: str | None = None, api_key: str | None = None, *, profile: str | None = None,
-                   timeout: float | None = None, max_retries: int | None = None) -> ClientConfig:
+def resolve_config(
+    base_url: str | None = None,
+    api_key: str | None = None,
+    *,
+    profile: str | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+) -> ClientConfig:
     profile = profile or os.environ.get("DISTILLERY_PROFILE") or None
     env = {"base_url": os.environ.get("DISTILLERY_BASE_URL"), "api_key": os.environ.get("DISTILLERY_API_KEY")}
     args = {"base_url": base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
@@ -82,8 +88,11 @@ def resolve_config(base_url: str | None = None, api_key: str | None = None, *, p
         return default
 
     try:
-        return ClientConfig(base_url=str(pick("base_url", DEFAULT_BASE_URL)).rstrip("/"),
-                            api_key=pick("api_key", None), timeout=float(pick("timeout", 60.0)),
-                            max_retries=int(pick("max_retries", 3)))
+        return ClientConfig(
+            base_url=str(pick("base_url", DEFAULT_BASE_URL)).rstrip("/"),
+            api_key=pick("api_key", None),
+            timeout=float(pick("timeout", 60.0)),
+            max_retries=int(pick("max_retries", 3)),
+        )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid client setting: {e}") from None

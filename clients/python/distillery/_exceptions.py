@@ -34,8 +34,11 @@ class APIError(DistilleryError):
 
     def one_line(self) -> str:
         """The detail, with the fields or lines named, on one line (what the CLI prints)."""
-        named = "; ".join(f"{e.get('field') or e.get('line')}: {e.get('message')}" for e in self.errors
-                          if e.get("field") or e.get("line"))
+        named = "; ".join(
+            f"{e.get('field') or e.get('line')}: {e.get('message')}"
+            for e in self.errors
+            if e.get("field") or e.get("line")
+        )
         detail = " ".join(str(self.detail).split())
         return detail if not named or named in detail else f"{detail} ({named})"
 
@@ -72,9 +75,16 @@ class ServerError(APIError):
     """5xx."""
 
 
-_BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 422: BadRequestError, 401: AuthenticationError,
-                                         403: PermissionDeniedError, 404: NotFoundError, 409: ConflictError,
-                                         413: PayloadTooLargeError, 429: RateLimitError}
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    422: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+}
 
 
 def error_for(response: httpx.Response) -> APIError:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from pydantic import BaseModel, ValidationError
+
+from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
 
 from ._exceptions import DistilleryError
 
@@ -21,8 +22,12 @@ class SpecError(DistilleryError, ValueError):
 
     def __init__(self, source: str, errors: list[dict[str, Any]]) -> None:
         self.source, self.errors = source, errors
-        parts = [f"{source}:{e['line']}: {e['field']}: {e['message']}" if e.get("line") else
-                 f"{source}: {e['field']}: {e['message']}" for e in errors]
+        parts = [
+            f"{source}:{e['line']}: {e['field']}: {e['message']}"
+            if e.get("line")
+            else f"{source}: {e['field']}: {e['message']}"
+            for e in errors
+        ]
         super().__init__("; ".join(parts))
 
 
@@ -68,8 +73,9 @@ def _check(body: dict[str, Any], source: str, node: Any) -> None:
         errors.append({"field": key, "message": "unknown field (a job has kind, spec, parent_id)"})
     model = SPEC_MODELS.get(body.get("kind"))
     if model is None:
-        errors.append({"field": "kind", "message": f"must be one of {', '.join(SPEC_MODELS)}, "
-                                                   f"got {body.get('kind')!r}"})
+        errors.append(
+            {"field": "kind", "message": f"must be one of {', '.join(SPEC_MODELS)}, got {body.get('kind')!r}"}
+        )
     elif not isinstance(body.get("spec"), dict):
         errors.append({"field": "spec", "message": "a mapping of the job's settings is required"})
     else:

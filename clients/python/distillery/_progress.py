@@ -31,9 +31,15 @@ class JobProgress:
         self._progress: Progress | None = None
         if enabled:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[metrics]}"), TextColumn("{task.fields[eta]}"), TimeElapsedColumn(),
-                console=console or Console(stderr=True), transient=False)
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                TextColumn("{task.fields[eta]}"),
+                TimeElapsedColumn(),
+                console=console or Console(stderr=True),
+                transient=False,
+            )
             self._task = self._progress.add_task(f"{kind} {job_id} queued", total=None, metrics="", eta="")
 
     def __enter__(self) -> JobProgress:
@@ -56,9 +62,14 @@ class JobProgress:
             metrics.append(f"val KL {s['val_kl']:.4g}")
         if s.get("tokens_per_second"):
             metrics.append(f"{s['tokens_per_second']:.0f} tok/s")
-        self._progress.update(self._task, description=f"{self.kind} {self.job_id} {state.status}",
-                              completed=p.step, total=p.total_steps, metrics="  ".join(metrics),
-                              eta=_fmt_eta(p.eta_seconds) if state.status == "running" else "")
+        self._progress.update(
+            self._task,
+            description=f"{self.kind} {self.job_id} {state.status}",
+            completed=p.step,
+            total=p.total_steps,
+            metrics="  ".join(metrics),
+            eta=_fmt_eta(p.eta_seconds) if state.status == "running" else "",
+        )
 
     def event(self, event: Event) -> None:
         if self._progress and event.message:

@@ -9,7 +9,7 @@ from typing import Any
 
 @dataclass
 class Message:
-    event: str              # `state` (a job snapshot, no id), `ping` (a keep-alive comment), or a stored event's kind
+    event: str  # `state` (a job snapshot, no id), `ping` (a keep-alive comment), or a stored event's kind
     data: Any = None
     id: int | None = None
 
@@ -33,7 +33,7 @@ class SSEDecoder:
             self._data.append(value)
         elif name == "id" and value.isdigit():
             self._id = int(value)
-        return None   # `retry` and unknown fields: ignored
+        return None  # `retry` and unknown fields: ignored
 
     def _dispatch(self) -> Message | None:
         event, data, id_ = self._event or "message", self._data, self._id

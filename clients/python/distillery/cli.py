@@ -19,8 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._client import Distillery
-from ._exceptions import (APIConnectionError, APIError, DistilleryError, JobFailedError, JobWarningIssued,
-                          WaitTimeout)
+from ._exceptions import APIConnectionError, APIError, DistilleryError, JobFailedError, JobWarningIssued, WaitTimeout
 from .types import Job
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -30,14 +29,17 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    hide = argparse.SUPPRESS   # so a flag given before the subcommand is not reset by the subcommand's default
+    hide = argparse.SUPPRESS  # so a flag given before the subcommand is not reset by the subcommand's default
     common.add_argument("--json", action="store_true", default=hide, help="print the object(s) as JSON")
     common.add_argument("--base-url", default=hide, help="default: $DISTILLERY_BASE_URL, then the config file")
     common.add_argument("--api-key", default=hide, help="default: $DISTILLERY_API_KEY, then the config file")
     common.add_argument("--profile", default=hide, help="a profile of the config file")
-    p = argparse.ArgumentParser(prog="distillery", parents=[common],
-                                description="Distillery client: datasets, models, jobs, artifacts.",
-                                epilog="exit codes: 0 ok, 1 refused, 2 usage, 3 job failed, 4 unreachable, 5 timeout")
+    p = argparse.ArgumentParser(
+        prog="distillery",
+        parents=[common],
+        description="Distillery client: datasets, models, jobs, artifacts.",
+        epilog="exit codes: 0 ok, 1 refused, 2 usage, 3 job failed, 4 unreachable, 5 timeout",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(parent, name: str, help: str):
@@ -126,9 +128,20 @@ def _progress(job: Job) -> str:
 
 
 def _job_rows(jobs: list[Job]) -> Table:
-    return _table(["ID", "KIND", "STATUS", "PROGRESS", "CREATED", "ERROR"],
-                  [[j.id, j.kind, j.status, _progress(j), j.created_at and j.created_at.strftime("%Y-%m-%d %H:%M"),
-                    f"{j.error.code}: {j.error.message}" if j.error else ""] for j in jobs])
+    return _table(
+        ["ID", "KIND", "STATUS", "PROGRESS", "CREATED", "ERROR"],
+        [
+            [
+                j.id,
+                j.kind,
+                j.status,
+                _progress(j),
+                j.created_at and j.created_at.strftime("%Y-%m-%d %H:%M"),
+                f"{j.error.code}: {j.error.message}" if j.error else "",
+            ]
+            for j in jobs
+        ],
+    )
 
 
 def _job_detail(job: Job) -> Table:
@@ -148,7 +161,9 @@ def _job_detail(job: Job) -> Table:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             rows.append([key, f"{value:.6g}" if isinstance(value, float) else value])
     if job.artifacts:
-        rows.append(["artifacts", ", ".join(a.name for a in job.artifacts[:8]) + (" ..." if len(job.artifacts) > 8 else "")])
+        rows.append(
+            ["artifacts", ", ".join(a.name for a in job.artifacts[:8]) + (" ..." if len(job.artifacts) > 8 else "")]
+        )
     table = _table(["", ""], rows)
     table.show_header = False
     return table
@@ -172,22 +187,39 @@ def _run(args: argparse.Namespace, client: Distillery) -> int:
             _show(args, d, f"{d.id}  {d.name}  {d.format}  {d.records} records  {_size(d.size_bytes)}")
         elif action == "list":
             items = list(client.datasets.list())
-            _show(args, items, _table(["ID", "NAME", "FORMAT", "RECORDS", "SIZE"],
-                                      [[d.id, d.name, d.format, d.records, _size(d.size_bytes)] for d in items]))
+            _show(
+                args,
+                items,
+                _table(
+                    ["ID", "NAME", "FORMAT", "RECORDS", "SIZE"],
+                    [[d.id, d.name, d.format, d.records, _size(d.size_bytes)] for d in items],
+                ),
+            )
         elif action == "get":
             d = client.datasets.get(args.id)
-            _show(args, d, f"{d.id}  {d.name}  {d.format}  {d.records} records  {_size(d.size_bytes)}  sha256 {d.sha256}")
+            _show(
+                args, d, f"{d.id}  {d.name}  {d.format}  {d.records} records  {_size(d.size_bytes)}  sha256 {d.sha256}"
+            )
         else:
             client.datasets.delete(args.id)
             _show(args, {"id": args.id, "deleted": True}, f"deleted {args.id}")
     elif cmd == "models":
         if action in ("add", "upload", "get"):
-            m = (client.models.add(args.path, name=args.name) if action == "add" else
-                 client.models.upload(args.file, name=args.name) if action == "upload" else client.models.get(args.id))
+            m = (
+                client.models.add(args.path, name=args.name)
+                if action == "add"
+                else client.models.upload(args.file, name=args.name)
+                if action == "upload"
+                else client.models.get(args.id)
+            )
             _show(args, m, f"{m.id}  {m.name}  {m.format}")
         else:
             items = list(client.models.list())
-            _show(args, items, _table(["ID", "NAME", "FORMAT", "SOURCE"], [[m.id, m.name, m.format, m.source] for m in items]))
+            _show(
+                args,
+                items,
+                _table(["ID", "NAME", "FORMAT", "SOURCE"], [[m.id, m.name, m.format, m.source] for m in items]),
+            )
     elif cmd == "submit":
         job = client.jobs.create(args.file, parent_id=args.parent)
         if not args.wait:
@@ -212,15 +244,23 @@ def _run(args: argparse.Namespace, client: Distillery) -> int:
         return _logs(args, client)
     elif cmd == "metrics":
         points = client.jobs.metrics(args.id, name=args.name)
-        _show(args, points, _table(["STEP", "KIND", "NAME", "VALUE"],
-                                   [[m.step, m.kind, m.name, f"{m.value:.6g}"] for m in points]))
+        _show(
+            args,
+            points,
+            _table(["STEP", "KIND", "NAME", "VALUE"], [[m.step, m.kind, m.name, f"{m.value:.6g}"] for m in points]),
+        )
     elif cmd == "checkpoints":
         items = client.jobs.checkpoints(args.id)
         _show(args, items, _table(["ID", "STEP", "CREATED"], [[c.id, c.step, c.created_at] for c in items]))
     elif cmd == "artifacts":
         items = client.artifacts.list(args.id)
-        _show(args, items, _table(["ID", "NAME", "SIZE", "SHA256"],
-                                  [[a.id, a.name, _size(a.size_bytes), a.sha256[:16]] for a in items]))
+        _show(
+            args,
+            items,
+            _table(
+                ["ID", "NAME", "SIZE", "SHA256"], [[a.id, a.name, _size(a.size_bytes), a.sha256[:16]] for a in items]
+            ),
+        )
     elif cmd == "cancel":
         job = client.jobs.cancel(args.id)
         _show(args, job, f"{job.id}  {job.status}")
@@ -232,7 +272,7 @@ def _run(args: argparse.Namespace, client: Distillery) -> int:
 
 def _wait(args: argparse.Namespace, client: Distillery, job_id: str) -> int:
     try:
-        with warnings.catch_warnings():   # the job's warnings are printed below, as this CLI prints things
+        with warnings.catch_warnings():  # the job's warnings are printed below, as this CLI prints things
             warnings.simplefilter("ignore", JobWarningIssued)
             job = client.jobs.wait(job_id, timeout=args.timeout, progress=not args.json and sys.stderr.isatty())
     except JobFailedError as e:
@@ -260,7 +300,7 @@ def _logs(args: argparse.Namespace, client: Distillery) -> int:
         return EXIT_OK
     for event in client.jobs.stream_events(args.id):
         if args.json:
-            print(json.dumps(_dump(event), default=str), flush=True)   # one object per line while following
+            print(json.dumps(_dump(event), default=str), flush=True)  # one object per line while following
         else:
             out.print(line(event))
     return EXIT_OK if client.jobs.get(args.id).status == "succeeded" else EXIT_JOB_FAILED

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from distillery_contract.jobs import TERMINAL, JobStatus  # noqa: F401 (TERMINAL is re-exported for the clients)
 from pydantic import BaseModel, ConfigDict
+
+from distillery_contract.jobs import TERMINAL, JobStatus  # noqa: F401 (TERMINAL is re-exported for the clients)
 
 
 class _Obj(BaseModel):
@@ -52,7 +53,7 @@ class Progress(_Obj):
 
 
 class JobError(_Obj):
-    code: str | None = None      # distillery_contract.ERROR_CODES: user_error, resource or internal_error
+    code: str | None = None  # distillery_contract.ERROR_CODES: user_error, resource or internal_error
     message: str | None = None
 
 

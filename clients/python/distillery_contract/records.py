@@ -31,7 +31,7 @@ class DatasetError(ValueError):
 
 DatasetFormat = Literal["text", "completions", "chat", "preference", "mcq"]
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)
-TRAINABLE_FORMATS: tuple[str, ...] = ("text", "completions", "chat")   # the others are for benchmarks only
+TRAINABLE_FORMATS: tuple[str, ...] = ("text", "completions", "chat")  # the others are for benchmarks only
 
 # Required and optional fields of each format, in the order they are named in messages.
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -96,7 +96,7 @@ class JsonlChecker:
         self._error_count = 0
         self._digest = hashlib.sha256()
         self._partial = bytearray()
-        self._skipping = False      # inside a line already reported as too long
+        self._skipping = False  # inside a line already reported as too long
         self._lineno = 0
         self._started = False
 
@@ -108,7 +108,7 @@ class JsonlChecker:
         self._digest.update(chunk)
         if not self._started:
             self._started = True
-            if chunk.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte-order mark, as some editors write
+            if chunk.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
                 chunk = chunk[3:]
         start = 0
         while True:
@@ -131,7 +131,7 @@ class JsonlChecker:
             self._end_line()
         if self._errors:
             raise DatasetError(_error_report(self.name, self._errors, self._error_count))
-        if not self.count:
+        if not self.count or self.format is None:
             raise DatasetError(f"{self.name}: file is empty (no records)")
         return self.format
 
@@ -154,8 +154,10 @@ class JsonlChecker:
         raw = bytes(self._partial)
         self._partial.clear()
         record, problem = _parse_line(raw)
-        if record is None and problem is None:
-            return  # blank line
+        if record is None:
+            if problem is not None:
+                self._error(lineno, problem)
+            return  # else a blank line
         if problem is None:
             looks = detect_format(record)
             if self.format is None and looks is not None:

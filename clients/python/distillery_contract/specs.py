@@ -19,18 +19,43 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .jobs import BENCHMARK, DEFAULT_MAX_SEQ_LEN, DEFAULT_TOP_K, DISTILL, EVALUATE_LABELS, MAX_STEPS, TEACHER_CACHE
 
 __all__ = [
-    "DistillSpec", "TeacherCacheSpec", "BenchmarkSpec", "SPEC_MODELS", "PRESETS", "PresetName", "apply_preset",
-    "StudentSpec", "QuantizeSpec", "TeacherSpec", "DataSpec", "LossKind", "LossSpec", "LossOverride", "AdapterSpec",
-    "ParamGroup", "StageSpec", "Rate", "LRSearchSpec", "DivergenceGuardSpec", "TrainingSpec", "OutputSpec",
-    "BenchmarkCandidate", "BenchmarkData", "BenchmarkSpeed", "EvaluateSpec", "EVALUATE_LABELS", "MAX_STEPS",
+    "DistillSpec",
+    "TeacherCacheSpec",
+    "BenchmarkSpec",
+    "SPEC_MODELS",
+    "PRESETS",
+    "PresetName",
+    "apply_preset",
+    "StudentSpec",
+    "QuantizeSpec",
+    "TeacherSpec",
+    "DataSpec",
+    "LossKind",
+    "LossSpec",
+    "LossOverride",
+    "AdapterSpec",
+    "ParamGroup",
+    "StageSpec",
+    "Rate",
+    "LRSearchSpec",
+    "DivergenceGuardSpec",
+    "TrainingSpec",
+    "OutputSpec",
+    "BenchmarkCandidate",
+    "BenchmarkData",
+    "BenchmarkSpeed",
+    "EvaluateSpec",
+    "EVALUATE_LABELS",
+    "MAX_STEPS",
 ]
 
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 
 
-
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no coercion: `top_k: true` is an error
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False
+    )  # no coercion: `top_k: true` is an error
 
 
 class QuantizeSpec(_Spec):
@@ -48,8 +73,9 @@ class StudentSpec(_Spec):
         None, description="Depth pruning at init: indices of the transformer layers to keep, in order."
     )
     quantize: QuantizeSpec | None = Field(
-        None, description="Quantize the student (after any pruning) and train the adapter on the quantized "
-        "model; the run writes the quantized model as `student/`, which the adapter loads onto."
+        None,
+        description="Quantize the student (after any pruning) and train the adapter on the quantized "
+        "model; the run writes the quantized model as `student/`, which the adapter loads onto.",
     )
 
     @field_validator("keep_layers")
@@ -88,7 +114,9 @@ class DataSpec(_Spec):
 class LossSpec(_Spec):
     kind: LossKind = "forward_kl"
     temperature: float = Field(1.0, gt=0, le=20)
-    alpha: float = Field(1.0, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to CE on labels.")
+    alpha: float = Field(
+        1.0, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to CE on labels."
+    )
     top_k: int = Field(DEFAULT_TOP_K, ge=1, le=4096, description="Teacher log-probs kept per position (offline mode).")
     beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of generalised JSD.")
     skew: float = Field(0.1, ge=0, lt=1, description="Skew of skew KL: KL(p || skew*p + (1-skew)*q).")
@@ -108,7 +136,9 @@ class AdapterSpec(_Spec):
     scale: float = Field(20.0, gt=0, le=1e4)
     dropout: float = Field(0.0, ge=0, lt=1)
     layers: int = Field(-1, ge=-1, le=100_000, description="Train the last N transformer layers; -1 = all.")
-    keys: list[str] | None = Field(None, description="Module keys to adapt (e.g. self_attn.q_proj); default: all linear.")
+    keys: list[str] | None = Field(
+        None, description="Module keys to adapt (e.g. self_attn.q_proj); default: all linear."
+    )
 
     @field_validator("layers")
     @classmethod
@@ -150,10 +180,15 @@ class LRSearchSpec(_Spec):
     """How `learning_rate: auto` searches: a few short trials from the starting student, judged on held-out
     batches; the best rate (lowest val KL) trains the run. The trials' steps are not part of `steps`."""
 
-    rates: list[Rate] | None = Field(None, min_length=2, max_length=12, description="Rates tried; default: "
-                                     "five log-spaced rates suited to the adapter type and the model's size.")
-    steps: int | None = Field(None, ge=1, le=200, description="Steps per trial; default: steps / 10, "
-                              "at least 4 and at most 20.")
+    rates: list[Rate] | None = Field(
+        None,
+        min_length=2,
+        max_length=12,
+        description="Rates tried; default: five log-spaced rates suited to the adapter type and the model's size.",
+    )
+    steps: int | None = Field(
+        None, ge=1, le=200, description="Steps per trial; default: steps / 10, at least 4 and at most 20."
+    )
     eval_batches: int = Field(2, ge=1, le=64, description="Validation batches each trial is judged on.")
 
 
@@ -165,14 +200,28 @@ class DivergenceGuardSpec(_Spec):
     enabled: bool = True
     max_rollbacks: int = Field(3, ge=0, le=20, description="Rollbacks before the run stops and ships its best.")
     lr_factor: float = Field(0.5, gt=0, lt=1, description="Learning-rate multiplier applied at each rollback.")
-    loss_spike: float = Field(3.0, gt=1, le=1e6, description="A train loss above this multiple of the median "
-                              "of the recent window is a spike.")
-    grad_norm_spike: float = Field(10.0, gt=1, le=1e9, description="A gradient norm (before clipping) above "
-                                   "this multiple of the recent median is a spike.")
-    window: int = Field(16, ge=2, le=10_000, description="Recent train steps the medians are taken over; "
-                        "spikes are looked for once a quarter of it (at least 3 steps) is filled.")
-    val_tolerance: float = Field(0.05, ge=0, le=100, description="An evaluation whose val KL is above the best "
-                                 "by more than this fraction of it rolls back.")
+    loss_spike: float = Field(
+        3.0, gt=1, le=1e6, description="A train loss above this multiple of the median of the recent window is a spike."
+    )
+    grad_norm_spike: float = Field(
+        10.0,
+        gt=1,
+        le=1e9,
+        description="A gradient norm (before clipping) above this multiple of the recent median is a spike.",
+    )
+    window: int = Field(
+        16,
+        ge=2,
+        le=10_000,
+        description="Recent train steps the medians are taken over; "
+        "spikes are looked for once a quarter of it (at least 3 steps) is filled.",
+    )
+    val_tolerance: float = Field(
+        0.05,
+        ge=0,
+        le=100,
+        description="An evaluation whose val KL is above the best by more than this fraction of it rolls back.",
+    )
 
 
 class TrainingSpec(_Spec):
@@ -180,7 +229,8 @@ class TrainingSpec(_Spec):
     batch_size: int = Field(4, gt=0, le=4096)
     grad_accum: int = Field(1, gt=0, le=1024)
     learning_rate: Rate | Literal["auto"] = Field(
-        "auto", description="Peak learning rate, or `auto`: a short search picks it (see `lr_search`).")
+        "auto", description="Peak learning rate, or `auto`: a short search picks it (see `lr_search`)."
+    )
     lr_search: LRSearchSpec = Field(default_factory=LRSearchSpec)
     divergence_guard: DivergenceGuardSpec = Field(default_factory=DivergenceGuardSpec)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -193,9 +243,15 @@ class TrainingSpec(_Spec):
     eval_every: int = Field(100, gt=0, le=MAX_STEPS)
     eval_batches: int | None = Field(None, gt=0, le=1_000_000, description="Cap on validation batches per evaluation.")
     checkpoint_every: int = Field(100, gt=0, le=MAX_STEPS)
-    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Most recent checkpoints kept (the best is always kept).")
-    early_stopping_patience: int | None = Field(None, gt=0, le=1_000_000, description="Evaluations without val KL improvement.")
-    early_stopping_min_delta: float = Field(0.0, ge=0, le=1e3, description="Smallest val KL decrease that counts as improvement.")
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="Most recent checkpoints kept (the best is always kept)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, le=1_000_000, description="Evaluations without val KL improvement."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, le=1e3, description="Smallest val KL decrease that counts as improvement."
+    )
     param_groups: list[ParamGroup] = Field(default_factory=list)
     stages: list[StageSpec] = Field(default_factory=list)
 
@@ -226,11 +282,17 @@ class BenchmarkCandidate(_Spec):
     """One row of a benchmark: a model, a model + adapter, or the student of a distill job (before or after)."""
 
     label: str = Field(min_length=1, max_length=100)
-    model: str | None = Field(None, description="Model id, or a local folder / GGUF path. Leave it out with "
-                              "`adapter: <distill job id>` to use that job's own student (its pruned `student/`).")
+    model: str | None = Field(
+        None,
+        description="Model id, or a local folder / GGUF path. Leave it out with "
+        "`adapter: <distill job id>` to use that job's own student (its pruned `student/`).",
+    )
     adapter: str | None = Field(None, description="A distill job id (or adapter folder) whose adapter is applied.")
-    student_of: str | None = Field(None, description="A distill job id: its student as it was before training "
-                                   "(the `student/` folder it built, or its student model).")
+    student_of: str | None = Field(
+        None,
+        description="A distill job id: its student as it was before training "
+        "(the `student/` folder it built, or its student model).",
+    )
 
     @model_validator(mode="after")
     def _one_base(self) -> BenchmarkCandidate:
@@ -268,8 +330,13 @@ class BenchmarkSpec(_Spec):
     reference: str = Field(description="The reference (teacher) model id or path.")
     candidates: list[BenchmarkCandidate] = Field(min_length=1, max_length=16)
     data: BenchmarkData
-    max_seq_len: int = Field(DEFAULT_MAX_SEQ_LEN, ge=8, le=131072, description="Longer texts are cut into "
-                             "windows; longer multiple-choice / preference prompts keep their last tokens.")
+    max_seq_len: int = Field(
+        DEFAULT_MAX_SEQ_LEN,
+        ge=8,
+        le=131072,
+        description="Longer texts are cut into "
+        "windows; longer multiple-choice / preference prompts keep their last tokens.",
+    )
     batch_size: int = Field(4, gt=0, le=1024, description="Sequences per forward pass.")
     max_examples: int | None = Field(None, gt=0, description="Use at most the first N records of each dataset.")
     speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
@@ -291,8 +358,9 @@ class EvaluateSpec(_Spec):
 
     data: BenchmarkData
     baseline: bool = Field(True, description="Also measure the student as it was before training.")
-    candidates: list[BenchmarkCandidate] = Field(default_factory=list, max_length=14,
-                                                 description="More rows, e.g. an SFT job's adapter.")
+    candidates: list[BenchmarkCandidate] = Field(
+        default_factory=list, max_length=14, description="More rows, e.g. an SFT job's adapter."
+    )
     max_seq_len: int | None = Field(None, ge=8, le=131072, description="Default: the training max_seq_len.")
     batch_size: int = Field(4, gt=0, le=1024)
     max_examples: int | None = Field(None, gt=0)
@@ -307,24 +375,32 @@ class EvaluateSpec(_Spec):
         return v
 
 
-
 PresetName = Literal["fast", "quality", "memory"]
 
 # What a preset fills in (only fields the spec leaves out). Costs, relative to the defaults, are in the README.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "fast": {      # fewer adapter weights, a shorter context, a smaller cache, a quick rate search
+    "fast": {  # fewer adapter weights, a shorter context, a smaller cache, a quick rate search
         "adapter": {"rank": 8, "scale": 20.0},
         "loss": {"top_k": 32},
-        "training": {"batch_size": 8, "max_seq_len": 256, "learning_rate": "auto",
-                     "lr_search": {"rates": [3e-5, 1e-4, 3e-4], "steps": 4}},
+        "training": {
+            "batch_size": 8,
+            "max_seq_len": 256,
+            "learning_rate": "auto",
+            "lr_search": {"rates": [3e-5, 1e-4, 3e-4], "steps": 4},
+        },
     },
-    "quality": {   # a larger adapter, more of the teacher's distribution, longer contexts, a wider search
+    "quality": {  # a larger adapter, more of the teacher's distribution, longer contexts, a wider search
         "adapter": {"rank": 32, "scale": 20.0},
         "loss": {"top_k": 128},
-        "training": {"batch_size": 4, "grad_accum": 2, "max_seq_len": 512, "learning_rate": "auto",
-                     "lr_search": {"rates": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4]}},
+        "training": {
+            "batch_size": 4,
+            "grad_accum": 2,
+            "max_seq_len": 512,
+            "learning_rate": "auto",
+            "lr_search": {"rates": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4]},
+        },
     },
-    "memory": {    # one sequence at a time (gradients accumulated), short contexts, a small adapter and cache
+    "memory": {  # one sequence at a time (gradients accumulated), short contexts, a small adapter and cache
         "adapter": {"rank": 8, "scale": 20.0},
         "loss": {"top_k": 32},
         "training": {"batch_size": 1, "grad_accum": 8, "max_seq_len": 256, "learning_rate": "auto"},
@@ -341,7 +417,7 @@ def apply_preset(raw: dict) -> dict:
     for section, values in PRESETS[preset].items():
         given = out.get(section, {})
         if not isinstance(given, dict):
-            continue   # a wrong type is reported by validation
+            continue  # a wrong type is reported by validation
         merged = dict(given)
         for key, value in values.items():
             if key not in merged:
@@ -353,8 +429,11 @@ def apply_preset(raw: dict) -> dict:
 
 
 class DistillSpec(_Spec):
-    preset: PresetName | None = Field(None, description="Defaults for the adapter, loss and training fields the "
-                                      "spec leaves out: `fast`, `quality` or `memory` (README: Presets).")
+    preset: PresetName | None = Field(
+        None,
+        description="Defaults for the adapter, loss and training fields the "
+        "spec leaves out: `fast`, `quality` or `memory` (README: Presets).",
+    )
     student: StudentSpec
     teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
     teacher_mode: Literal["offline", "online"] = "offline"
@@ -374,11 +453,14 @@ class DistillSpec(_Spec):
     def _quantized_student_trains_an_adapter(self) -> DistillSpec:
         q = self.student.quantize
         if q is not None and self.adapter.type == "full":
-            raise ValueError("adapter.type: full cannot train a quantized student (student.quantize); "
-                             "use lora or dora, which train on top of the quantized weights")
+            raise ValueError(
+                "adapter.type: full cannot train a quantized student (student.quantize); "
+                "use lora or dora, which train on top of the quantized weights"
+            )
         if q is not None and self.adapter.type == "dora" and q.bits in (3, 5, 6):
-            raise ValueError(f"adapter.type: dora on {q.bits}-bit weights is not supported by mlx-lm; "
-                             "use 2, 4 or 8 bits, or lora")
+            raise ValueError(
+                f"adapter.type: dora on {q.bits}-bit weights is not supported by mlx-lm; use 2, 4 or 8 bits, or lora"
+            )
         return self
 
 

@@ -42,7 +42,7 @@ RULES: list[tuple[str, str]] = [
     # syntax
     (r"async def", "def"),
     (r"async with", "with"),
-    (r"async for", "for"),            # statements and comprehensions (`[e async for e in ...]`)
+    (r"async for", "for"),  # statements and comprehensions (`[e async for e in ...]`)
     (r"await ", ""),
     # the clients' own classes
     (r"AsyncDistillery", "Distillery"),
@@ -68,12 +68,16 @@ RULES: list[tuple[str, str]] = [
     # prose
     (r"asynchronous", "synchronous"),
 ]
-_COMPILED = [(re.compile(rf"(?<!\w){pattern}" + ("" if pattern.endswith((" ", r"\n")) else r"(?!\w)"), re.M),
-              replacement) for pattern, replacement in RULES]
+_COMPILED = [
+    (re.compile(rf"(?<!\w){pattern}" + ("" if pattern.endswith((" ", r"\n")) else r"(?!\w)"), re.M), replacement)
+    for pattern, replacement in RULES
+]
 
 # What must not survive the rewrite: an async keyword, an async library, or an async name without a rule.
-LEFTOVER = re.compile(r"\b(?:async|await|asyncio|anyio|aclose|aread|aiter\w*|asynccontextmanager|Async[A-Z]\w*)\b"
-                      r"|__a(?:enter|exit|iter|next)__")
+LEFTOVER = re.compile(
+    r"\b(?:async|await|asyncio|anyio|aclose|aread|aiter\w*|asynccontextmanager|Async[A-Z]\w*)\b"
+    r"|__a(?:enter|exit|iter|next)__"
+)
 
 
 class RewriteError(Exception):
@@ -89,11 +93,15 @@ def generate(source: str, origin: str = SOURCE.name) -> str:
     text = "".join(lines)
     for pattern, replacement in _COMPILED:
         text = pattern.sub(replacement, text)
-    left = [f"  line {n}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1 + HEADER.count("\n"))
-            if LEFTOVER.search(line)]
+    left = [
+        f"  line {n}: {line.strip()}"
+        for n, line in enumerate(text.splitlines(), 1 + HEADER.count("\n"))
+        if LEFTOVER.search(line)
+    ]
     if left:
-        raise RewriteError(f"{origin}: no rule rewrites these (add one to RULES in {Path(__file__).name}):\n"
-                           + "\n".join(left))
+        raise RewriteError(
+            f"{origin}: no rule rewrites these (add one to RULES in {Path(__file__).name}):\n" + "\n".join(left)
+        )
     text = HEADER + text
     try:
         compile(text, str(TARGET), "exec")
@@ -106,8 +114,14 @@ def drift(target: Path = TARGET, source: Path = SOURCE) -> str:
     """A unified diff from `target` as it is to what `source` generates now; empty when they agree."""
     want = generate(source.read_text(encoding="utf-8"), source.name)
     have = target.read_text(encoding="utf-8") if target.exists() else ""
-    return "".join(difflib.unified_diff(have.splitlines(keepends=True), want.splitlines(keepends=True),
-                                        f"{target} (checked in)", f"{target} (generated from {source.name})"))
+    return "".join(
+        difflib.unified_diff(
+            have.splitlines(keepends=True),
+            want.splitlines(keepends=True),
+            f"{target} (checked in)",
+            f"{target} (generated from {source.name})",
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             diff = drift(args.target, args.source)
             if diff:
                 sys.stderr.write(diff)
-                print(f"{args.target} differs from what {args.source.name} generates: run {__file__}",
-                      file=sys.stderr)
+                print(f"{args.target} differs from what {args.source.name} generates: run {__file__}", file=sys.stderr)
                 return 1
             return 0
         text = generate(args.source.read_text(encoding="utf-8"), args.source.name)
