@@ -1,9 +1,13 @@
-"""The HTTP API (SPEC §3): `create_app(settings)` builds the Litestar app; `distillery-server api` serves it.
+"""The HTTP API of the server (REST under /v1: datasets, models, jobs, artifacts; see README.md and the
+OpenAPI document at /schema): `create_app(settings)` builds the Litestar app; `distillery-server api` serves it.
 
 Operations routes (/healthz, /readyz, /metrics, /schema) are open (the operator view of /metrics needs the
 metrics token); everything under /v1 needs an API key and sees only the caller's project. Handlers are thin:
-the domain packages (datasets, models_registry, jobs, artifacts) hold the logic. This process imports nothing of
-the worker (no MLX): the job specs, dataset formats and job statuses come from `distillery_contract`.
+they parse, call a domain service (datasets, models_registry, jobs), and return. The services know nothing of
+HTTP: their refusals (service.errors) become problem+json in service.api.problems, and the transaction of a
+write, with its Idempotency-Key record, is committed at the edge (service.api.idempotency). This process
+imports nothing of the worker (no MLX): the job specs, dataset formats and job statuses come from
+`distillery_contract`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sqlalchemy.orm import sessionmaker
 from service.api.auth import ApiKeyMiddleware
 from service.api.auth_limit import FailedAuthLimit
 from service.api.deps import provide_caller, provide_session, provide_settings
+from service.api.idempotency import provide_idempotency_key
 from service.api.metrics import AppMetrics, metrics_middleware
 from service.api.openapi import (
     publish_problem_responses,
@@ -84,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "session": Provide(provide_session),
             "caller": Provide(provide_caller, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
+            "idempotency_key": Provide(provide_idempotency_key, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[metrics_middleware],

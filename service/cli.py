@@ -1,4 +1,6 @@
-"""`distillery-server`: the server-side command line (SPEC §2).
+"""`distillery-server`: the server-side command line (the `[project.scripts]` entry of pyproject.toml): the
+database migration, the API and the worker, API keys, and the local engine commands (import-gguf, distill,
+demo, dev).
 
 Commands import their heavy modules lazily, so `distillery-server --help` and the API never load MLX.
 """

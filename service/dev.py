@@ -73,7 +73,8 @@ class WorkerProcess:
     """`distillery-server worker` as a child, restarted if it dies while `dev` runs."""
 
     def __init__(self, env: dict[str, str]):
-        self.env, self.proc, self.stopping = env, None, False
+        self.env, self.stopping = env, False
+        self.proc: subprocess.Popen[bytes] | None = None
         self._watch = threading.Thread(target=self._watchdog, daemon=True)
 
     def start(self) -> None:
@@ -87,7 +88,7 @@ class WorkerProcess:
         )
 
     def _watchdog(self) -> None:
-        while not self.stopping:
+        while not self.stopping and self.proc is not None:
             code = self.proc.wait()
             if self.stopping:
                 return

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from types import TracebackType
 
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter, DefaultFormatter
@@ -39,7 +40,9 @@ class _OneLinePerRecord(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(super().formatMessage(record))
 
-    def formatException(self, ei) -> str:
+    def formatException(
+        self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+    ) -> str:
         return escape_controls(super().formatException(ei), keep="\n")
 
     def formatStack(self, stack_info: str) -> str:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def publish(work: Path, job_dir: Path) -> None:
         os.replace(entry, target)
 
 
-def moved_paths(value, work: Path, job_dir: Path):
+def moved_paths(value: Any, work: Path, job_dir: Path) -> Any:
     """`value` (a run's summary) with the paths under `work` rewritten to where `publish` moved them."""
     if isinstance(value, dict):
         return {k: moved_paths(v, work, job_dir) for k, v in value.items()}

@@ -30,7 +30,7 @@ _sweeper: Sweeper | None = None
 
 
 @signals.worker_ready.connect
-def _start_sweeper(**_) -> None:
+def _start_sweeper(**_: object) -> None:
     global _sweeper
     settings = get_settings()
     _sweeper = Sweeper(settings.sweep_seconds, settings.enqueue_grace_seconds)
@@ -39,7 +39,7 @@ def _start_sweeper(**_) -> None:
 
 
 @signals.worker_shutting_down.connect
-def _shutting_down(**_) -> None:
+def _shutting_down(**_: object) -> None:
     if _sweeper is not None:
         _sweeper.stop()
     lease.shutdown_all()
@@ -79,7 +79,7 @@ def start_worker(
 
 
 @signals.worker_process_init.connect
-def _after_fork(**_) -> None:
+def _after_fork(**_: object) -> None:
     """A prefork child must not share the parent's pooled database connections."""
     from service.db.session import engine_for
 

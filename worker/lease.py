@@ -49,7 +49,7 @@ class JobLease:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         with _active_lock:
@@ -68,7 +68,7 @@ class JobLease:
                             self._lose("the job's lease was taken over or the job ended elsewhere")
                         last_renewal, next_renewal = now, now + self.renew_every
                     else:
-                        cancel = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+                        cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
             except Exception as e:  # the database is unreachable: keep trying until the lease runs out
                 log.warning("lease of %s: renewal failed: %s", self.job_id, e)
                 if time.monotonic() - last_renewal > self.lease_seconds:

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 NOT_METRICS = {"step", "kind"}
 
 
-def jsonable(value):
+def jsonable(value: Any) -> Any:
     """A JSON (and JSONB) safe copy: non-finite floats become null, numpy scalars and paths plain values."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}

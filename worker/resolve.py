@@ -8,14 +8,17 @@ does not resolve is the user's to fix: `UserError`, naming the field; a stored f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 
 from service.artifacts.service import job_output_dir
 from service.db.models import Dataset, Job, Model
 from service.db.session import session_scope
 from service.settings import Settings
 from worker.engine.errors import UserError
+
+Row = TypeVar("Row", Model, Dataset, Job)  # a table whose rows belong to a project
 
 
 def artifact_root(settings: Settings) -> Path:
@@ -34,7 +37,7 @@ class Resolver:
     def __init__(self, settings: Settings, project_id: str):
         self.settings, self.project_id = settings, project_id
 
-    def _row(self, table, ref: str, *where):
+    def _row(self, table: type[Row], ref: str, *where: ColumnElement[bool]) -> Row | None:
         with session_scope() as session:
             return session.scalar(select(table).where(table.id == ref, table.project_id == self.project_id, *where))
 

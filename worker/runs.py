@@ -7,10 +7,12 @@ the job's artifacts. Engine errors pass through: `UserError` and `Cancelled` are
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
@@ -29,6 +31,8 @@ from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint
 from worker.resolve import Resolver
 
 log = logging.getLogger(__name__)
+
+SpecModel = TypeVar("SpecModel", bound=BaseModel)
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Result:
     out_dir: Path | None = None
 
 
-def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop) -> Result:
+def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop: Callable[[], bool]) -> Result:
     hooks = Hooks(
         on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint, should_stop=should_stop
     )
@@ -67,7 +71,7 @@ def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop) ->
     raise UserError(f"unknown job kind {job.kind!r}")
 
 
-def _validate(model, spec: dict):
+def _validate(model: type[SpecModel], spec: dict) -> SpecModel:
     try:
         return model.model_validate(spec)
     except ValidationError as e:
@@ -153,7 +157,12 @@ def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Ho
         if c.adapter:
             _, out = r.distill_job_dir(c.adapter, f"{at}.adapter")
             adapter, metrics = r.adapter(c.adapter, f"{at}.adapter"), out / "metrics.jsonl"
-        model = r.model(c.model, f"{at}.model") if c.model else r.student_of(c.adapter, f"{at}.adapter")
+        if c.model:
+            model = r.model(c.model, f"{at}.model")
+        elif c.adapter:
+            model = r.student_of(c.adapter, f"{at}.adapter")
+        else:  # the spec validates only that one is given: here an empty one
+            raise UserError(f"{at}: name a model, an adapter (distill job), or student_of")
         candidates.append(CandidateInput(c.label, model, adapter, metrics if metrics and metrics.is_file() else None))
     data = {
         name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None

@@ -23,6 +23,8 @@ import shutil
 import socket
 import traceback
 import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from distillery_contract.jobs import INTERNAL_ERROR, RESOURCE
 from service import queue
@@ -30,8 +32,12 @@ from service.artifacts.service import job_output_dir, register_output_dir
 from service.db.models import Job
 from service.db.session import session_scope
 from service.jobs import lifecycle
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from worker.lease import JobLease
+
+if TYPE_CHECKING:  # for the annotations only: both are imported inside the task (worker.runs imports MLX)
+    from worker.recorder import JobRecorder
+    from worker.runs import JobInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,7 @@ def _ready(job_id: str) -> bool:
     return state == "ready"
 
 
-def _info(job: Job, owner: str):
+def _info(job: Job, owner: str) -> JobInfo:
     from worker.runs import JobInfo
 
     return JobInfo(
@@ -87,7 +93,7 @@ def _info(job: Job, owner: str):
     )
 
 
-def _execute(info, owner: str, lease: JobLease, settings) -> None:
+def _execute(info: JobInfo, owner: str, lease: JobLease, settings: Settings) -> None:
     from worker.recorder import JobRecorder
 
     recorder = JobRecorder(info.id, owner, on_lost=lease.lose)
@@ -116,7 +122,9 @@ def _execute(info, owner: str, lease: JobLease, settings) -> None:
         )
 
 
-def _run(info, owner: str, lease: JobLease, settings, recorder) -> dict | None:
+def _run(
+    info: JobInfo, owner: str, lease: JobLease, settings: Settings, recorder: JobRecorder
+) -> dict[str, Any] | None:
     """Run the job; its outcome as `finish` arguments, or None when there is nothing to record."""
     from worker import runs  # MLX is imported here, in the task, never at worker import time
     from worker.engine.errors import Cancelled, UserError
@@ -159,7 +167,7 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Unable to write", "No space left"))
 
 
-def _discard_files(info, owner: str, settings) -> None:
+def _discard_files(info: JobInfo, owner: str, settings: Settings) -> None:
     """A failed run's files are of no further use (a failed job is not resumed): remove them, so a full disk
     does not stay full, and drop the checkpoint rows that named them."""
     from worker import attempts
@@ -170,23 +178,21 @@ def _discard_files(info, owner: str, settings) -> None:
     _sync_checkpoints(info, owner, settings)
 
 
-def _internal_error(info, e: Exception, recorder) -> dict:
+def _internal_error(info: JobInfo, e: Exception, recorder: JobRecorder) -> dict[str, Any]:
     tb = traceback.format_exc()
     log.error("job %s failed with an internal error:\n%s", info.id, tb)
     recorder.event("error", f"{type(e).__name__}: {e}", {"traceback": tb})
     return dict(status=lifecycle.FAILED, error_code=INTERNAL_ERROR, error_message=f"{type(e).__name__}: {str(e)[:500]}")
 
 
-def _free_space(path) -> str:
-    from pathlib import Path
-
+def _free_space(path: str | os.PathLike[str]) -> str:
     for folder in (Path(path), *Path(path).parents):
         if folder.exists():
             return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB is free in {folder}"
     return "free space unknown"
 
 
-def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:
+def _record(info: JobInfo, owner: str, settings: Settings, out_dir: Path | None = None, **outcome: Any) -> None:
     """The outcome, and a success's artifacts, in one transaction, by the lease owner only: the fence locks the
     job's row first, so the attempt's files are published only while its lease holds."""
     from worker import attempts
@@ -215,7 +221,7 @@ def _record(info, owner: str, settings, out_dir=None, **outcome) -> None:
     )
 
 
-def _sync_checkpoints(info, owner: str, settings) -> None:
+def _sync_checkpoints(info: JobInfo, owner: str, settings: Settings) -> None:
     from worker.recorder import LeaseLost, sync_checkpoints
     from worker.runs import work_dir
 

@@ -133,6 +133,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         except NotAuthorizedException:
             limit.failed(address, key_hash)
             raise
+        assert key_hash is not None  # a caller was found for the token
         limit.accepted(key_hash)
         return AuthenticationResult(user=caller, auth=caller.key_id)
 

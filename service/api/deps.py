@@ -1,4 +1,5 @@
-"""Dependencies every controller uses: the database session, the caller, the settings."""
+"""Dependencies every controller uses: the database session, the caller, the settings (and, for POSTs, the
+Idempotency-Key: service.api.idempotency)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def provide_settings(state: State) -> Settings:
 SessionDep = NamedDependency[Session]
 CallerDep = NamedDependency[Caller]
 SettingsDep = NamedDependency[Settings]
+IdempotencyKeyDep = NamedDependency[str | None]
 
 
 # an id in a path (ID_PATTERN, from service.db.models, also checks ids in queries)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 from time import perf_counter
+from typing import cast
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -98,6 +99,7 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        method = cast("HTTPScope", scope)["method"]
         status = 500
         started = perf_counter()
 
@@ -114,8 +116,6 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
             raise
         finally:
             metrics: AppMetrics = scope["litestar_app"].state.metrics
-            metrics.observe(
-                scope["method"], scope.get("path_template") or "unmatched", status, perf_counter() - started
-            )
+            metrics.observe(method, scope.get("path_template") or "unmatched", status, perf_counter() - started)
 
     return middleware

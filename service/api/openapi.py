@@ -32,8 +32,8 @@ from service.api.problems import PROBLEM_JSON
 
 
 def _form_schema(fields: dict[str, str], required: list[str]) -> Schema:
-    props = {
-        name: Schema(type=OpenAPIType.STRING, format="binary" if kind == "binary" else None)
+    props: dict[str, Schema | Reference] = {
+        name: Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY if kind == "binary" else None)
         for name, kind in fields.items()
     }
     return Schema(type=OpenAPIType.OBJECT, properties=props, required=required)
@@ -283,7 +283,7 @@ def publish_problem_responses(app: Litestar, rules: tuple[ProblemResponse, ...] 
             if rule.where(route):
                 causes.setdefault(rule.status, []).append(rule)
         for status, matched in causes.items():
-            headers = {
+            headers: dict[str, OpenAPIHeader | Reference] = {
                 name: OpenAPIHeader(schema=Schema(type=OpenAPIType.STRING), description=text)
                 for rule in matched
                 for name, text in rule.headers.items()
@@ -302,6 +302,8 @@ def publish_query_enums(app: Litestar, enums: dict[str, dict[str, tuple[str, ...
     carry the enum."""
     for route in _routes(_document(app)):
         for parameter in route.operation.parameters or []:
+            if isinstance(parameter, Reference):
+                continue
             values = enums.get(route.key, {}).get(parameter.name)
             if values is not None and parameter.param_in == "query":
                 parameter.schema = Schema(type=OpenAPIType.STRING, enum=list(values))

@@ -1,7 +1,10 @@
 """RFC 9457 problem details: every 4xx/5xx leaves the API as `application/problem+json`.
 
-`Problem` is what services raise on purpose; the exception handlers below also turn Litestar's own errors
-(validation, bad JSON, unknown route, wrong method) into the same shape, so a client parses one format:
+This is the one place refusals become responses. The domain services raise service.errors' classes, which know
+nothing of HTTP; `problem_for` gives each its status (NotFound 404, Conflict 409, Invalid 422, TooMany 429 with
+Retry-After). The HTTP edge itself (auth, uploads, media types, Idempotency-Key) raises `Problem`, a response
+already. The exception handlers below also turn Litestar's own errors (validation, bad JSON, unknown route,
+wrong method) into the same shape, so a client parses one format:
 
     {"type": "urn:distillery:problem:validation-error", "title": "Validation failed", "status": 422,
      "detail": "spec.training.steps: Input should be greater than 0",
@@ -20,9 +23,11 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.types import ExceptionHandlersMap
 from pydantic import ValidationError
 
 from service.db.availability import UNAVAILABLE_TYPES, unavailable
+from service.errors import Conflict, DomainError, FieldError, Invalid, NotFound, TooMany, describe
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def problem_type(slug: str) -> str:
 
 
 class Problem(Exception):
-    """An error response the service means to give; `errors` entries are {"field"|"line": ..., "message": ...}."""
+    """An error response the HTTP edge means to give; `errors` entries are {"field"|"line": ..., "message": ...}."""
 
     def __init__(
         self,
@@ -85,18 +90,29 @@ class Problem(Exception):
         return Response(self.body(), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers)
 
 
+# the status of each kind of domain error, most specific first (an unlisted DomainError is a plain 400)
+_DOMAIN_STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (NotFound, 404),
+    (Conflict, 409),
+    (Invalid, 422),
+    (TooMany, 429),
+)
+
+
+def problem_for(exc: DomainError) -> Problem:
+    """The response for a refusal of the domain services."""
+    status = next((status for cls, status in _DOMAIN_STATUS if isinstance(exc, cls)), 400)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooMany) else None
+    return Problem(status, exc.detail, errors=exc.errors, slug=exc.code, title=exc.title, headers=headers)
+
+
 def invalid(field: str, message: str) -> Problem:
     """422 for one bad field."""
     return Problem(422, f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
-def not_found(what: str, id_: str) -> Problem:
-    return Problem(404, f"{what} {id_!r} not found")
-
-
-def from_field_errors(errors: list[dict[str, Any]], status: int = 422) -> Problem:
-    detail = "; ".join(f"{e['field']}: {e['message']}" if e.get("field") else e["message"] for e in errors)
-    return Problem(status, detail or "validation failed", errors=errors)
+def from_field_errors(errors: list[FieldError], status: int = 422) -> Problem:
+    return Problem(status, describe(errors), errors=errors)
 
 
 def pydantic_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
@@ -114,6 +130,10 @@ def pydantic_errors(exc: ValidationError, prefix: str = "") -> list[dict[str, An
 
 def handle_problem(_: Request, exc: Problem) -> Response:
     return exc.to_response()
+
+
+def handle_domain_error(_: Request, exc: DomainError) -> Response:
+    return problem_for(exc).to_response()
 
 
 def handle_http_exception(request: Request, exc: HTTPException) -> Response:
@@ -180,8 +200,9 @@ def _litestar_error(e: Any) -> dict[str, Any]:
     return {"field": field, "message": str(e.get("message", "invalid value"))}
 
 
-EXCEPTION_HANDLERS = {
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     Problem: handle_problem,
+    DomainError: handle_domain_error,
     HTTPException: handle_http_exception,
     RecursionError: handle_too_deep,
     **{database_error: handle_database_error for database_error in UNAVAILABLE_TYPES},
@@ -194,6 +215,8 @@ def status_for(exc: Exception) -> int:
     route handler (by the auth middleware) is answered further out, so the middleware sees only the error."""
     if isinstance(exc, Problem):
         return exc.status
+    if isinstance(exc, DomainError):
+        return problem_for(exc).status
     if isinstance(exc, HTTPException):
         return exc.status_code
     if isinstance(exc, RecursionError):
@@ -207,7 +230,7 @@ __all__ = [
     "Problem",
     "from_field_errors",
     "invalid",
-    "not_found",
+    "problem_for",
     "pydantic_errors",
     "problem_type",
     "status_for",

@@ -3,9 +3,8 @@ and response objects (msgspec structs), plus the converters from database rows."
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast, overload
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -15,23 +14,16 @@ from distillery_contract.jobs import JOB_KINDS, JOB_STATUSES, JobKind, JobStatus
 from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
 from service.db.models import Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
 
-# Labels (dataset and model names) are shown, never used as file names; still, keep them printable.
-LABEL_RE = re.compile(r"^[\w][\w .,:()+@=-]{0,199}$")
-LABEL_RULE = "1-200 characters: letters, digits, space and . , : ( ) + @ = - _ (not starting with punctuation)"
 
-
+@overload
+def as_utc(dt: datetime) -> datetime: ...
+@overload
+def as_utc(dt: None) -> None: ...
 def as_utc(dt: datetime | None) -> datetime | None:
     """SQLite hands timestamps back without a zone; they were written in UTC."""
     if dt is None:
         return None
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-
-
-def check_label(value: str) -> str | None:
-    """The problem with a name, or None."""
-    if not LABEL_RE.match(value) or ".." in value:
-        return f"invalid name {value[:50]!r}: {LABEL_RULE}"
-    return None
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -241,8 +233,8 @@ def job_out(row: Job, artifacts: list[Artifact]) -> JobOut:
     error = ErrorOut(code=row.error_code, message=row.error_message) if row.error_code else None
     return JobOut(
         id=row.id,
-        kind=row.kind,
-        status=row.status,
+        kind=cast(JobKind, row.kind),  # the database holds only these (the API wrote them)
+        status=cast(JobStatus, row.status),
         spec=dict(row.spec or {}),
         created_at=as_utc(row.created_at),
         started_at=as_utc(row.started_at),

@@ -1,6 +1,7 @@
 """Streaming multipart uploads: the `file` part goes straight to a temporary file beside its final place,
 hashed (sha256) and size-checked as it arrives, so a 2 GB dataset never sits in memory and an oversized one
-is refused as soon as it crosses the limit. The client's file name is kept only as a label."""
+is refused as soon as it crosses the limit. The client's file name is kept only as a label. What the services
+receive is an `Upload` (service.uploaded)."""
 
 from __future__ import annotations
 
@@ -9,52 +10,19 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import anyio.to_thread
 from litestar import Request
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser, parse_options_header
 
 from service.api.problems import Problem
+from service.uploaded import FileCheck, Upload
 
 FILE_FIELD = "file"
 MAX_TEXT_FIELD_BYTES = 4096
 MULTIPART_OVERHEAD = 1 << 20  # headers and text fields allowed on top of the file itself
 WRITE_BUFFER = 1 << 20
-
-
-class FileCheck(Protocol):
-    """Sees the file's bytes as they arrive (in a worker thread), e.g. to validate a dataset while it streams."""
-
-    def feed(self, chunk: bytes) -> None: ...
-
-
-@dataclass
-class Upload:
-    path: Path  # the temporary file holding the `file` part; the caller moves or deletes it
-    filename: str | None  # as the client named it: a label for messages, never a path
-    size: int
-    sha256: str
-    fields: dict[str, str] = field(default_factory=dict)
-    check: Any = None  # the FileCheck that saw the bytes, with the text fields known when it began
-    check_fields: dict[str, str] = field(default_factory=dict)
-
-    def fingerprint(self, method: str, path: str) -> str:
-        """What identifies this request for Idempotency-Key: the multipart boundary is random, so not the raw
-        bytes but the fields, the file name and the file's hash."""
-        h = hashlib.sha256()
-        parts = [method.upper(), path, self.filename or "", self.sha256]
-        parts += [f"{k}={v}" for k, v in sorted(self.fields.items())]
-        for part in parts:
-            data = part.encode()
-            h.update(len(data).to_bytes(8, "big"))
-            h.update(data)
-        return h.hexdigest()
-
-    def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 class UploadSlots:
@@ -190,6 +158,7 @@ async def _parse(
                             allowed = ", ".join((FILE_FIELD,) + text_fields)
                             raise _field_problem(segment.name or "(unnamed)", f"unknown field (allowed: {allowed})")
                     elif event:  # payload bytes of the current part
+                        assert segment is not None  # the parser sends a part's headers before its bytes
                         if segment.name == FILE_FIELD:
                             size += len(event)
                             if size > max_bytes:
@@ -204,6 +173,7 @@ async def _parse(
                             if len(text) > MAX_TEXT_FIELD_BYTES:
                                 raise _field_problem(segment.name, f"longer than {MAX_TEXT_FIELD_BYTES} bytes")
                     else:  # end of the current part
+                        assert segment is not None
                         if segment.name != FILE_FIELD:
                             try:
                                 fields[segment.name] = text.decode(segment.charset or "utf-8")

@@ -6,6 +6,7 @@ import base64
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from litestar import Controller, Request, Response, get
@@ -14,10 +15,11 @@ from litestar.response import Stream
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import CallerDep, PathId, SessionDep
-from service.api.problems import Problem, not_found
+from service.api.problems import Problem
 from service.api.schemas import ArtifactOut, artifact_out
 from service.artifacts.service import resolve_inside
 from service.db.models import Artifact
+from service.errors import NotFound
 
 CHUNK = 256 << 10
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -56,7 +58,7 @@ class ArtifactController(Controller):
         if wanted and if_range and if_range.strip() != etag:
             wanted = None  # the client's copy is of another version: send it all
         span = parse_range(wanted, size) if wanted else None
-        if span == "unsatisfiable":
+        if isinstance(span, str):  # "unsatisfiable"
             raise Problem(
                 416,
                 f"range {wanted!r} is outside the {size} bytes of artifact {artifact_id}",
@@ -71,7 +73,7 @@ class ArtifactController(Controller):
         return Stream(_read(path, start, end + 1), status_code=206, media_type=row.content_type, headers=headers)
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+def parse_range(header: str, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """(first, last) byte of a single `bytes=` range, "unsatisfiable", or None to ignore the header (malformed or
     several ranges: RFC 9110 lets a server answer those with the whole content)."""
     m = _RANGE.match(header.strip())
@@ -99,7 +101,7 @@ def _offset(digits: str) -> int:
 def _get(session: Session, project_id: str, artifact_id: str) -> Artifact:
     row = session.get(Artifact, artifact_id)
     if row is None or row.project_id != project_id:
-        raise not_found("artifact", artifact_id)
+        raise NotFound("artifact", artifact_id)
     return row
 
 
@@ -110,7 +112,7 @@ def _locate(
         row = _get(session, project_id, artifact_id)
     path = resolve_inside(artifact_root, row.path)
     if path is None:
-        raise Problem(404, f"the file of artifact {artifact_id} is no longer available")
+        raise NotFound("artifact", artifact_id, f"the file of artifact {artifact_id} is no longer available")
     return row, path
 
 

@@ -11,11 +11,12 @@ import hashlib
 import mimetypes
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import Artifact, Job
+from service.db.models import Artifact
 
 CHUNK = 1 << 20
 DEFAULT_EXCLUDE = ("checkpoints/",)  # resumable training state, not a deliverable
@@ -27,7 +28,18 @@ CONTENT_TYPES = {
 }
 
 
-def job_output_dir(artifact_root: Path, job: Job) -> Path:
+class JobIds(Protocol):
+    """A job's id and its project's, all that placing its files and registering its artifacts needs: a `Job` row,
+    or what a worker read of one (`worker.runs.JobInfo`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def project_id(self) -> str: ...
+
+
+def job_output_dir(artifact_root: Path, job: JobIds) -> Path:
     """Where a job's outputs belong: `<artifact_root>/jobs/<project id>/<job id>/`."""
     return Path(artifact_root).expanduser().resolve() / "jobs" / job.project_id / job.id
 
@@ -57,7 +69,7 @@ def resolve_inside(artifact_root: Path, stored: str) -> Path | None:
 
 def register_artifact(
     session: Session,
-    job: Job,
+    job: JobIds,
     file: Path,
     artifact_root: Path,
     *,
@@ -84,13 +96,13 @@ def register_artifact(
 
 
 def register_output_dir(
-    session: Session, job: Job, out_dir: Path, artifact_root: Path, exclude: Iterable[str] = DEFAULT_EXCLUDE
+    session: Session, job: JobIds, out_dir: Path, artifact_root: Path, exclude: Iterable[str] = DEFAULT_EXCLUDE
 ) -> list[Artifact]:
     """Record every file under `out_dir` as an artifact named by its relative path (`student/config.json`),
     except those under an excluded prefix."""
     out_dir = Path(out_dir).resolve()
     prefixes = tuple(exclude)
-    rows = []
+    rows: list[Artifact] = []
     for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(out_dir).as_posix()
         if rel.startswith(prefixes) or any(part.startswith(".") for part in Path(rel).parts):

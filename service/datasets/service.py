@@ -1,7 +1,8 @@
 """Dataset storage: validated uploads under `<artifact_root>/datasets/<project id>/<dataset id>.jsonl`.
 
-The file is renamed into place only after validation, and the row is committed after the rename (the file is
-removed again if the commit fails), so a bad request leaves no row and no file. `Dataset.path` is absolute.
+The file is renamed into place only after validation, in the caller's transaction: if that is not committed
+the file is removed again (service.transaction.undo), so a bad request leaves no row and no file. `Dataset.path`
+is absolute. No HTTP here: refusals are service.errors', results are rows.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from distillery_contract.records import FORMATS, DatasetError, JsonlChecker
-from service.api import idempotency
-from service.api.idempotency import IdempotencyKey, Replay
-from service.api.pagination import page
-from service.api.problems import Problem, invalid, not_found
-from service.api.schemas import DatasetOut, DatasetPage, check_label, dataset_out, to_json
-from service.api.uploads import Upload
+from service import transaction
 from service.db.models import Dataset, Job, new_id, utcnow
+from service.errors import Conflict, FieldError, Invalid, InvalidDataset, NotFound
 from service.jobs.lifecycle import TERMINAL
 from service.jobs.references import dataset_ids
+from service.labels import check_label
+from service.paging import Page, page
 from service.settings import Settings
+from service.uploaded import Upload
 
 TEXT_FIELDS = ("name", "format")
 UPLOAD_NAME = "<upload>"  # the file's name in validation messages, replaced by the client's file name
@@ -39,76 +39,52 @@ def upload_check(fields: dict[str, str]) -> JsonlChecker:
     return JsonlChecker(UPLOAD_NAME, fmt if fmt in FORMATS else None)
 
 
-def create_dataset(
-    session: Session, settings: Settings, project_id: str, upload: Upload, idem_key: str | None, request_path: str
-) -> tuple[int, dict] | Replay:
-    """Validate and store an upload. Always consumes `upload.path` (moved into place or removed)."""
+def create_dataset(session: Session, settings: Settings, project_id: str, upload: Upload) -> Dataset:
+    """Validate an upload and move it into place (the temporary file is the caller's to discard otherwise)."""
+    display = _display_name(upload.filename)
+    label = upload.fields.get("name") or None  # an empty field means no name
+    if label is not None and (problem := check_label(label)):
+        raise Invalid("name", problem)
+    fmt = upload.fields.get("format") or None
+    if fmt is not None and fmt not in FORMATS:
+        raise Invalid("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    checker = upload.check
+    if checker is None or checker.stated != fmt:  # no check yet, or the format came after the file
+        checker = JsonlChecker(UPLOAD_NAME, fmt)
+        checker.feed_file(upload.path)
     try:
-        idem = IdempotencyKey(idem_key, upload.fingerprint("POST", request_path)) if idem_key else None
-        replay = idempotency.find(session, project_id, idem)
-        if replay is not None:
-            return replay
-        display = _display_name(upload.filename)
-        label = upload.fields.get("name") or None  # an empty field means no name
-        if label is not None and (problem := check_label(label)):
-            raise invalid("name", problem)
-        name = label or display
-        fmt = upload.fields.get("format") or None
-        if fmt is not None and fmt not in FORMATS:
-            raise invalid("format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-        checker = upload.check
-        if checker is None or checker.stated != fmt:  # no check yet, or the format came after the file
-            checker = JsonlChecker(UPLOAD_NAME, fmt)
-            checker.feed_file(upload.path)
-        try:
-            parsed_format = checker.close()
-        except DatasetError as e:
-            raise _dataset_problem(str(e), UPLOAD_NAME, display or "upload") from None
-        dataset_id = new_id("ds")
-        final = dataset_dir(settings, project_id) / f"{dataset_id}.jsonl"
-        os.replace(upload.path, final)  # same directory, so atomic
-    finally:
-        upload.discard()  # no-op once moved
-    try:
-        row = Dataset(
-            id=dataset_id,
-            project_id=project_id,
-            name=name or dataset_id,
-            format=parsed_format,
-            path=str(final),
-            sha256=upload.sha256,
-            size_bytes=upload.size,
-            records=checker.count,
-        )
-        session.add(row)
-        session.flush()
-        body = to_json(dataset_out(row))
-        idempotency.remember(session, project_id, idem, 201, body)
-        replay = idempotency.commit(session, project_id, idem)
-    except BaseException:
-        final.unlink(missing_ok=True)
-        raise
-    if replay is not None:
-        final.unlink(missing_ok=True)
-        return replay
-    return 201, body
+        parsed_format = checker.close()
+    except DatasetError as e:
+        raise _invalid_dataset(str(e), UPLOAD_NAME, display or "upload") from None
+    dataset_id = new_id("ds")
+    final = dataset_dir(settings, project_id) / f"{dataset_id}.jsonl"
+    os.replace(upload.path, final)  # same directory, so atomic
+    transaction.undo(session, lambda: final.unlink(missing_ok=True))
+    row = Dataset(
+        id=dataset_id,
+        project_id=project_id,
+        name=label or display or dataset_id,
+        format=parsed_format,
+        path=str(final),
+        sha256=upload.sha256,
+        size_bytes=upload.size,
+        records=checker.count,
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
-def list_datasets(session: Session, project_id: str, limit: int, after: str | None) -> DatasetPage:
+def list_datasets(session: Session, project_id: str, limit: int, after: str | None) -> Page[Dataset]:
     stmt = select(Dataset).where(Dataset.project_id == project_id, Dataset.deleted_at.is_(None))
-    rows, has_more = page(session, stmt, Dataset.id, limit, after)
-    return DatasetPage(data=[dataset_out(r) for r in rows], has_more=has_more)
+    return page(session, stmt, Dataset.id, limit, after)
 
 
 def get_dataset(session: Session, project_id: str, dataset_id: str) -> Dataset:
     row = session.get(Dataset, dataset_id)
     if row is None or row.project_id != project_id or row.deleted_at is not None:
-        raise not_found("dataset", dataset_id)
+        raise NotFound("dataset", dataset_id)
     return row
-
-
-def get_dataset_out(session: Session, project_id: str, dataset_id: str) -> DatasetOut:
-    return dataset_out(get_dataset(session, project_id, dataset_id))
 
 
 def delete_dataset(session: Session, project_id: str, dataset_id: str) -> None:
@@ -117,13 +93,12 @@ def delete_dataset(session: Session, project_id: str, dataset_id: str) -> None:
     live = session.scalars(select(Job).where(Job.project_id == project_id, Job.status.not_in(TERMINAL))).all()
     users = [j.id for j in live if dataset_id in dataset_ids(j.kind, j.spec or {})]
     if users:
-        raise Problem(
-            409,
+        raise Conflict(
             f"dataset {dataset_id} is used by unfinished job(s) {', '.join(users[:5])}; "
-            "cancel them or wait for them to finish",
+            "cancel them or wait for them to finish"
         )
     row.deleted_at = utcnow()
-    session.commit()
+    session.flush()
 
 
 def _display_name(filename: str | None) -> str | None:
@@ -138,14 +113,14 @@ def _display_name(filename: str | None) -> str | None:
 _LINE = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+): (?P<message>.*)$")
 
 
-def _dataset_problem(message: str, tmp_name: str, display: str) -> Problem:
-    """The engine's report (`file:line: problem` per bad line) as a 422 whose errors name the lines."""
+def _invalid_dataset(message: str, tmp_name: str, display: str) -> InvalidDataset:
+    """The checker's report (`file:line: problem` per bad line) as an error whose entries name the lines."""
     message = message.replace(tmp_name, display)
-    errors = []
+    errors: list[FieldError] = []
     for text in message.splitlines():
         m = _LINE.match(text)
         if m:
             errors.append({"line": int(m["line"]), "message": m["message"]})
     if not errors:
         errors.append({"field": "file", "message": message})
-    return Problem(422, message, errors=errors, slug="invalid-dataset", title="Invalid dataset")
+    return InvalidDataset(message, errors)

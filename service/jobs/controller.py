@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import anyio.to_thread
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
 from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import ID_PATTERN, CallerDep, PathId, SessionDep
-from service.api.idempotency import IdempotencyKey, Replay, provide_idempotency
+from service.api.idempotency import idempotent, writes
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.api.problems import invalid, json_body_guard
-from service.api.schemas import ArtifactList, CheckpointList, EventPage, JobCreate, JobOut, JobPage, MetricList
+from service.api.schemas import (
+    ArtifactList,
+    CheckpointList,
+    EventPage,
+    JobCreate,
+    JobOut,
+    JobPage,
+    MetricList,
+    artifact_out,
+    checkpoint_out,
+    event_out,
+    job_out,
+    metric_out,
+)
 from service.jobs import service
 from service.jobs.streams import EventHub
 
@@ -24,22 +38,13 @@ MAX_EVENT_PAGE = 1000
 class JobController(Controller):
     path = "/jobs"
     tags = ["jobs"]
-    dependencies = {"idem": Provide(provide_idempotency)}
 
-    @post("/", sync_to_thread=True, summary="Create a job", request_max_body_size=1 << 20, guards=[json_body_guard])
-    def create(
-        self,
-        data: JSONBody[JobCreate],
-        session: SessionDep,
-        caller: CallerDep,
-        state: State,
-        idem: NamedDependency[IdempotencyKey | None],
-    ) -> Response[JobOut]:
-        result = service.create_job(session, state.enqueuer, caller.project_id, data, idem)
-        if isinstance(result, Replay):
-            return result.response()
-        status, body = result
-        return Response(body, status_code=status)
+    @post("/", summary="Create a job", request_max_body_size=1 << 20, guards=[json_body_guard])
+    @idempotent
+    def create(self, data: JSONBody[JobCreate], session: SessionDep, caller: CallerDep, state: State) -> JobOut:
+        spec = data.spec.model_dump(mode="json")
+        job = service.create_job(session, state.enqueuer, caller.project_id, data.kind, spec, data.parent_id)
+        return job_out(job, [])
 
     @get("/", sync_to_thread=True, summary="List jobs, newest first")
     def list(
@@ -52,33 +57,30 @@ class JobController(Controller):
         limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
         after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN),
     ) -> JobPage:
-        return service.list_jobs(session, caller.project_id, status, kind, limit, after, parent_id)
+        jobs = service.list_jobs(session, caller.project_id, status, kind, limit, after, parent_id)
+        return JobPage(data=[job_out(*view) for view in jobs.items], has_more=jobs.has_more)
 
     @get("/{job_id:str}", sync_to_thread=True, summary="Get a job")
     def retrieve(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> JobOut:
-        return service.get_job_out(session, caller.project_id, job_id)
+        return job_out(*service.get_job_view(session, caller.project_id, job_id))
 
-    @post("/{job_id:str}/cancel", sync_to_thread=True, summary="Cancel a job", status_code=200)
-    def cancel(
-        self, session: SessionDep, caller: CallerDep, job_id: PathId, idem: NamedDependency[IdempotencyKey | None]
-    ) -> Response[JobOut]:
-        result = service.cancel_job(session, caller.project_id, job_id, idem)
-        if isinstance(result, Replay):
-            return result.response()
-        status, body = result
-        return Response(body, status_code=status)
+    @post("/{job_id:str}/cancel", summary="Cancel a job", status_code=200)
+    @idempotent
+    def cancel(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> JobOut:
+        return job_out(*service.cancel_job(session, caller.project_id, job_id))
 
     @delete(
         "/{job_id:str}/files",
-        sync_to_thread=True,
         status_code=200,
         summary="Delete a finished job's files",
         description="Frees the disk space of a finished job: its outputs, checkpoints and every attempt's "
         "files. Its events, metrics and summary stay; its artifacts are gone. 409 while the job "
         "or a job using its output is unfinished.",
     )
+    @writes
     def delete_files(self, session: SessionDep, caller: CallerDep, state: State, job_id: PathId) -> dict:
-        return service.delete_job_files(session, state.settings.artifact_root, caller.project_id, job_id)
+        deleted = service.delete_job_files(session, state.settings.artifact_root, caller.project_id, job_id)
+        return dataclasses.asdict(deleted)
 
     @get("/{job_id:str}/events", sync_to_thread=True, summary="A job's events, oldest first")
     def events(
@@ -89,7 +91,8 @@ class JobController(Controller):
         after: int | None = Parameter(default=None, ge=0),
         limit: int = Parameter(default=MAX_EVENT_PAGE, ge=1, le=MAX_EVENT_PAGE),
     ) -> EventPage:
-        return service.list_events(session, caller.project_id, job_id, after, limit)
+        events = service.list_events(session, caller.project_id, job_id, after, limit)
+        return EventPage(data=[event_out(e) for e in events.items], has_more=events.has_more)
 
     @get(
         "/{job_id:str}/events/stream",
@@ -127,15 +130,17 @@ class JobController(Controller):
         job_id: PathId,
         name: str | None = Parameter(default=None, max_length=80),
     ) -> MetricList:
-        return service.list_metrics(session, caller.project_id, job_id, name)
+        return MetricList(data=[metric_out(m) for m in service.list_metrics(session, caller.project_id, job_id, name)])
 
     @get("/{job_id:str}/checkpoints", sync_to_thread=True, summary="A job's checkpoints")
     def checkpoints(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> CheckpointList:
-        return service.list_checkpoints(session, caller.project_id, job_id)
+        return CheckpointList(
+            data=[checkpoint_out(c) for c in service.list_checkpoints(session, caller.project_id, job_id)]
+        )
 
     @get("/{job_id:str}/artifacts", sync_to_thread=True, summary="A job's artifacts")
     def artifacts(self, session: SessionDep, caller: CallerDep, job_id: PathId) -> ArtifactList:
-        return service.list_artifacts(session, caller.project_id, job_id)
+        return ArtifactList(data=[artifact_out(a) for a in service.list_artifacts(session, caller.project_id, job_id)])
 
 
 def _check_owner(factory: sessionmaker[Session], project_id: str, job_id: str) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, Update, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from distillery_contract.jobs import (  # noqa: F401 (the statuses are re-exported: `lifecycle.QUEUED`)
@@ -35,7 +36,16 @@ from distillery_contract.jobs import (  # noqa: F401 (the statuses are re-export
     TERMINAL,
 )
 from service.db.models import Job, JobDependency, JobEvent, utcnow
-from service.jobs.references import spec_references
+from service.jobs.references import Reference, spec_references
+
+
+def _rows_updated(session: Session, statement: Update) -> int:
+    """Run an UPDATE (without RETURNING) in the session: how many rows it changed."""
+    result = session.execute(statement)
+    # typed as a plain `Result`, but for an UPDATE `Session.execute` returns the `CursorResult`, the one with the
+    # row count (as SQLAlchemy documents; its typing lacks that overload, sqlalchemy/sqlalchemy#9185)
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str, data: dict | None = None) -> JobEvent:
@@ -130,7 +140,7 @@ def create_job(
     return job, new_caches
 
 
-def _wait_for_used_jobs(session: Session, job: Job, refs) -> None:
+def _wait_for_used_jobs(session: Session, job: Job, refs: Iterable[Reference]) -> None:
     """A job that uses another job's output (an adapter, a student) depends on it until it has succeeded."""
     for other_id in dict.fromkeys(r.id for r in refs if r.target == "job"):
         other = session.get(Job, other_id)
@@ -191,12 +201,13 @@ def take_for_sending(session: Session, job_id: str, resend_after_seconds: int, n
     now = now or utcnow()
     stale = now - timedelta(seconds=resend_after_seconds)
     return bool(
-        session.execute(
+        _rows_updated(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.status == QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
             .values(enqueued_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
     )
 
 
@@ -212,18 +223,20 @@ def unsend(session: Session, job_id: str) -> None:
 
 def forget_sends(session: Session) -> int:
     """The broker lost its queue (it restarted empty): every queued job counts as never sent. Returns how many."""
-    return session.execute(
+    return _rows_updated(
+        session,
         update(Job)
         .where(Job.status == QUEUED, Job.enqueued_at.is_not(None))
         .values(enqueued_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
 
 
 def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
     """Take the job if it is queued (or its lease expired): one atomic UPDATE, so only one worker wins."""
     now = utcnow()
-    won = session.execute(
+    won = _rows_updated(
+        session,
         update(Job)
         .where(Job.id == job_id, or_(Job.status == QUEUED, and_(Job.status.in_(ACTIVE), Job.lease_expires_at < now)))
         .values(
@@ -233,11 +246,11 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job 
             attempts=Job.attempts + 1,
             updated_at=now,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not won:
         return None
-    job = session.get(Job, job_id, populate_existing=True)
+    job = session.get_one(Job, job_id, populate_existing=True)  # the row this transaction just updated
     if job.cancel_requested:
         finish(session, job_id, owner, CANCELLED, error_message="cancelled before it started")
         return None
@@ -257,24 +270,26 @@ def fence(session: Session, job_id: str, owner: str) -> bool:
     """Whether `owner` still holds the job's lease, asked as a write: the row stays locked until the caller's
     transaction ends, so nothing the caller writes in it can land after another worker claimed the job."""
     return bool(
-        session.execute(
+        _rows_updated(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
             .values(updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
     )
 
 
 def heartbeat(session: Session, job_id: str, owner: str, lease_seconds: int) -> tuple[bool, bool]:
     """Renew the lease. Returns (still ours, cancel requested)."""
     now = utcnow()
-    renewed = session.execute(
+    renewed = _rows_updated(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
     return bool(renewed), bool(cancel)
 
@@ -303,8 +318,10 @@ def finish(
     )
     if summary is not None:
         values["summary"] = summary
-    done = session.execute(update(Job).where(*cond).values(**values).execution_options(synchronize_session=False))
-    if done.rowcount:
+    done = _rows_updated(
+        session, update(Job).where(*cond).values(**values).execution_options(synchronize_session=False)
+    )
+    if done:
         add_event(
             session,
             job_id,
@@ -312,7 +329,7 @@ def finish(
             error_message or status,
             {"error": {"code": error_code, "message": error_message}} if error_code else {},
         )
-    return bool(done.rowcount)
+    return bool(done)
 
 
 def release(session: Session, job_id: str, owner: str, reason: str) -> bool:
@@ -322,12 +339,13 @@ def release(session: Session, job_id: str, owner: str, reason: str) -> bool:
     ours = (Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
     if session.scalar(select(Job.cancel_requested).where(*ours)):
         return finish(session, job_id, owner, CANCELLED, error_message="cancelled")
-    done = session.execute(
+    done = _rows_updated(
+        session,
         update(Job)
         .where(*ours)
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if done:
         add_event(session, job_id, "released", reason)
     return bool(done)
@@ -355,7 +373,7 @@ def dependents_ready(session: Session, job_id: str) -> list[str]:
     return _ready_ids(session, waiting)
 
 
-def _ready_ids(session: Session, queued: list[Job]) -> list[str]:
+def _ready_ids(session: Session, queued: Sequence[Job]) -> list[str]:
     """Ids of the queued jobs whose dependencies all succeeded; the ones a failed dependency blocks fail now."""
     ready = []
     for job in queued:
@@ -379,12 +397,13 @@ def sweep(session: Session, resend_after_seconds: int, now: datetime | None = No
         if session.scalar(select(Job.cancel_requested).where(*still_lost)):
             finish(session, job_id, None, CANCELLED, error_message="cancelled (its worker stopped)")
             continue
-        requeued = session.execute(
+        requeued = _rows_updated(
+            session,
             update(Job)
             .where(*still_lost)
             .values(status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=None, updated_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         if requeued:
             add_event(session, job_id, "requeued", f"lease of {job_id} expired (worker lost); queued again to resume")
     session.flush()

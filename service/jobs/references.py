@@ -36,11 +36,14 @@ def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
     return refs
 
 
+_CANDIDATE_FIELDS: tuple[tuple[str, Target], ...] = (("model", "model"), ("adapter", "job"), ("student_of", "job"))
+
+
 def _benchmark_refs(at: str, spec: dict[str, Any]) -> list[Reference]:
     """The candidates' models and jobs and the data of a benchmark spec, or of a distill spec's `evaluate`."""
-    refs = []
+    refs: list[Reference] = []
     for i, cand in enumerate(spec.get("candidates") or []):
-        for name, target in (("model", "model"), ("adapter", "job"), ("student_of", "job")):
+        for name, target in _CANDIDATE_FIELDS:
             if cand.get(name):
                 refs.append(Reference(f"{at}.candidates.{i}.{name}", target, cand[name]))
     for name in ("text", "mcq", "preference"):
@@ -49,8 +52,18 @@ def _benchmark_refs(at: str, spec: dict[str, Any]) -> list[Reference]:
     return refs
 
 
-def dataset_ids(kind: str, spec: dict[str, Any]) -> set[str]:
+def stored_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
+    """The references of a spec already stored (validated when created, but perhaps by an older version or
+    written by hand): one that cannot be read refers to nothing we know."""
     try:
-        return {r.id for r in spec_references(kind, spec) if r.target == "dataset"}
-    except (KeyError, TypeError):  # a spec stored by hand or an older version: refers to nothing we know
-        return set()
+        return spec_references(kind, spec)
+    except (KeyError, TypeError, AttributeError):
+        return []
+
+
+def dataset_ids(kind: str, spec: dict[str, Any]) -> set[str]:
+    return {r.id for r in stored_references(kind, spec) if r.target == "dataset"}
+
+
+def job_ids(kind: str, spec: dict[str, Any]) -> set[str]:
+    return {r.id for r in stored_references(kind, spec) if r.target == "job"}

@@ -7,7 +7,8 @@ rows are turned into plain messages before the session closes, and each stream w
 The database sees one job-state query per poll plus one event query per distinct (job, cursor), whatever the
 number of streams, and a stream costs the process a few objects, not a thread or a connection.
 
-Streams are bounded per API key and per process; past either bound `open` raises a 429 with Retry-After.
+Streams are bounded per API key and per process; past either bound `open` raises TooMany (a 429 with
+Retry-After).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import anyio.to_thread
 from litestar.response import ServerSentEventMessage
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import Problem
 from service.api.schemas import event_out, to_json
+from service.errors import TooMany
 from service.jobs import service
 from service.jobs.lifecycle import TERMINAL
 
@@ -75,7 +76,7 @@ class EventHub:
         return len(self._streams)
 
     def open(self, key_id: str, job_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
-        """The messages of one stream (raises a 429 Problem when a bound is reached)."""
+        """The messages of one stream (raises TooMany when a bound is reached)."""
         if len(self._streams) >= self.total:
             raise self._too_many(f"this server already serves {self.total} event streams")
         if self._per_key[key_id] >= self.per_key:
@@ -99,14 +100,8 @@ class EventHub:
         return self._messages(stream)
 
     @staticmethod
-    def _too_many(detail: str) -> Problem:
-        return Problem(
-            429,
-            detail,
-            slug="too-many-streams",
-            title="Too many event streams",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+    def _too_many(detail: str) -> TooMany:
+        return TooMany(detail, RETRY_AFTER_SECONDS, code="too-many-streams", title="Too many event streams")
 
     def _close(self, stream: _Stream) -> None:
         if stream.closed:

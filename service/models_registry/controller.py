@@ -2,21 +2,56 @@
 
 from __future__ import annotations
 
-import anyio.to_thread
-from litestar import Controller, Request, Response, get, post
-from litestar.params import Parameter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import Parameter, SkipValidation
 from pydantic import ValidationError
 
 from service.api.deps import ID_PATTERN, CallerDep, PathId, SessionDep, SettingsDep
-from service.api.idempotency import IdempotencyKey, Replay, fingerprint, header_key
+from service.api.idempotency import fingerprint, idempotent
 from service.api.openapi import multipart_body
 from service.api.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.api.problems import Problem, from_field_errors, pydantic_errors
-from service.api.schemas import ModelOut, ModelPage, ModelRegister
+from service.api.schemas import ModelOut, ModelPage, ModelRegister, model_out
 from service.api.uploads import receive_upload
 from service.models_registry import service
+from service.uploaded import Upload
 
 MAX_JSON_BODY = 64 << 10
+
+
+@dataclass(frozen=True)
+class PathRegistration:
+    """A JSON body `{"name", "path"}`, and the bytes it was read from (which identify the request)."""
+
+    body: ModelRegister
+    raw: bytes
+
+    def fingerprint(self, method: str, path: str) -> str:
+        return fingerprint(method, path, self.raw)
+
+
+# a JSON registration or an upload; not validated again as a handler parameter (msgspec takes no union of classes)
+RegistrationDep = NamedDependency[SkipValidation[PathRegistration | Upload]]
+
+
+async def provide_registration(
+    request: Request, caller: CallerDep, settings: SettingsDep
+) -> AsyncIterator[PathRegistration | Upload]:
+    """The request's body: a GGUF upload (removed after the request unless stored) or a path to register."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/"):
+        yield await _json_body(request)
+        return
+    upload = await receive_upload(
+        request, service.model_dir(settings, caller.project_id), settings.max_upload_bytes, service.TEXT_FIELDS
+    )
+    try:
+        yield upload
+    finally:
+        upload.discard()
 
 
 class ModelController(Controller):
@@ -36,28 +71,20 @@ class ModelController(Controller):
         description='JSON `{"name", "path"}`: an mlx-lm folder (config.json + *.safetensors) or a .gguf file '
         "on the server, by absolute path (inside the configured model roots, if any). "
         "multipart/form-data: a GGUF file upload (`file`, optional `name`).",
+        dependencies={"registration": Provide(provide_registration)},
     )
-    async def register(
-        self, request: Request, session: SessionDep, caller: CallerDep, settings: SettingsDep
-    ) -> Response[ModelOut]:
-        key = header_key(request)
-        if request.headers.get("content-type", "").lower().startswith("multipart/"):
-            upload = await receive_upload(
-                request, service.model_dir(settings, caller.project_id), settings.max_upload_bytes, service.TEXT_FIELDS
-            )
-            result = await anyio.to_thread.run_sync(
-                lambda: service.register_upload(session, settings, caller.project_id, upload, key, request.url.path)
-            )
-        else:
-            body, raw = await _json_body(request)
-            idem = IdempotencyKey(key, fingerprint(request.method, request.url.path, raw)) if key else None
-            result = await anyio.to_thread.run_sync(
-                lambda: service.register_path(session, settings, caller.project_id, body, idem)
-            )
-        if isinstance(result, Replay):
-            return result.response()
-        status, payload = result
-        return Response(payload, status_code=status)
+    @idempotent(body="registration")
+    def register(
+        self,
+        registration: RegistrationDep,
+        session: SessionDep,
+        caller: CallerDep,
+        settings: SettingsDep,
+    ) -> ModelOut:
+        if isinstance(registration, Upload):
+            return model_out(service.register_upload(session, settings, caller.project_id, registration))
+        body = registration.body
+        return model_out(service.register_path(session, settings, caller.project_id, body.name, body.path))
 
     @get("/", sync_to_thread=True, summary="List models, newest first")
     def list(
@@ -67,14 +94,15 @@ class ModelController(Controller):
         limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
         after: str | None = Parameter(default=None, max_length=80, pattern=ID_PATTERN),
     ) -> ModelPage:
-        return service.list_models(session, caller.project_id, limit, after)
+        models = service.list_models(session, caller.project_id, limit, after)
+        return ModelPage(data=[model_out(m) for m in models.items], has_more=models.has_more)
 
     @get("/{model_id:str}", sync_to_thread=True, summary="Get a model")
     def retrieve(self, session: SessionDep, caller: CallerDep, model_id: PathId) -> ModelOut:
-        return service.get_model(session, caller.project_id, model_id)
+        return model_out(service.get_model(session, caller.project_id, model_id))
 
 
-async def _json_body(request: Request) -> tuple[ModelRegister, bytes]:
+async def _json_body(request: Request) -> PathRegistration:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise Problem(415, 'send JSON {"name", "path"} (application/json) or a multipart/form-data GGUF upload')
@@ -84,7 +112,7 @@ async def _json_body(request: Request) -> tuple[ModelRegister, bytes]:
         if len(raw) > MAX_JSON_BODY:
             raise Problem(413, f"a JSON body is limited to {MAX_JSON_BODY} bytes")
     try:
-        return ModelRegister.model_validate_json(raw), raw
+        return PathRegistration(ModelRegister.model_validate_json(raw), raw)
     except ValidationError as e:
         errors = pydantic_errors(e)
         if any(err["message"].startswith("Invalid JSON") for err in errors):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,7 +27,7 @@ class InspectedModel:
     info: dict[str, Any]
 
 
-def inspect_model_path(raw: str, roots: list[Path], protected: list[Path] = ()) -> InspectedModel:
+def inspect_model_path(raw: str, roots: list[Path], protected: Sequence[Path] = ()) -> InspectedModel:
     """Check a path a caller wants registered. `roots`: the folders models may come from ([] = anywhere);
     `protected`: the server's own storage (artifacts, caches: other projects' files), never registrable.
 
@@ -103,7 +104,7 @@ def _inspect_folder(folder: Path, allowed: list[Path], storage: list[Path]) -> I
         raise ModelPathError(f"{config_path} is nested too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise ModelPathError(f"{config_path} must hold a JSON object")
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    text_config: dict[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else {}
     info = {k: _plain(config.get(k, text_config.get(k))) for k in CONFIG_KEYS}
     info["weights_bytes"] = sum(w.stat().st_size for w in weights)
     return InspectedModel("mlx", folder, _fingerprint(folder, files), info)

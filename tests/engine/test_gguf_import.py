@@ -298,7 +298,7 @@ def test_fallback_tokenizer_without_transformers_gguf_support(tmp_path, llama_gg
     """If transformers lacks its GGUF tokenizer module, the `tokenizers`-built BPE gives the same ids."""
     from transformers import AutoTokenizer
 
-    import worker.engine.gguf_import as gi
+    import worker.engine.gguf_tokenizer as gi
 
     monkeypatch.setattr(gi, "_transformers_gguf_tokenizer", lambda: (None, {}))
     out = tmp_path / "fallback"
@@ -395,7 +395,7 @@ def test_qwen_keeps_qk_order(tmp_path, bpe, arch):
 
 
 def test_llama3_rope_freqs_become_rope_scaling(tmp_path, bpe):
-    from worker.engine.gguf_import import _llama3_rope_factors
+    from worker.engine.gguf_config import _llama3_rope_factors
 
     factors = _llama3_rope_factors(HEAD_DIM, 50000.0, factor=8.0, low=1.0, high=4.0, orig=8192)
     assert factors.max() == 8.0 and factors.min() == 1.0

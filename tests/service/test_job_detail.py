@@ -132,6 +132,7 @@ def test_deleting_a_finished_jobs_files_frees_them_and_keeps_its_history(api):
     r = api.client.delete(url, headers=api.headers)
     assert r.status_code == 409 and user in r.json()["detail"]  # nor while used
     finish_job(api, user, "cancelled")
+    insert_job(api, status="queued", spec={})  # a stored spec that names nothing readable: no 500
     other, _ = api.other_project()
     assert api.client.delete(url, headers=other).status_code == 404  # another project's
 

@@ -6,6 +6,7 @@ batch (online mode). Both hand the loss a `losses.SparseTeacher` / `losses.Dense
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -28,7 +29,7 @@ class CachedTeacher:
 
 @dataclass
 class OnlineTeacher:
-    model: object
+    model: Callable[[mx.array], mx.array]  # the loaded teacher: tokens [B, L] -> logits [B, L, V]
 
     def for_batch(self, example_ids: np.ndarray, tokens: mx.array) -> losses.DenseTeacher:
         logits = mx.stop_gradient(self.model(tokens[:, :-1]))

@@ -10,9 +10,11 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import data as data_mod
 from . import losses
@@ -108,7 +110,7 @@ def continuation_examples(tokenizer, pairs: list[tuple[str, str]], max_seq_len: 
     return examples
 
 
-def per_token(loglik: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+def per_token(loglik: ArrayLike, n_tokens: ArrayLike) -> np.ndarray:
     """Length-normalised scores: summed log-likelihood / token count (a count of 0 is taken as 1)."""
     return np.asarray(loglik, dtype=np.float64) / np.maximum(np.asarray(n_tokens), 1)
 
@@ -137,7 +139,11 @@ def mcq_metrics(
     right_norm = np.array(
         [int(np.argmax(per_token(s, n))) == a for s, n, a in zip(scores, n_tokens, answers)], dtype=np.float64
     )
-    out = {"mcq_accuracy": float(right.mean()), "mcq_accuracy_norm": float(right_norm.mean()), "mcq_n": len(answers)}
+    out: dict[str, Any] = {
+        "mcq_accuracy": float(right.mean()),
+        "mcq_accuracy_norm": float(right_norm.mean()),
+        "mcq_n": len(answers),
+    }
     subject_table = by_subject(subjects, accuracy=right, accuracy_norm=right_norm)
     if subject_table:
         out["mcq_by_subject"] = subject_table
@@ -155,7 +161,8 @@ class PairScores:
 
     @classmethod
     def from_examples(cls, loglik: np.ndarray, n_tokens: np.ndarray) -> PairScores:
-        """From per-example arrays laid out chosen, rejected, chosen, rejected, ... (see `_pref_examples`)."""
+        """From per-example arrays laid out chosen, rejected, chosen, rejected, ... (as benchmark_data.py's
+        `_pref_examples` makes them)."""
         return cls(loglik[0::2], loglik[1::2], n_tokens[0::2], n_tokens[1::2])
 
     def margin(self, normalised: bool) -> np.ndarray:
@@ -179,7 +186,8 @@ def pair_agreement(margin: np.ndarray, ref_margin: np.ndarray) -> np.ndarray:
 def pref_metrics(model: PairScores, reference: PairScores, subjects: list[str | None] | None = None) -> dict:
     """Preference accuracy and agreement with the reference's ranking, each from summed log-likelihoods and
     from per-token means (`_norm`); tie counts; and, when pairs have subjects, all four per subject."""
-    per_pair, out = {}, {}
+    per_pair: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     for suffix, normalised in (("", False), ("_norm", True)):
         mine, theirs = model.margin(normalised), reference.margin(normalised)
         per_pair["accuracy" + suffix] = pair_credit(mine)

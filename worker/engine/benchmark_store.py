@@ -16,6 +16,7 @@ in memory: float16 rounding could turn a near-tie into a different argmax.
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,7 @@ class ReferenceStore:
         self.folder, self.n_positions = folder, n_positions
         self.path = folder / "reference_logprobs.f16"
         self.vocab: int | None = None
-        self._file = None
+        self._file: io.BufferedWriter | None = None
         self._batches: list[tuple[int, int]] = []  # (first row, rows) per batch
         self._argmax: list[np.ndarray] = []
 
@@ -88,13 +89,12 @@ class ReferenceStore:
 
     def append(self, log_p: mx.array, argmax: mx.array) -> None:
         """One batch of the reference: log-probs [n, V] (float32) and argmax [n] at its target positions."""
-        if self._file is None:
-            self._open(log_p.shape[-1])
+        file = self._file if self._file is not None else self._open(log_p.shape[-1])
         start = self._batches[-1][0] + self._batches[-1][1] if self._batches else 0
         if start + log_p.shape[0] > self.n_positions:
             raise ValueError(f"more target positions than the {self.n_positions} the store was sized for")
         # float16's range ends at ±65504; log-probs below that are as good as −inf for every metric
-        np.asarray(mx.maximum(log_p, FLOAT16_MIN).astype(mx.float16)).tofile(self._file)
+        np.asarray(mx.maximum(log_p, FLOAT16_MIN).astype(mx.float16)).tofile(file)
         self._batches.append((start, log_p.shape[0]))
         self._argmax.append(np.asarray(argmax, dtype=np.int32))
 
@@ -109,6 +109,7 @@ class ReferenceStore:
         if self._file is not None:
             raise RuntimeError("read before seal(): the reference pass has not finished")
         start, n = self._batches[i]
+        assert self.vocab is not None  # set by the first append
         itemsize = np.dtype(STORED_DTYPE).itemsize
         window = np.memmap(
             self.path, dtype=STORED_DTYPE, mode="r", offset=start * self.vocab * itemsize, shape=(n, self.vocab)
@@ -117,7 +118,8 @@ class ReferenceStore:
         del window  # stay counted in the process's memory
         return losses.log_softmax_t(stored), mx.array(self._argmax[i])
 
-    def _open(self, vocab: int) -> None:
+    def _open(self, vocab: int) -> io.BufferedWriter:
         ensure_free_space(self.folder, self.n_positions, vocab)  # again, with the logits' real width
         self.vocab = vocab
         self._file = open(self.path, "wb")
+        return self._file

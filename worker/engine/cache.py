@@ -13,7 +13,8 @@ Layout of a cache folder (all arrays little-endian `.npy`, opened with mmap):
 
 Row i describes the distribution of token i + 1 given tokens[..i], so the last row of each example is unused
 (kept so that rows and tokens share one index). The folder is built in a temporary sibling and renamed into
-place, so a cache either exists whole or not at all; its name is its content key (SPEC §5).
+place, so a cache either exists whole or not at all; its name is its content key (`cache_key`: the teacher,
+tokenizer, data, k, length and chat template it was computed from).
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ def build(
         np.save(tmp / "target_mask.npy", mask)
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "sources.npy", np.arange(len(examples)) if sources is None else np.asarray(sources, np.int64))
-        arrays = None
+        arrays: dict[str, np.memmap] | None = None
         recon, t0, done = [], time.perf_counter(), 0
         for b, idx in enumerate(data_mod.eval_batches(lengths, batch_size)):
             if should_stop and should_stop():
@@ -267,15 +268,16 @@ def build(
                 next_is_target = np.zeros_like(tmask)
                 next_is_target[:, :-1] = tmask[:, 1:]
                 recon.append(reconstruction_kl(logits, ids, lps, tail, next_is_target))
-            ids, lps, tail = np.array(ids), np.array(lps), np.array(tail)
+            ids_np, lps_np, tail_np = np.array(ids), np.array(lps), np.array(tail)
             for row, e in enumerate(idx):
                 s, n = offsets[e], lengths[e]
-                arrays["topk_ids"][s : s + n] = ids[row, :n]
-                arrays["topk_logprobs"][s : s + n] = lps[row, :n]
-                arrays["tail_logmass"][s : s + n] = tail[row, :n]
+                arrays["topk_ids"][s : s + n] = ids_np[row, :n]
+                arrays["topk_logprobs"][s : s + n] = lps_np[row, :n]
+                arrays["tail_logmass"][s : s + n] = tail_np[row, :n]
             done += int(sum(lengths[i] for i in idx))
             if on_progress:
                 on_progress(done, n_tokens)
+        assert arrays is not None  # made by the first batch; no examples at all already failed in np.concatenate
         for a in arrays.values():
             a.flush()
         elapsed = time.perf_counter() - t0

@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import student as student_mod
+from .mlx_typed import load_safetensors
 
 
 class Checkpoints:
@@ -81,4 +82,4 @@ class Checkpoints:
         """The adapter weights, and the optimizer state when an optimizer is given."""
         model.load_weights(str(path / "adapters.safetensors"), strict=False)
         if optimizer is not None:
-            optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+            optimizer.state = tree_unflatten(list(load_safetensors(path / "optimizer.safetensors").items()))

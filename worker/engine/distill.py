@@ -5,13 +5,15 @@ local paths (the caller resolves ids); the run writes into `out_dir`:
 
     adapters.safetensors, adapter_config.json   the adapter (the best one by val KL), as mlx-lm reads it
     student/                                    the pruned and/or quantized student (keep_layers, quantize)
-    summary.json, metrics.jsonl                 SPEC §5
+    summary.json                                the run's outcome: initial / final / best val KL, warnings, timings
+    metrics.jsonl                               a record per training step and per evaluation (train.py writes it)
     checkpoints/                                step-N/ (resumable) and best-N/ (the best so far)
     fused/                                      the student with the adapter merged, when output.fuse
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import shutil
@@ -19,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 
@@ -32,6 +34,7 @@ from . import models, preflight
 from . import student as student_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
 from .errors import UserError
+from .mlx_typed import flat_arrays
 from .train import Hooks, train
 
 CACHE_BATCH_SIZE = 8
@@ -66,7 +69,8 @@ def ensure_cache(
     sequences a run will use. A cache of the whole dataset serves any subset, so it is looked up first.
     """
     template = getattr(tokenizer, "chat_template", None) if data_mod.needs_chat_template(dataset.format) else None
-    parts = dict(
+    key_of = functools.partial(
+        cache_mod.cache_key,
         teacher=models.model_fingerprint(teacher_dir),
         tokenizer=models.tokenizer_fingerprint(teacher_dir),
         dataset=f"{dataset.sha256}:{dataset.format}",
@@ -74,10 +78,10 @@ def ensure_cache(
         max_seq_len=max_seq_len,
         template=template,
     )
-    whole = cache_mod.cache_key(**parts)
+    whole = key_of()
     if subset is not None and len(subset) == len(examples):
         subset = None
-    key = whole if subset is None else cache_mod.cache_key(**parts, subset=subset)
+    key = whole if subset is None else key_of(subset=subset)
     for candidate in dict.fromkeys((whole, key)):
         found = store.get(candidate)
         if found is not None:
@@ -187,6 +191,7 @@ def run_distill(
     if valid_ds:
         train_idx, valid_idx = np.arange(len(train_all)), np.arange(len(valid_all))
     else:
+        assert not isinstance(inputs.valid, Path)  # no validation file: the holdout fraction
         train_idx, valid_idx = _holdout(train_all, float(inputs.valid))
     budget = tr.steps * tr.batch_size * tr.grad_accum
     if budget < len(train_idx):
@@ -216,13 +221,15 @@ def run_distill(
             train_split.teachers.append(teacher)
             valid_split.teachers.append(teacher)
             continue
-        kw = dict(top_k=spec.loss.top_k, max_seq_len=tr.max_seq_len, store=store, hooks=hooks)
+        cache_for = functools.partial(
+            ensure_cache, top_k=spec.loss.top_k, max_seq_len=tr.max_seq_len, store=store, hooks=hooks
+        )
         if valid_ds:
-            train_cache = ensure_cache(teacher_dir, train_ds, train_all, tokenizer, subset=train_idx, **kw)
-            valid_cache = ensure_cache(teacher_dir, valid_ds, valid_all, tokenizer, **kw)
+            train_cache = cache_for(teacher_dir, train_ds, train_all, tokenizer, subset=train_idx)
+            valid_cache = cache_for(teacher_dir, valid_ds, valid_all, tokenizer)
         else:
             both = np.union1d(train_idx, valid_idx)
-            train_cache = valid_cache = ensure_cache(teacher_dir, train_ds, train_all, tokenizer, subset=both, **kw)
+            train_cache = valid_cache = cache_for(teacher_dir, train_ds, train_all, tokenizer, subset=both)
         train_split.teachers.append(CachedTeacher(train_cache, train_cache.positions(train_idx)))
         valid_split.teachers.append(CachedTeacher(valid_cache, valid_cache.positions(valid_idx)))
         _check_tokens(train_cache, train_idx, train_all)
@@ -247,8 +254,8 @@ def run_distill(
         + f", {student.adapter_config['fine_tune_type']} adapter",
         path=str(student.path),
     )
-    trainable = sum(v.size for _, v in tree_flatten(student.model.trainable_parameters()))
-    parameters = sum(v.size for _, v in tree_flatten(student.model.parameters()))
+    trainable = sum(v.size for _, v in flat_arrays(student.model.trainable_parameters()))
+    parameters = sum(v.size for _, v in flat_arrays(student.model.parameters()))
     disk = preflight.run_disk_estimate(spec, trainable, parameters, student.path)
     preflight.check_disk(out_dir, disk["total"], "the run's checkpoints and outputs")
     mx.reset_peak_memory()
@@ -263,7 +270,7 @@ def run_distill(
     for w in warnings:
         hooks.event("warning", w["message"], code=w["code"])
     final = state.best_eval or state.last_eval
-    summary = {
+    summary: dict[str, Any] = {
         "initial": state.initial,
         "final": final,
         "last": state.last_eval,

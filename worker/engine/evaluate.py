@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import losses
-from .batches import Split
+from .batches import CachedTeacher, Split
 
 
 def _teacher_view(teacher, logits: mx.array):
@@ -68,11 +68,12 @@ def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, bat
                 step[name] = step.get(name, 0.0) + float(wi) * (value * m).sum()
         mx.eval(step)
         for name, value in step.items():
-            sums[name] += float(value.item()) if isinstance(value, mx.array) else float(value)
+            sums[name] += float(value)
         count += int(m.sum().item())
     n = max(count, 1)
     mean = {k: v / n for k, v in sums.items()}
-    k = split.teachers[0].cache.top_k if split.teachers and not dense else None
+    first = split.teachers[0] if split.teachers else None
+    k = first.cache.top_k if isinstance(first, CachedTeacher) and not dense else None
     return {
         "val_kl": mean["kl"],
         "val_js": mean["js"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
@@ -16,6 +17,9 @@ from pydantic import ValidationError
 from distillery_contract.specs import DistillSpec
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 def default_cache_dir() -> Path:
@@ -82,10 +86,9 @@ def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progre
     bar = _ProgressBar(spec.training.steps) if progress and sys.stderr.isatty() else None
 
     def on_event(kind: str, message: str, data: dict) -> None:
-        if kind == "cache_progress" and bar is None:
-            return
         if kind == "cache_progress":
-            bar.cache(data["done"], data["total"])
+            if bar is not None:
+                bar.cache(data["done"], data["total"])
         else:
             _print(f"[{kind}] {message}", bar)
 
@@ -142,7 +145,7 @@ class _ProgressBar:
         )
         self.progress.start()
         self.task = self.progress.add_task("distill", total=total, info="")
-        self.cache_task = None
+        self.cache_task: TaskID | None = None
 
     def cache(self, done: int, total: int) -> None:
         if self.cache_task is None:

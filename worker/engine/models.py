@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
+from .mlx_typed import flat_leaves, load_safetensors
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -118,11 +119,9 @@ def quantization_of(config: dict) -> dict | None:
 
 def _quantize_targets(model: nn.Module) -> list[tuple[str, nn.Module, dict | bool]]:
     """(path, module, what the model's own predicate says) for every leaf mlx-lm's `quantize_model` may quantize."""
-    from mlx.utils import tree_flatten
-
     predicate = getattr(model, "quant_predicate", None)
-    out = []
-    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+    out: list[tuple[str, nn.Module, dict | bool]] = []
+    for path, m in flat_leaves(model.leaf_modules(), nn.Module.is_module):
         if not hasattr(m, "to_quantized") or "weight" not in m:
             continue
         verdict = predicate(path, m) if predicate is not None else True
@@ -273,10 +272,11 @@ def quantized_compute(model: nn.Module) -> int:
     """Undo `dequantized_compute`: MLX's own quantized kernels again (what a user's generation runs on)."""
     n = 0
     for _, m in model.named_modules():
-        if type(m) is DequantizedLinear:
+        kind = type(m)  # not `type(m) is ...`: that narrows `m`, and mypy then refuses the new `__class__`
+        if kind is DequantizedLinear:
             m.__class__ = nn.QuantizedLinear
             n += 1
-        elif type(m) is DequantizedEmbedding:
+        elif kind is DequantizedEmbedding:
             m.__class__ = nn.QuantizedEmbedding
             n += 1
     return n
@@ -301,8 +301,8 @@ def check_tokenizers(teacher_tok, student_tok, teacher_name: str, student_name: 
     problems = []
     if len(tv) != len(sv):
         problems.append(f"vocabulary sizes differ ({teacher_name}: {len(tv)}, {student_name}: {len(sv)})")
-    only_t = sorted(set(tv) - set(sv), key=tv.get)
-    only_s = sorted(set(sv) - set(tv), key=sv.get)
+    only_t = sorted(set(tv) - set(sv), key=tv.__getitem__)
+    only_s = sorted(set(sv) - set(tv), key=sv.__getitem__)
     if only_t:
         problems.append(f"{len(only_t)} tokens only in {teacher_name} (e.g. {only_t[:5]})")
     if only_s:
@@ -366,7 +366,7 @@ def copy_tokenizer(source: Path, out: Path) -> None:
 def source_dtype(path: Path) -> mx.Dtype:
     """The dtype the folder's weights are stored in (so a derived student is saved like its source)."""
     for f in sorted(path.glob("*.safetensors")):
-        for v in mx.load(str(f)).values():
+        for v in load_safetensors(f).values():
             if mx.issubdtype(v.dtype, mx.floating):
                 return v.dtype
     return mx.float32

@@ -1,8 +1,8 @@
 """A benchmark's report rendered for people: a Markdown comparison table and PNG charts.
 
-Works from `report.json`'s dict alone (see benchmark.py), so a report can be re-rendered later. Charts use
-matplotlib's object API (`matplotlib.figure.Figure`, saved through the Agg canvas): no pyplot, no backend
-switch, nothing global changed for other importers of matplotlib.
+Works from `report.json`'s dict alone (benchmark_results.py builds it), so a report can be re-rendered later.
+Charts use matplotlib's object API (`matplotlib.figure.Figure`, saved through the Agg canvas): no pyplot, no
+backend switch, nothing global changed for other importers of matplotlib.
 """
 
 from __future__ import annotations

@@ -14,10 +14,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tuner.dora import DoRAEmbedding
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
@@ -25,19 +27,20 @@ from distillery_contract.specs import AdapterSpec, ParamGroup, StudentSpec
 
 from . import models
 from .errors import UserError
+from .mlx_typed import flat_arrays
 
 
 @dataclass
 class Student:
     model: nn.Module
-    tokenizer: object
+    tokenizer: TokenizerWrapper
     config: dict
     path: Path  # the folder the adapter loads onto (the source, or the pruned/quantized `student/` we wrote)
     adapter_config: dict  # adapter_config.json as mlx-lm reads it
 
 
 def adapter_config(adapter: AdapterSpec, num_layers: int) -> dict:
-    cfg = {
+    cfg: dict[str, Any] = {
         "fine_tune_type": adapter.type,
         "num_layers": num_layers if adapter.layers == -1 else adapter.layers,
         "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale, "dropout": adapter.dropout},
@@ -57,7 +60,7 @@ def build_student(
 ) -> Student:
     """Load, prune, quantize (writing `out_dir/student/` when pruned or quantized), apply the starting adapter
     or a fresh one."""
-    start_cfg = json.loads((adapter_path / "adapter_config.json").read_text()) if adapter_path is not None else None
+    start_cfg: dict = json.loads((adapter_path / "adapter_config.json").read_text()) if adapter_path is not None else {}
     check_quantize(spec, adapter, model_path, adapter_path)
     model, tokenizer, config = models.load_model(model_path)
     model.freeze()
@@ -144,7 +147,7 @@ def check_quantize(spec: StudentSpec, adapter: AdapterSpec, model_path: Path, ad
 def _quantize_base(model: nn.Module, config: dict, q, dtype: mx.Dtype) -> dict:
     """Quantize the base layers; a starting adapter's LoRA/DoRA layers keep wrapping them, as when mlx-lm loads
     that adapter onto the quantized folder."""
-    wrapped = [(name, m, _base_attr(m)) for name, m in model.named_modules() if _base_attr(m)]
+    wrapped = [(name, m, attr) for name, m in model.named_modules() if (attr := _base_attr(m))]
     if wrapped:  # quantize the plain model, so paths (and the model's quant_predicate) are what mlx-lm sees
         model.update_modules(tree_unflatten([(name, m[attr]) for name, m, attr in wrapped]))
     config = models.quantize(model, config, bits=q.bits, group_size=q.group_size, storage_dtype=dtype)
@@ -211,8 +214,8 @@ def _save_base(model: nn.Module, config: dict, source: Path, out: Path, dtype: m
 def _base_weights(model: nn.Module) -> dict[str, mx.array]:
     """The model's parameters under the base model's names: LoRA/DoRA leaves out, their wrapped layer unwrapped."""
     wrappers = {name: attr for name, m in model.named_modules() if (attr := _base_attr(m))}
-    base = {}
-    for name, value in tree_flatten(model.parameters()):
+    base: dict[str, mx.array] = {}
+    for name, value in flat_arrays(model.parameters()):
         owner, leaf = name.rsplit(".", 1)
         if owner in wrappers and leaf in ("lora_a", "lora_b", "m"):
             continue
@@ -239,7 +242,7 @@ def unfreeze_trainable(model: nn.Module, acfg: dict) -> None:
 
 
 def trainable_names(model: nn.Module) -> list[str]:
-    return [k for k, _ in tree_flatten(model.trainable_parameters())]
+    return [k for k, _ in flat_arrays(model.trainable_parameters())]
 
 
 def apply_param_groups(model: nn.Module, groups: list[ParamGroup]) -> dict[str, float]:
@@ -271,7 +274,7 @@ def _adapter_leaves(model: nn.Module) -> dict:
     """All LoRA/DoRA leaves, frozen ones included (param groups may freeze some; mlx-lm still expects them)."""
     from mlx.utils import tree_unflatten
 
-    leaves = [(k, v) for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
+    leaves = [(k, v) for k, v in flat_arrays(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
     return tree_unflatten(leaves)
 
 

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from distillery_contract.specs import DistillSpec, TrainingSpec
 
@@ -41,6 +41,7 @@ from . import student as student_mod
 from .batches import Split
 from .checkpoints import Checkpoints
 from .errors import Cancelled
+from .mlx_typed import flat_arrays
 
 
 @dataclass
@@ -166,12 +167,13 @@ class Trainer:
             loss_sum += loss.item()
             ntoks += int(ntok.item())
             n_in += int(sum(min(len(self.train_split.examples[i].tokens), tokens.shape[1]) for i in idx))
+        assert grads is not None  # grad_accum >= 1: there was a micro-batch
         if self.tr.grad_accum > 1:
             grads = tree_map(lambda g: g / self.tr.grad_accum, grads)
         if self.tr.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, self.tr.max_grad_norm)
         else:  # the guard watches the norm even when nothing clips it
-            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+            norm = mx.sqrt(sum((mx.sum(g.astype(mx.float32) ** 2) for _, g in flat_arrays(grads)), mx.array(0.0)))
         return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads)
 
     def _apply(self, optimizer, grads: dict) -> None:
@@ -189,28 +191,43 @@ class Trainer:
 
     def trainable(self) -> list[tuple[str, mx.array]]:
         """The trainable arrays as they are now (MLX arrays are immutable: holding them is a snapshot)."""
-        return tree_flatten(self.model.trainable_parameters())
+        return flat_arrays(self.model.trainable_parameters())
 
     def set_trainable(self, snapshot: list[tuple[str, mx.array]]) -> None:
         self.model.update(tree_unflatten(snapshot))
         mx.eval(self.model.parameters())
 
 
-def make_optimizer(mults: dict[str, float], weight_decay: float) -> optim.Optimizer:
+class _AdamW(optim.AdamW):
+    """MLX's AdamW, unchanged, plus the lr multiplier of its one parameter group (for `set_learning_rate`)."""
+
+    lr_mults: list[float]
+
+
+class _MultiOptimizer(optim.MultiOptimizer):
+    """MLX's MultiOptimizer, unchanged, plus each sub-optimizer's lr multiplier, in order."""
+
+    lr_mults: list[float]
+
+
+GroupedOptimizer = _AdamW | _MultiOptimizer  # what make_optimizer returns: set_learning_rate reads its lr_mults
+
+
+def make_optimizer(mults: dict[str, float], weight_decay: float) -> GroupedOptimizer:
     """AdamW, or one AdamW per distinct lr multiplier when param groups ask for several."""
     values = sorted(set(mults.values()))
     if len(values) == 1:
-        opt = optim.AdamW(learning_rate=0.0, weight_decay=weight_decay)
+        opt = _AdamW(learning_rate=0.0, weight_decay=weight_decay)
         opt.lr_mults = [values[0]]
         return opt
     groups = [{n for n, m in mults.items() if m == v} for v in values]
     opts = [optim.AdamW(learning_rate=0.0, weight_decay=weight_decay) for _ in values]
-    multi = optim.MultiOptimizer(opts, [lambda name, _g, names=names: name in names for names in groups[:-1]])
+    multi = _MultiOptimizer(opts, [lambda name, _g, names=names: name in names for names in groups[:-1]])
     multi.lr_mults = values
     return multi
 
 
-def set_learning_rate(optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: GroupedOptimizer, lr: float) -> None:
     subs = optimizer.optimizers if isinstance(optimizer, optim.MultiOptimizer) else [optimizer]
     for sub, mult in zip(subs, optimizer.lr_mults):
         sub.learning_rate = lr * mult
@@ -285,6 +302,7 @@ def train(
                 reason=reason,
             )
             return None
+        assert state.best_step is not None  # set before the first step: the starting student is the first best
         best = ckpts.best_path(state.best_step)
         fresh = _setup_stage(model, acfg, stage, tr.weight_decay)
         same_stage = json.loads((best / "best.json").read_text())["stage"] == stage.index
@@ -377,11 +395,12 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
     tr = spec.training
     if tr.learning_rate != "auto":
         return float(tr.learning_rate), None
-    if tr.stages and all(s.learning_rate is not None for s in tr.stages):
+    stage_rates = [s.learning_rate for s in tr.stages if s.learning_rate is not None]
+    if tr.stages and len(stage_rates) == len(tr.stages):
         hooks.event("lr_search", "every stage sets its own learning rate: no search")
-        return float(min(s.learning_rate for s in tr.stages)), None
+        return float(min(stage_rates)), None
     kind = trainer.acfg.get("fine_tune_type", "lora")
-    n_params = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
+    n_params = sum(v.size for _, v in flat_arrays(trainer.model.parameters()))
     rates = list(tr.lr_search.rates or lr_search.default_rates(kind, n_params))
     steps = lr_search.trial_steps(tr.steps, tr.lr_search.steps)
     stage = schedule.stages(tr, spec.loss, rates[0])[0]
@@ -431,7 +450,7 @@ def _finite(result: StepResult) -> guard_mod.Verdict:
     )
 
 
-def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) -> optim.Optimizer:
+def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) -> GroupedOptimizer:
     """Trainable set and optimizer for a stage: its param groups decide lr multipliers and frozen parameters."""
     student_mod.unfreeze_trainable(model, acfg)
     mults = student_mod.apply_param_groups(model, stage.param_groups)
