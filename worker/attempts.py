@@ -71,9 +71,17 @@ def moved_paths(value: Any, work: Path, job_dir: Path) -> Any:
     return value
 
 
-def discard(job_dir: Path) -> None:
-    """Remove every attempt's folder (after a success, its files are published)."""
-    shutil.rmtree(job_dir / ATTEMPTS, ignore_errors=True)
+def discard(job_dir: Path, up_to: int | None = None) -> None:
+    """Remove the attempts' folders: all of them (after a success, its files are published), or those of
+    attempts `up_to` and before (a failed attempt's own and the stale ones it started from, never a later
+    attempt's: that one belongs to the worker that holds the job now)."""
+    if up_to is None:
+        shutil.rmtree(job_dir / ATTEMPTS, ignore_errors=True)
+        return
+    root = job_dir / ATTEMPTS
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name.isdigit() and int(folder.name) <= up_to:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _newest_before(job_dir: Path, attempt: int) -> Path | None:

@@ -104,7 +104,9 @@ def _execute(info: JobInfo, owner: str, lease: JobLease, settings: Settings) -> 
     if outcome is None:
         return
     if outcome["status"] == lifecycle.FAILED and not lease.lost:
-        _discard_files(info, owner, settings)
+        removed = _discard_files(info, owner, settings)
+        if removed and outcome.get("error_code") == RESOURCE:  # say how much the removal freed
+            outcome["error_message"] += f" ({_free_space(job_output_dir(settings.artifact_root, info))} now)"
     if lease.lost:
         log.warning("job %s ended (%s) after its lease was lost: outcome not recorded", info.id, outcome["status"])
         return
@@ -149,13 +151,13 @@ def _run(
         if not _disk_full(e):
             return _internal_error(info, e, recorder)
         where = getattr(e, "filename", None) or job_output_dir(settings.artifact_root, info)
-        _discard_files(info, owner, settings)
+        # the partial files are removed, and the free space measured after that, by _execute
         return dict(
             status=lifecycle.FAILED,
             error_code=RESOURCE,
             error_message=f"the disk is full: could not write {where} ({e}); the run's partial files "
-            f"were removed and {_free_space(where)}; free some space (e.g. delete finished "
-            "jobs' files: DELETE /v1/jobs/{id}/files) and submit again",
+            "were removed; free some space (e.g. delete finished jobs' files: DELETE /v1/jobs/{id}/files) "
+            "and submit again",
         )
     return dict(status=lifecycle.SUCCEEDED, summary=result.summary, out_dir=result.out_dir)
 
@@ -167,15 +169,22 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Unable to write", "No space left"))
 
 
-def _discard_files(info: JobInfo, owner: str, settings: Settings) -> None:
+def _discard_files(info: JobInfo, owner: str, settings: Settings) -> bool:
     """A failed run's files are of no further use (a failed job is not resumed): remove them, so a full disk
-    does not stay full, and drop the checkpoint rows that named them."""
+    does not stay full, and drop the checkpoint rows that named them. Fenced like every write of a run: a
+    worker that lost the job removes nothing. Returns whether the files were removed."""
     from worker import attempts
+    from worker.recorder import write_checkpoint_rows
+    from worker.runs import work_dir
 
     if info.kind not in ("distill", "benchmark"):
-        return
-    attempts.discard(job_output_dir(settings.artifact_root, info))
-    _sync_checkpoints(info, owner, settings)
+        return False
+    with session_scope() as session:
+        if not lifecycle.fence(session, info.id, owner):
+            return False
+        attempts.discard(job_output_dir(settings.artifact_root, info), up_to=info.attempts)
+        write_checkpoint_rows(session, info.id, work_dir(settings, info) / "checkpoints")
+    return True
 
 
 def _internal_error(info: JobInfo, e: Exception, recorder: JobRecorder) -> dict[str, Any]:

@@ -49,3 +49,11 @@ def test_a_run_started_before_attempt_folders_resumes_from_the_job_folder(tmp_pa
     work = attempts.prepare(job, 2)
     assert (work / "checkpoints" / "step-0000005" / "state.json").is_file()
     assert (work / "metrics.jsonl").read_text() == '{"step": 5}\n'
+
+
+def test_a_failed_attempt_removes_its_own_folder_and_earlier_ones_never_a_later_one(tmp_path):
+    job = tmp_path / "job"
+    for n in (1, 2, 3):
+        (attempts.prepare(job, n) / "metrics.jsonl").write_text(f"{n}\n")
+    attempts.discard(job, up_to=2)  # attempt 2 failed; attempt 3 belongs to whoever holds the job now
+    assert sorted(p.name for p in (job / ".attempts").iterdir()) == ["3"]
