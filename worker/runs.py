@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
-from service.artifacts.service import job_output_dir
+from service.artifacts.service import folder_bytes, job_output_dir
 from service.db.models import TeacherCacheRecord
 from service.db.session import session_scope
 from service.settings import Settings
@@ -90,7 +90,7 @@ def teacher_cache(job: JobInfo, settings: Settings, hooks: Hooks) -> Result:
     teacher, data = r.model(spec.teacher, "teacher"), r.dataset(spec.data, "data")
     cache = build_teacher_cache(spec, teacher, data, teacher_caches(settings, job.project_id), hooks)
     meta = jsonable(cache.meta)
-    size = sum(f.stat().st_size for f in cache.path.rglob("*") if f.is_file())
+    size = folder_bytes(cache.path)
     try:
         with session_scope() as session:
             if session.get(TeacherCacheRecord, meta["key"]) is None:

@@ -39,6 +39,13 @@ class JobIds(Protocol):
     def project_id(self) -> str: ...
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (links not followed: what deleting it frees); 0 when it is missing."""
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def job_output_dir(artifact_root: Path, job: JobIds) -> Path:
     """Where a job's outputs belong: `<artifact_root>/jobs/<project id>/<job id>/`."""
     return Path(artifact_root).expanduser().resolve() / "jobs" / job.project_id / job.id

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from distillery_contract.jobs import JOB_KINDS, JOB_STATUSES
 from distillery_contract.records import TRAINABLE_FORMATS
 from service import queue, transaction
-from service.artifacts.service import job_output_dir
+from service.artifacts.service import folder_bytes, job_output_dir
 from service.db.models import ID_PATTERN, Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
 from service.errors import Conflict, FieldError, Invalid, InvalidFields, NotFound
 from service.jobs import lifecycle
@@ -231,9 +231,7 @@ def delete_job_files(session: Session, artifact_root: Path, project_id: str, job
             "them or wait for them to finish"
         )
     folder = job_output_dir(Path(artifact_root), row)
-    freed = (
-        sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else 0
-    )
+    freed = folder_bytes(folder)
     removed = session.query(Artifact).filter(Artifact.job_id == job_id).delete(synchronize_session=False)
     session.query(Checkpoint).filter(Checkpoint.job_id == job_id).delete(synchronize_session=False)
     lifecycle.add_event(

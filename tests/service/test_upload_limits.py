@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from service.api.auth import create_api_key
 from service.db.migrate import upgrade
 from service.db.session import session_scope
 from tests.helpers.api_process import api_process, peak_rss_mb
+from tests.helpers.small_disk import small_filesystem
 from tests.service.conftest import BROKER_URL
 
 LINE = json.dumps({"text": "All the world's a stage, and all the men and women merely players. " * 12}) + "\n"
@@ -102,14 +102,8 @@ def test_uploads_at_once_are_bounded(tmp_path, redis_broker):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 12 MB filesystem of its own (tmpfs), when this machine lets the tests mount one."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_filesystem(tmp_path / "small", megabytes=12) as mount:
+        yield mount
 
 
 def test_an_upload_on_a_full_disk_is_a_named_507_and_leaves_nothing(tmp_path, redis_broker, small_disk):

@@ -6,11 +6,11 @@ next job runs once there is space again (before, every later job failed at once 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.small_disk import small_filesystem
 from tests.worker.conftest import BROKER_URL, Service, sqlite_url
 from tests.worker.test_worker_process import distill_spec, wait_done
 
@@ -19,13 +19,8 @@ pytestmark = pytest.mark.usefixtures("redis_db14")
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_filesystem(tmp_path / "disk", megabytes=24) as mount:
+        yield mount
 
 
 def _service(tmp_path: Path, disk: Path, name: str, **env: str) -> Service:

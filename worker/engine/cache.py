@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as data_mod
+from .preflight import check_disk
 
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "target_mask", "offsets", "sources", "topk_ids", "topk_logprobs", "tail_logmass")
@@ -228,8 +229,6 @@ def build(
     n_tokens = int(sum(lengths))
     vocab = None
     out.parent.mkdir(parents=True, exist_ok=True)
-    from .preflight import check_disk
-
     # per token: the token, its mask, k ids (up to 4 bytes) and k float16 log-probs, the tail's log-mass
     check_disk(out.parent, n_tokens * (4 + 1 + 6 * top_k + 4) + 8 * len(examples), "the teacher cache")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
