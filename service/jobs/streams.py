@@ -71,10 +71,6 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failing_since: float | None = None
 
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams)
-
     def open(self, key_id: str, job_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
         """The messages of one stream (raises TooMany when a bound is reached)."""
         if len(self._streams) >= self.total:
