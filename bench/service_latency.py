@@ -55,7 +55,12 @@ def ts(value: str) -> float:
 
 def cli(env: dict, *args: str) -> str:
     r = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.commands.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if r.returncode:
         raise SystemExit(f"distillery-server {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
@@ -65,7 +70,7 @@ def cli(env: dict, *args: str) -> str:
 def start(env: dict, folder: Path, name: str, *args: str) -> subprocess.Popen:
     log = open(folder / f"{name}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "service.commands.cli", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
     )
 
 

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from service.db.models import Base
-from service.db.session import make_engine
+from service.core.db.models import Base
+from service.core.db.session import make_engine
 
 config = context.config
 
@@ -11,7 +11,7 @@ config = context.config
 def run_migrations() -> None:
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        from service.settings import get_settings
+        from service.core.settings import get_settings
 
         url = get_settings().database_url
     if context.is_offline_mode():

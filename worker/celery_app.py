@@ -1,4 +1,4 @@
-"""The worker's Celery app: service.queue's app (same configuration) with `distillery.run_job` registered.
+"""The worker's Celery app: service.core.queue's app (same configuration) with `distillery.run_job` registered.
 
 `blas.enable()` runs first, before anything can import MLX (its BLAS symbols are bound when it loads). Each
 worker process also runs a sweeper thread (started when the worker is ready) and, on a warm shutdown
@@ -17,8 +17,8 @@ import logging  # noqa: E402
 
 from celery import signals  # noqa: E402
 
-from service.queue import QUEUE, RUN_JOB, celery_app  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from service.core.queue import QUEUE, RUN_JOB, celery_app  # noqa: E402
+from service.core.settings import get_settings  # noqa: E402
 from worker import lease, tasks  # noqa: E402
 from worker.sweeper import Sweeper  # noqa: E402
 
@@ -81,6 +81,6 @@ def start_worker(
 @signals.worker_process_init.connect
 def _after_fork(**_: object) -> None:
     """A prefork child must not share the parent's pooled database connections."""
-    from service.db.session import engine_for
+    from service.core.db.session import engine_for
 
     engine_for(get_settings().database_url).dispose(close=False)

@@ -18,9 +18,9 @@ import time
 
 from sqlalchemy import select
 
-from service.db.models import Job
-from service.db.session import session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Job
+from service.core.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.db.models import Checkpoint, Job, JobEvent, StepMetric
-from service.db.session import session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Checkpoint, Job, JobEvent, StepMetric
+from service.core.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import TypeVar
 
 from sqlalchemy import ColumnElement, select
 
-from service.artifacts.service import job_output_dir
-from service.db.models import Dataset, Job, Model
-from service.db.session import session_scope
-from service.settings import Settings
+from service.core.db.models import Dataset, Job, Model
+from service.core.db.session import session_scope
+from service.core.settings import Settings
+from service.core.storage import job_output_dir
 from worker.engine.errors import UserError
 
 Row = TypeVar("Row", Model, Dataset, Job)  # a table whose rows belong to a project

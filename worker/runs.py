@@ -16,10 +16,10 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
-from service.artifacts.service import folder_bytes, job_output_dir
-from service.db.models import TeacherCacheRecord
-from service.db.session import session_scope
-from service.settings import Settings
+from service.core.db.models import TeacherCacheRecord
+from service.core.db.session import session_scope
+from service.core.settings import Settings
+from service.core.storage import folder_bytes, job_output_dir
 from worker import attempts
 from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
 from worker.engine.cache import CacheStore

@@ -19,9 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from service import queue
-from service.db.session import session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle, queue
+from service.core.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

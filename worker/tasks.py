@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distillery_contract.jobs import INTERNAL_ERROR, RESOURCE
-from service import queue
-from service.artifacts.service import job_output_dir, register_output_dir
-from service.db.models import Job
-from service.db.session import session_scope
-from service.jobs import lifecycle
-from service.settings import Settings, get_settings
+from service.core import lifecycle, queue
+from service.core.db.models import Job
+from service.core.db.session import session_scope
+from service.core.settings import Settings, get_settings
+from service.core.storage import job_output_dir, register_output_dir
 from worker.lease import JobLease
 
 if TYPE_CHECKING:  # for the annotations only: both are imported inside the task (worker.runs imports MLX)

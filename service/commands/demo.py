@@ -62,8 +62,8 @@ def _busy_cores(seconds: float) -> float:
 def run_demo(work: Path, steps: int = 40, train_records: int = 160) -> dict:
     import httpx
 
-    from service.db.migrate import upgrade
-    from service.dev import ensure_key
+    from service.commands.dev import ensure_key
+    from service.core.db.migrate import upgrade
 
     t0 = time.perf_counter()
     work = work.resolve()
@@ -91,7 +91,10 @@ def run_demo(work: Path, steps: int = 40, train_records: int = 160) -> dict:
     url = f"http://127.0.0.1:{port}"
     log = open(service_dir / "dev.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dev", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "service.commands.cli", "dev", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         for _ in range(600):

@@ -20,8 +20,8 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from distillery import Distillery
-from service.db.models import ApiKey, Artifact, Job, new_id
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import ApiKey, Artifact, Job, new_id
 from tests.helpers.services import close_redis, free_port, redis_client, wait_for
 
 SERVER = str(Path(sys.executable).parent / "distillery-server")

@@ -62,15 +62,15 @@ def finish_next_job(server, status: str, **error) -> threading.Thread:
     with server.db() as session:
         from sqlalchemy import func, select
 
-        from service.db.models import Job
+        from service.core.db.models import Job
 
         before = session.scalar(select(func.count()).select_from(Job))
 
     def work():
         from sqlalchemy import select
 
-        from service.db.models import Job
-        from service.jobs import lifecycle
+        from service.core import lifecycle
+        from service.core.db.models import Job
 
         for _ in range(200):
             with server.db() as session:

@@ -11,8 +11,8 @@ import sys
 import distillery_contract as contract
 from distillery import types as sdk_types
 from distillery_contract import jobs, records, specs
-from service.api import schemas
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.http import schemas
 
 
 def _modules_after(code: str) -> set[str]:
@@ -41,7 +41,7 @@ def test_the_sdk_imports_no_server_or_engine_code():
 
 
 def test_the_api_imports_no_worker_code():
-    loaded = _modules_after("import service.app; service.app.create_app")
+    loaded = _modules_after("import service.http.app; service.http.app.create_app")
     assert not loaded & {"worker", "mlx", "mlx_lm"}, loaded & {"worker", "mlx", "mlx_lm"}
 
 

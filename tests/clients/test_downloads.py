@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from distillery import APIConnectionError, AsyncDistillery, ChecksumError, Distillery, DistilleryError
-from service.db.models import Artifact as ArtifactRow
-from service.db.models import new_id
+from service.core.db.models import Artifact as ArtifactRow
+from service.core.db.models import new_id
 
 CONTENT = "/content"
 SIZE = 1_000_000  # ~4 of the server's 256 KiB chunks

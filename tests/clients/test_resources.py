@@ -22,7 +22,7 @@ from distillery import (
     NotFoundError,
     SpecError,
 )
-from service.db.models import Checkpoint, StepMetric
+from service.core.db.models import Checkpoint, StepMetric
 
 
 @pytest.fixture(scope="module")

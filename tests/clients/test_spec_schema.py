@@ -15,7 +15,7 @@ import distillery
 import distillery_contract
 from distillery import specs as sdk_specs
 from distillery_contract import specs as contract
-from service.api.schemas import SPEC_MODELS as API_MODELS
+from service.http.schemas import SPEC_MODELS as API_MODELS
 
 COMPONENT = {"distill": "DistillSpec", "teacher_cache": "TeacherCacheSpec", "benchmark": "BenchmarkSpec"}
 

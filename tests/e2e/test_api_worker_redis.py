@@ -50,7 +50,12 @@ class Stack:
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.commands.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -94,7 +99,11 @@ def stack(tmp_path, fresh_pg_url) -> Iterator[Stack]:
             log = open(tmp_path / f"{name}.log", "w")
             logs.append(log)
             s.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "service.commands.cli", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
         def ready():

@@ -479,7 +479,7 @@ def test_bad_dtype(tmp_path, llama_gguf):
 def test_cli_import_gguf(tmp_path, llama_gguf):
     from click.testing import CliRunner
 
-    from service.cli import main
+    from service.commands.cli import main
 
     out = tmp_path / "cli-out"
     res = CliRunner().invoke(main, ["import-gguf", str(llama_gguf[0]), str(out), "--dtype", "bfloat16"])

@@ -58,14 +58,14 @@ def create_pg_database(prefix: str = "distillery_test", migrate: bool = True) ->
         admin.dispose()
     url = f"{PG_SERVER}/{name}"
     if migrate:
-        from service.db.migrate import upgrade
+        from service.core.db.migrate import upgrade
 
         upgrade(url)
     return url
 
 
 def drop_pg_database(url: str) -> None:
-    from service.db.session import engine_for
+    from service.core.db.session import engine_for
 
     engine_for(url).dispose()
     admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
@@ -98,8 +98,8 @@ def close_redis(client) -> None:
 
 def truncate_all(url: str) -> None:
     """Empty every table of the database at `url`."""
-    from service.db.models import Base
-    from service.db.session import engine_for
+    from service.core.db.models import Base
+    from service.core.db.session import engine_for
 
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine_for(url).begin() as conn:

@@ -19,11 +19,11 @@ import pytest
 from litestar.testing import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.auth import create_api_key
-from service.app import create_app
-from service.db.migrate import upgrade
-from service.db.session import engine_for
-from service.settings import Settings
+from service.core.db.migrate import upgrade
+from service.core.db.session import engine_for
+from service.core.settings import Settings
+from service.http.app import create_app
+from service.http.auth import create_api_key
 from tests.helpers.services import PG_SERVER, close_redis, redis_client, truncate_all, unavailable  # noqa: F401
 from tests.helpers.services import free_port as closed_port  # noqa: F401
 

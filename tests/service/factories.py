@@ -7,8 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from service.db.models import Artifact, Job, new_id
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Artifact, Job, new_id
 
 TEXT_JSONL = b'{"text": "To be, or not to be."}\n{"text": "That is the question."}\n'
 

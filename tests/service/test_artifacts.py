@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from service.artifacts.controller import parse_range
+from service.http.controllers.artifacts import parse_range
 from tests.service.factories import insert_artifact, insert_job
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes
@@ -96,7 +96,7 @@ def test_paths_outside_the_artifact_root_are_never_served(api, tmp_path):
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(outside)
     with api.db() as session:
-        from service.db.models import Artifact
+        from service.core.db.models import Artifact
 
         session.get(Artifact, escaped).path = str(link)
     assert get(api, escaped).status_code == 404
@@ -104,7 +104,7 @@ def test_paths_outside_the_artifact_root_are_never_served(api, tmp_path):
     with api.db() as session:
         from pathlib import Path
 
-        from service.db.models import Artifact
+        from service.core.db.models import Artifact
 
         Path(session.get(Artifact, missing).path).unlink()
     assert get(api, missing).status_code == 404

@@ -11,10 +11,10 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import event
 
-from service.api.auth import hash_key, revoke_api_key
-from service.api.auth_limit import FailedAuthLimit
-from service.api.problems import Problem
-from service.db.models import ApiKey
+from service.core.db.models import ApiKey
+from service.http.auth import hash_key, revoke_api_key
+from service.http.auth_limit import FailedAuthLimit
+from service.http.problems import Problem
 from tests.service.conftest import running_api
 from tests.service.factories import insert_artifact, insert_job, register_model, upload_dataset
 
@@ -202,7 +202,7 @@ def test_the_limit_is_a_token_bucket_per_address():
 
 
 def test_the_limit_remembers_a_bounded_number_of_addresses(monkeypatch):
-    import service.api.auth_limit as auth_limit
+    import service.http.auth_limit as auth_limit
 
     monkeypatch.setattr(auth_limit, "MAX_ADDRESSES", 100)
     limit = FailedAuthLimit(burst=1, per_second=0.001)

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa
 
-from service.db.availability import SETTLE_SECONDS, unavailable
-from service.db.migrate import upgrade
-from service.db.session import engine_for
+from service.core.db.availability import SETTLE_SECONDS, unavailable
+from service.core.db.migrate import upgrade
+from service.core.db.session import engine_for
 from tests.helpers.private_postgres import private_postgres
 from tests.service.conftest import closed_port, running_api
 
@@ -94,7 +94,7 @@ def _real_connection_error() -> sa.OperationalError:
 
 def test_a_handler_that_loses_the_database_is_503(api, monkeypatch, service_log):
     """Past the key lookup, in the route handler itself."""
-    import service.datasets.service as datasets
+    import service.domain.datasets as datasets
 
     error = _real_connection_error()
 

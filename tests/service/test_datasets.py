@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from service.db.models import Dataset, IdempotencyRecord
+from service.core.db.models import Dataset, IdempotencyRecord
 from tests.service.conftest import MAX_UPLOAD
 from tests.service.factories import TEXT_JSONL, count, insert_job, upload_dataset
 
@@ -143,7 +143,7 @@ def test_delete_is_soft_and_refused_while_a_job_uses_it(api):
     assert r.status_code == 409 and job_id in r.json()["detail"]
     with api.db() as session:
         session.get(type(session.get(Dataset, ds["id"])), ds["id"])
-        from service.jobs import lifecycle
+        from service.core import lifecycle
 
         lifecycle.finish(session, job_id, None, "succeeded")
     assert c.delete(f"/v1/datasets/{ds['id']}", headers=api.headers).status_code == 204

@@ -6,7 +6,7 @@ valid and invalid requests. Whatever it sends, the API must answer as its docume
 - never a 5xx;
 - every 4xx is a problem: `application/problem+json`, whose `status` is the HTTP status;
 - every status is one the document lists for the operation (schemathesis' `status_code_conformance`), so
-  the problem responses published by service.api.openapi cannot fall behind the code.
+  the problem responses published by service.http.openapi cannot fall behind the code.
 
 The app runs in-process (ASGI) on one SQLite database holding a project and its API key, sent on every request
 (the cases that test authentication replace it). The run is bounded (EXAMPLES_PER_OPERATION random requests
@@ -29,10 +29,10 @@ import pytest
 import schemathesis
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from service.api.auth import create_api_key
-from service.api.problems import PROBLEM_JSON
-from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.http.app import create_app
+from service.http.auth import create_api_key
+from service.http.problems import PROBLEM_JSON
 from tests.service.conftest import make_settings
 
 SEED = 20240611

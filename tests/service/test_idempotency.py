@@ -1,17 +1,17 @@
-"""Idempotency-Key at the HTTP edge (service.api.idempotency): the response's record is committed with what the
+"""Idempotency-Key at the HTTP edge (service.http.idempotency): the response's record is committed with what the
 request created, so a concurrent duplicate, or a commit that fails, never leaves one without the other; and the
-transaction helpers the services rely on (service.transaction)."""
+transaction helpers the services rely on (service.core.transaction)."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from service import transaction
-from service.api import idempotency
-from service.api.problems import problem_for
-from service.db.models import Dataset, IdempotencyRecord, Job, Model
-from service.errors import Conflict, Invalid, InvalidDataset, InvalidFields, NotFound, TooMany
+from service.core import transaction
+from service.core.db.models import Dataset, IdempotencyRecord, Job, Model
+from service.core.errors import Conflict, Invalid, InvalidDataset, InvalidFields, NotFound, TooMany
+from service.http import idempotency
+from service.http.problems import problem_for
 from tests.service.factories import TEXT_JSONL, count, setup_distill
 from tests.service.test_datasets import stored_files
 

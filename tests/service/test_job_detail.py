@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from service.db.models import Checkpoint, StepMetric
+from service.core.db.models import Checkpoint, StepMetric
 from tests.service.factories import add_events, finish_job, insert_artifact, insert_job
 
 
@@ -111,8 +111,8 @@ def test_metrics_checkpoints_and_artifacts(api):
 
 
 def test_deleting_a_finished_jobs_files_frees_them_and_keeps_its_history(api):
-    from service.artifacts.service import job_output_dir
-    from service.db.models import Job as JobRow
+    from service.core.db.models import Job as JobRow
+    from service.core.storage import job_output_dir
 
     job_id = insert_job(api, status="running", events=2)
     with api.db() as session:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from service.db.models import IdempotencyRecord, Job, JobDependency
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import IdempotencyRecord, Job, JobDependency
 from tests.service.conftest import closed_port, running_api
 from tests.service.factories import count, finish_job, insert_job, register_model, setup_distill, upload_dataset
 
@@ -305,7 +305,7 @@ def test_job_object_shows_progress_error_and_artifacts(api):
     assert body["summary"] == {"train_loss": 1.5}
     assert [a["id"] for a in body["artifacts"]] == [art]
     with api.db() as session:
-        from service.jobs import lifecycle
+        from service.core import lifecycle
 
         lifecycle.finish(session, job_id, None, "failed", error_code="user_error", error_message="bad data")
     body = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers).json()

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 
-from service.logs import SafeFormatter, escape_controls
+from service.http.logs import SafeFormatter, escape_controls
 from tests.helpers.api_process import api_process
 from tests.service.conftest import BROKER_URL
 
@@ -35,7 +35,7 @@ def test_escape_controls():
 
 def test_a_logged_request_path_stays_on_its_line(api, monkeypatch):
     """In process: the path an error handler logs, through the API process's formatter."""
-    import service.api.auth as auth
+    import service.http.auth as auth
 
     def broken(*_args):
         raise RuntimeError("a bug in the key lookup")

@@ -11,9 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service.db.migrate import alembic_config, upgrade
-from service.db.models import Base
-from service.db.session import make_engine
+from service.core.db.migrate import alembic_config, upgrade
+from service.core.db.models import Base
+from service.core.db.session import make_engine
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

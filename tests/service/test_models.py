@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from service.db.models import Model
+from service.core.db.models import Model
 from tests.service.factories import count, model_folder, register_model
 
 GGUF = b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 56

@@ -1,6 +1,6 @@
 """The OpenAPI document tells the truth about errors and enums: each operation lists the problem statuses it can
 answer (all `application/problem+json` with one shared `Problem` schema), and job statuses and kinds are
-enums of the real values. The expectations are written out here, not read from service.api.openapi's table, so
+enums of the real values. The expectations are written out here, not read from service.http.openapi's table, so
 a change to that table has to be a change to these tests too (one test checks the table itself: each cause in
 it applies to some operation). That the app answers nothing else is the fuzz's job: tests/service/test_fuzz.py
 checks every status it sees against this document.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from service.api.openapi import PROBLEM_RESPONSES, document_routes
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.http.openapi import PROBLEM_RESPONSES, document_routes
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

@@ -29,8 +29,8 @@ def test_readyz_names_what_is_down(database_url, tmp_path, redis_broker):
 def test_readyz_with_the_database_down(tmp_path, redis_broker):
     from litestar.testing import TestClient
 
-    from service.app import create_app
-    from service.settings import Settings
+    from service.core.settings import Settings
+    from service.http.app import create_app
 
     settings = Settings(
         database_url=f"postgresql://postgres@127.0.0.1:{closed_port()}/nothing",
@@ -133,13 +133,13 @@ def test_openapi_documents_the_job_specs(api):
 def test_the_api_process_never_imports_mlx():
     code = (
         "import sys\n"
-        "from service.app import create_app\n"
-        "from service.settings import Settings\n"
+        "from service.http.app import create_app\n"
+        "from service.core.settings import Settings\n"
         "from litestar.testing import TestClient\n"
         "app = create_app(Settings(database_url='sqlite://', broker_url='memory://'))\n"
         "with TestClient(app) as c:\n"
         "    assert c.get('/schema/openapi.json').status_code == 200\n"
-        "import service.cli\n"
+        "import service.commands.cli\n"
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm')))\n"
         "assert not bad, bad\n"
         "print('ok')\n"

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.db.models import Artifact, Job, new_id
-from service.db.session import make_engine
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Artifact, Job, new_id
+from service.core.db.session import make_engine
 from tests.service.conftest import BROKER_URL, QUEUE
 from tests.service.factories import TEXT_JSONL, model_folder
 

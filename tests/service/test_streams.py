@@ -15,10 +15,10 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from service.api.auth import create_api_key
-from service.db.models import Job
-from service.db.session import make_engine, session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Job
+from service.core.db.session import make_engine, session_scope
+from service.http.auth import create_api_key
 from tests.helpers.api_process import api_process, healthy
 from tests.helpers.services import truncate_all
 from tests.service.conftest import BROKER_URL
@@ -48,7 +48,7 @@ def _queued_job(url: str, project_name: str) -> str:
     """A queued job of the project (no worker runs, so it stays queued and its streams stay open)."""
     from sqlalchemy import select
 
-    from service.db.models import Project
+    from service.core.db.models import Project
 
     with session_scope(url) as session:
         project = session.scalars(select(Project).where(Project.name == project_name)).one()

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.api.auth import create_api_key
-from service.db.migrate import upgrade
-from service.db.session import session_scope
+from service.core.db.migrate import upgrade
+from service.core.db.session import session_scope
+from service.http.auth import create_api_key
 from tests.helpers.api_process import api_process, peak_rss_mb
 from tests.helpers.small_disk import small_filesystem
 from tests.service.conftest import BROKER_URL

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from service.db.migrate import upgrade
-from service.db.models import Dataset, Model, Project, new_id
-from service.db.session import session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.migrate import upgrade
+from service.core.db.models import Dataset, Model, Project, new_id
+from service.core.db.session import session_scope
 from tests.helpers.services import (  # noqa: F401  (re-exported for the worker tests)
     PG_SERVER,
     REQUIRE,
@@ -119,7 +119,7 @@ class Service:
 
     def submit(self, kind: str, spec: dict, send: Callable[[str], bool] | None = None) -> str:
         """As the API does: insert the job (and its cache jobs), commit, then send what is ready."""
-        from service import queue
+        from service.core import queue
 
         send = send or queue.send
         with session_scope(self.database_url) as s:
@@ -142,7 +142,7 @@ class Service:
             [
                 sys.executable,
                 "-m",
-                "service.cli",
+                "service.commands.cli",
                 "worker",
                 "--loglevel",
                 "info",
@@ -188,8 +188,8 @@ def redis_db14():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, redis_db14) -> Iterator[Service]:
     """A SQLite service (set DISTILLERY_TEST_WORKER_DB=postgres for PostgreSQL) with one worker running."""
-    from service.queue import celery_app
-    from service.settings import get_settings
+    from service.core.queue import celery_app
+    from service.core.settings import get_settings
 
     folder = tmp_path_factory.mktemp("svc")
     on_pg = os.environ.get("DISTILLERY_TEST_WORKER_DB", "sqlite") == "postgres"

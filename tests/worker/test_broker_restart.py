@@ -77,7 +77,7 @@ def private_redis(tmp_path):
 def test_jobs_queued_when_the_broker_restarts_empty_are_sent_again_at_once_and_once(
     tmp_path, private_redis, tiny_teacher, tiny_student, tiny_text
 ):
-    from service.queue import make_celery, send
+    from service.core.queue import make_celery, send
 
     svc = Service(tmp_path, sqlite_url(tmp_path), private_redis.url)
     svc.env["DISTILLERY_ENQUEUE_GRACE_SECONDS"] = "600"  # the default: waiting it out would take 10 minutes

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from service.db.migrate import upgrade
+from service.core.db.migrate import upgrade
 from tests.helpers.private_postgres import private_postgres
 from tests.worker.conftest import BROKER_URL, Service, wait_for
 from tests.worker.test_worker_process import checkpoint_steps, distill_spec, job, loss_steps, wait_done

@@ -24,7 +24,12 @@ def free_port() -> int:
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.commands.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -59,7 +64,7 @@ def test_dev_runs_api_and_worker_on_the_embedded_default(tmp_path, tiny_teacher,
     port = free_port()
     log = open(tmp_path / "dev.log", "w")
     dev = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dev", "--port", str(port)],
+        [sys.executable, "-m", "service.commands.cli", "dev", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=log,

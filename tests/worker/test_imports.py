@@ -9,11 +9,11 @@ CHECK = """
 import sys
 import worker.celery_app, worker.tasks, worker.runs, worker.recorder, worker.resolve, worker.lease, worker.sweeper
 from worker.engine import blas
-http = [m for m in sys.modules if m.startswith(("litestar", "uvicorn", "service.app", "service.api"))]
+http = [m for m in sys.modules if m.startswith(("litestar", "uvicorn", "service.http.app", "service.http"))]
 assert not http, http
 assert blas.enable() == blas._result and "already imported" not in blas._result, blas._result
 from worker.celery_app import app
-from service.queue import RUN_JOB, celery_app
+from service.core.queue import RUN_JOB, celery_app
 assert app is celery_app() and RUN_JOB in app.tasks
 conf = app.conf
 assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1

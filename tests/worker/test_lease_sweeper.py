@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from service.db.models import Job, utcnow
-from service.db.session import session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Job, utcnow
+from service.core.db.session import session_scope
 from tests.worker.conftest import make_project, sqlite_url, wait_for
 from worker import lease as lease_mod
 from worker.lease import JobLease
@@ -20,8 +20,8 @@ from worker.sweeper import Sweeper, sweep_once
 
 @pytest.fixture
 def db(tmp_path, monkeypatch) -> str:
-    from service.queue import celery_app
-    from service.settings import get_settings
+    from service.core.queue import celery_app
+    from service.core.settings import get_settings
 
     url = sqlite_url(tmp_path)
     monkeypatch.setenv("DISTILLERY_DATABASE_URL", url)
@@ -91,7 +91,7 @@ def test_sweep_once_leaves_jobs_unsent_while_the_broker_is_down(db):
 
 
 def test_sweeper_survives_database_errors(monkeypatch, caplog):
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     monkeypatch.setenv("DISTILLERY_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
     get_settings.cache_clear()

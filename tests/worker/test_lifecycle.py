@@ -1,4 +1,4 @@
-"""The job lifecycle in the database (service.jobs.lifecycle), on SQLite and on PostgreSQL: claims, leases,
+"""The job lifecycle in the database (service.core.lifecycle), on SQLite and on PostgreSQL: claims, leases,
 heartbeats, the sweep, cancellation, releases and dependencies."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, text, update
 
-from service.db.models import Base, Job, JobEvent, utcnow
-from service.db.session import engine_for, session_scope
-from service.jobs import lifecycle
+from service.core import lifecycle
+from service.core.db.models import Base, Job, JobEvent, utcnow
+from service.core.db.session import engine_for, session_scope
 from tests.worker.conftest import make_project, sqlite_url
 
 DISTILL = {

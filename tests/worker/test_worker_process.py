@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from service.db.models import Artifact, Checkpoint, Job, JobEvent, StepMetric, TeacherCacheRecord
-from service.db.session import session_scope
-from service.jobs import lifecycle
-from service.queue import make_celery, send
+from service.core import lifecycle
+from service.core.db.models import Artifact, Checkpoint, Job, JobEvent, StepMetric, TeacherCacheRecord
+from service.core.db.session import session_scope
+from service.core.queue import make_celery, send
 from tests.helpers import tiny
 from tests.worker.conftest import wait_for
 

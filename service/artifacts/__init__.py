@@ -1,1 +1,0 @@
-"""Artifacts: files a job produced (adapter, student folder, summary, metrics), downloadable by id."""

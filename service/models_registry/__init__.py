@@ -1,1 +1,0 @@
-"""Models: mlx-lm folders or GGUF files on the server (registered by path) or uploaded GGUF files."""

@@ -1,1 +1,0 @@
-"""Operations endpoints: liveness, readiness, Prometheus metrics (no API key needed)."""
