@@ -100,8 +100,8 @@ def make_adapter(base: Path, out: Path, seed: int = 0, num_layers: int = 2) -> P
     model, _, _ = models.load_model(base)
     model.freeze()
     params = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    mx.random.seed(seed)  # before the layers: lora_a is drawn from MLX's global generator, whatever ran before
     linear_to_lora_layers(model, num_layers, params)
-    mx.random.seed(seed)
     weights = {
         k: (0.05 * mx.random.normal(v.shape) if k.endswith("lora_b") else v)
         for k, v in tree_flatten(model.parameters())
@@ -171,13 +171,13 @@ def all_at_once(reference: Path, candidates: list[dict], **kw) -> dict[str, dict
     from worker.engine.benchmark_passes import batches
 
     spec, inputs = spec_of(reference, candidates, **kw), inputs_of(reference, candidates, **kw)
-    rows = bm._rows(spec, inputs)
-    tok = bm._check_models(rows)
-    datasets = bm._load_data(spec, inputs, tok)
-    loaded = [(r, bm._load(r)[0]) for r in rows]
+    rows = bm.report_rows(spec, inputs)
+    tok = bm.check_models(rows)
+    datasets = bm.load_data(spec, inputs, tok)
+    loaded = [(r, bm.load_model_of(r)[0]) for r in rows]
     pad = tok.pad_token_id
     text_totals = {r.label: {} for r in rows}
-    for b in batches(bm._text_examples(datasets, tok, spec), spec.batch_size, pad):
+    for b in batches(bm.text_examples(datasets, tok, spec), spec.batch_size, pad):
         ref_logits = loaded[0][1](b.tokens[:, :-1])
         ref = metrics.reference_view(ref_logits)
         for r, model in loaded:
@@ -193,14 +193,14 @@ def all_at_once(reference: Path, candidates: list[dict], **kw) -> dict[str, dict
                 out[r.label][0][b.example_ids], out[r.label][1][b.example_ids] = np.array(ll), np.array(n)
         return out
 
-    mcq = logliks(bm._mcq_examples(datasets, tok, spec))
-    pref = logliks(bm._pref_examples(datasets, tok, spec))
+    mcq = logliks(bm.mcq_examples(datasets, tok, spec))
+    pref = logliks(bm.pref_examples(datasets, tok, spec))
     subjects = [r.get("subject") for r in datasets["preference"].records]
     ref_pairs = PairScores.from_examples(*pref[rows[0].label])
     return {
         r.label: {
             **metrics.text_metrics(text_totals[r.label]),
-            **bm._mcq_result(datasets["mcq"].records, *mcq[r.label]),
+            **bm.mcq_result(datasets["mcq"].records, *mcq[r.label]),
             **metrics.pref_metrics(PairScores.from_examples(*pref[r.label]), ref_pairs, subjects),
         }
         for r in rows

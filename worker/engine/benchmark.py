@@ -52,19 +52,19 @@ from distillery_contract.specs import BenchmarkSpec
 
 from . import models, report
 from . import student as student_mod
-from .benchmark_data import MCQ_PROMPT, _load_data, _mcq_examples, _pref_examples, _text_examples
+from .benchmark_data import MCQ_PROMPT, load_data, mcq_examples, pref_examples, text_examples
 from .benchmark_inputs import (
     BenchmarkInputs,
     CandidateInput,
     Row,
-    _check_models,
-    _config_vocab_size,
-    _distinct_models,
-    _rows,
+    check_models,
+    config_vocab_size,
+    distinct_models,
+    report_rows,
 )
 from .benchmark_metrics import PairScores, mcq_metrics, pref_metrics, text_metrics
 from .benchmark_passes import ModelScores, Progress, Workload, score_model
-from .benchmark_results import HEADLINE, _report, _sizes
+from .benchmark_results import HEADLINE, add_sizes, build_report
 from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
 from .train import Hooks
 
@@ -86,22 +86,22 @@ def run_benchmark(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- pre-flight: tokenizers, data and scratch space, no weights loaded
-    rows = _rows(spec, inputs)
-    tokenizer = _check_models(rows)
-    datasets = _load_data(spec, inputs, tokenizer)
+    rows = report_rows(spec, inputs)
+    tokenizer = check_models(rows)
+    datasets = load_data(spec, inputs, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     work = Workload(
-        _text_examples(datasets, tokenizer, spec),
-        _mcq_examples(datasets, tokenizer, spec),
-        _pref_examples(datasets, tokenizer, spec),
+        text_examples(datasets, tokenizer, spec),
+        mcq_examples(datasets, tokenizer, spec),
+        pref_examples(datasets, tokenizer, spec),
         spec.batch_size,
         pad_id,
     )
     scratch = out_dir / SCRATCH_DIR
-    vocab = _config_vocab_size(rows[0].path)
+    vocab = config_vocab_size(rows[0].path)
     if work.text and vocab is not None:
         ensure_free_space(scratch, work.text_positions, vocab)
-    distinct = _distinct_models(rows)
+    distinct = distinct_models(rows)
     progress = Progress(len(distinct) * (work.batches_per_model + int(spec.speed.enabled)), hooks, on_progress)
     hooks.event(
         "preflight",
@@ -115,9 +115,9 @@ def run_benchmark(
     with ReferenceStore(scratch, work.text_positions) as store:
         scores = _score_one_at_a_time(distinct, work, store, spec, progress, hooks)
     _apply_scores(rows, scores, datasets)
-    _sizes(rows)
+    add_sizes(rows)
 
-    rep = _report(spec, rows, datasets, work.text)
+    rep = build_report(spec, rows, datasets, work.text)
     curves = {c.label: c.metrics for c in inputs.candidates if c.metrics is not None and c.metrics.is_file()}
     rep["charts"] = report.write_charts(rep, out_dir, curves)
     rep["wall_seconds"] = time.perf_counter() - t_start
@@ -134,7 +134,7 @@ def run_benchmark(
 # ------------------------------------------------------------------------------------ models and results
 
 
-def _load(row: Row):
+def load_model_of(row: Row):
     """(model, tokenizer, base parameter count) in inference mode, the adapter applied; an adapter that does
     not fit is the user's to fix."""
     from mlx_lm.utils import get_total_parameters
@@ -158,7 +158,7 @@ def _score_one_at_a_time(
     largest model plus one batch. `distinct[0]`, the reference, fills `store` for the others."""
     scores = {}
     for i, row in enumerate(distinct):
-        model, tok, n_params = _load(row)
+        model, tok, n_params = load_model_of(row)
         try:
             scores[row.key] = score_model(
                 model,
@@ -195,7 +195,7 @@ def _apply_scores(rows: list[Row], scores: dict[tuple, ModelScores], datasets: d
         if s.text is not None:
             m.update(text_metrics(s.text))
         if s.mcq is not None:
-            m.update(_mcq_result(datasets["mcq"].records, *s.mcq))
+            m.update(mcq_result(datasets["mcq"].records, *s.mcq))
         if s.preference is not None and ref.preference is not None:  # every model scores the same phases
             m.update(
                 pref_metrics(
@@ -205,7 +205,7 @@ def _apply_scores(rows: list[Row], scores: dict[tuple, ModelScores], datasets: d
         m.update(s.speed)
 
 
-def _mcq_result(records: list[dict], ll: np.ndarray, n: np.ndarray) -> dict:
+def mcq_result(records: list[dict], ll: np.ndarray, n: np.ndarray) -> dict:
     scores, counts, at = [], [], 0
     for r in records:
         k = len(r["choices"])

@@ -25,7 +25,7 @@ when the tokenizer has a chat template: one fixed format for every model, base o
 TEXT_FORMATS = data_mod.TRAINABLE_FORMATS
 
 
-def _load_data(spec: BenchmarkSpec, inputs: BenchmarkInputs, tokenizer) -> dict[str, data_mod.Dataset]:
+def load_data(spec: BenchmarkSpec, inputs: BenchmarkInputs, tokenizer) -> dict[str, data_mod.Dataset]:
     """Each dataset slot, validated, in its expected format, cut to `max_examples` records."""
     expected = {"text": TEXT_FORMATS, "mcq": ("mcq",), "preference": ("preference",)}
     out = {}
@@ -48,7 +48,7 @@ def _load_data(spec: BenchmarkSpec, inputs: BenchmarkInputs, tokenizer) -> dict[
     return out
 
 
-def _text_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
+def text_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
     if "text" not in datasets:
         return []
     try:
@@ -57,7 +57,7 @@ def _text_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_
         raise UserError(f"data.text: {e}") from None
 
 
-def _mcq_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
+def mcq_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
     if "mcq" not in datasets:
         return []
     pairs = [
@@ -68,7 +68,7 @@ def _mcq_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_m
     return continuation_examples(tokenizer, pairs, spec.max_seq_len)
 
 
-def _pref_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
+def pref_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_mod.Example]:
     """Two examples per pair, chosen then rejected."""
     if "preference" not in datasets:
         return []

@@ -1,8 +1,8 @@
 """What a benchmark is given, and the models it measures: the resolved inputs and the rows of its report.
 
 `BenchmarkInputs` is a benchmark spec with every model, adapter and dataset resolved to a local path (the caller
-resolves ids; the engine only sees paths). `_rows` makes one `Row` per model of the report, the reference first;
-rows naming the same model share one load (`_distinct_models`). `_check_models` and `_config_vocab_size` are the
+resolves ids; the engine only sees paths). `report_rows` makes one `Row` per model of the report, the reference first;
+rows naming the same model share one load (`distinct_models`). `check_models` and `config_vocab_size` are the
 pre-flight checks of the models, before any weights are loaded. Used by benchmark.py.
 """
 
@@ -58,7 +58,7 @@ class Row:
         return self.path.resolve(), self.adapter.resolve() if self.adapter else None
 
 
-def _rows(spec: BenchmarkSpec, inputs: BenchmarkInputs) -> list[Row]:
+def report_rows(spec: BenchmarkSpec, inputs: BenchmarkInputs) -> list[Row]:
     """The reference first, then the candidates; a candidate that *is* the reference (same model, no adapter)
     becomes the reference's row under its own label."""
     if len(inputs.candidates) != len(spec.candidates):
@@ -78,7 +78,7 @@ def _rows(spec: BenchmarkSpec, inputs: BenchmarkInputs) -> list[Row]:
     return [ref, *rows]
 
 
-def _distinct_models(rows: list[Row]) -> list[Row]:
+def distinct_models(rows: list[Row]) -> list[Row]:
     """The first row of each model (rows with the same key are loaded, scored and timed once, and share the
     numbers), the reference first."""
     first: dict = {}
@@ -87,7 +87,7 @@ def _distinct_models(rows: list[Row]) -> list[Row]:
     return list(first.values())
 
 
-def _check_models(rows: list[Row]):
+def check_models(rows: list[Row]):
     """Model and adapter folders exist; every candidate tokenizes like the reference. Returns its tokenizer."""
     for r in rows:
         where = f"{r.field}.model" if r.field != "reference" else "reference"
@@ -110,7 +110,7 @@ def _check_models(rows: list[Row]):
     return ref_tok
 
 
-def _config_vocab_size(path: Path) -> int | None:
+def config_vocab_size(path: Path) -> int | None:
     """The vocabulary size config.json declares (top level or `text_config`), for the pre-flight disk check."""
     config = json.loads((path / "config.json").read_text())
     for where in (config, config.get("text_config") or {}):

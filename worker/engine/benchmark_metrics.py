@@ -162,7 +162,7 @@ class PairScores:
     @classmethod
     def from_examples(cls, loglik: np.ndarray, n_tokens: np.ndarray) -> PairScores:
         """From per-example arrays laid out chosen, rejected, chosen, rejected, ... (as benchmark_data.py's
-        `_pref_examples` makes them)."""
+        `pref_examples` makes them)."""
         return cls(loglik[0::2], loglik[1::2], n_tokens[0::2], n_tokens[1::2])
 
     def margin(self, normalised: bool) -> np.ndarray:

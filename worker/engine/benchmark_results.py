@@ -1,7 +1,7 @@
 """The benchmark's report: sizes and compression ratios, `report.json`'s content, and what each metric means.
 
-benchmark.py fills each row's metrics from its model's scores; `_sizes` adds the size phase (parameters, bytes
-on disk, compression against the reference), `_report` assembles `report.json` with `DEFINITIONS`, and
+benchmark.py fills each row's metrics from its model's scores; `add_sizes` adds the size phase (parameters, bytes
+on disk, compression against the reference), `build_report` assembles `report.json` with `DEFINITIONS`, and
 `HEADLINE` names the metrics of the run's summary. report.py draws the charts and writes `report.md` from it.
 """
 
@@ -61,7 +61,7 @@ DEFINITIONS = {
 }
 
 
-def _sizes(rows: list[Row]) -> None:
+def add_sizes(rows: list[Row]) -> None:
     """Adapter parameters, bytes on disk, and the compression ratios against the reference row."""
     for r in rows:
         m = r.metrics
@@ -83,7 +83,7 @@ def _sizes(rows: list[Row]) -> None:
         m["compression_ratio_size"] = ref["size_bytes"] / m["size_bytes"] if m["size_bytes"] else None
 
 
-def _report(spec: BenchmarkSpec, rows: list[Row], datasets: dict, text_ex: list) -> dict:
+def build_report(spec: BenchmarkSpec, rows: list[Row], datasets: dict, text_ex: list) -> dict:
     data_info = {}
     for slot, ds in datasets.items():
         data_info[slot] = {"file": ds.path.name, "format": ds.format, "sha256": ds.sha256, "records": len(ds.records)}
