@@ -22,7 +22,8 @@ worktree), alternating, and prints this tree's RESULT figures over REV's (bench/
 The explore section (skipped with --no-explore) times the pieces of one batch: the forward, the engine's
 teacher_topk and its two stages (cache._block_topk, cache._logsumexp, where the revision has them),
 reconstruction_kl, and plain MLX / NumPy passes over the vocabulary for scale, and checks teacher_topk
-against a float64 reference.
+against a float64 reference. It also times reading: `TeacherCache.rows` for one batch of examples from a
+cache of each format (built over the first batch; format 2 decodes its bit streams, format 1 copies arrays).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
     row("  mx.argpartition over V", lambda: mx.eval(mx.argpartition(logits, kth=V - k, axis=-1)[..., V - k :]))
     row("  mx.topk over V (values only)", lambda: mx.eval(mx.topk(logits, k, axis=-1)))
 
+    read_speed(model, examples[: args.batch], pad_id, args, tmp)
+
     # The engine's answer against a float64 reference.
     f64 = flat.astype(np.float64)
     m64 = f64.max(-1, keepdims=True)
@@ -175,6 +178,34 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
         f"in {same * 100:.2f}% of rows (ties may differ); max |logprob error| {e_lp:.1e}; max |tail mass error| "
         f"{e_tail:.1e}"
     )
+
+
+def read_speed(model, group, pad_id: int, args, tmp: Path) -> None:
+    """Seconds of `TeacherCache.rows` for the batch `group`, from a cache of each format the engine builds."""
+    import functools
+    import inspect
+
+    versioned = "format_version" in inspect.signature(cache_mod.build).parameters
+    formats = [1, 2] if versioned else [1]
+    rows = sum(len(e.tokens) for e in group)
+    print(f" reading: TeacherCache.rows for one batch ({len(group)} examples, {rows} rows, k={args.k}):")
+    for f in formats:
+        c = cache_mod.build(
+            model,
+            group,
+            tmp / f"read-f{f}",
+            key="read",
+            top_k=args.k,
+            batch_size=args.batch,
+            pad_id=pad_id,
+            meta={},
+            sample_batches=0,
+            **({"format_version": f} if versioned else {}),
+        )
+        s = _common.micro(functools.partial(c.rows, np.arange(len(group)), args.seq), reps=9)
+        label = f"format {f} ({c.meta['bytes_per_token']} B/token)"
+        print(f"  {label:62s} {s * 1000:9.2f} ms  {s / rows * 1e6:6.2f} µs/row", flush=True)
+        shutil.rmtree(c.path, ignore_errors=True)
 
 
 if __name__ == "__main__":

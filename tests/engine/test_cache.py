@@ -39,6 +39,26 @@ def test_reconstruction_kl_is_zero_for_uniform_tail_and_positive_otherwise():
     assert cache_mod.reconstruction_kl(mx.array(skewed[None, None]), ids, lps, tail, mask) > 0.01
 
 
+def test_cache_key_is_unchanged_by_format_2():
+    # the key of format 1's code: a cache built before format 2 from the same inputs is still found and reused
+    import hashlib
+    import json
+
+    parts = {
+        "v": 1,
+        "teacher": "t",
+        "tokenizer": "tok",
+        "dataset": "d",
+        "top_k": 64,
+        "max_seq_len": 512,
+        "template": "",
+    }
+    old = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    assert (
+        cache_mod.cache_key(teacher="t", tokenizer="tok", dataset="d", top_k=64, max_seq_len=512, template=None) == old
+    )
+
+
 def test_cache_key_changes_with_every_input():
     base = dict(teacher="t", tokenizer="tok", dataset="d", top_k=64, max_seq_len=512, template=None)
     key = cache_mod.cache_key(**base)
@@ -63,19 +83,29 @@ def test_build_store_and_reuse(tiny_teacher, tiny_text, tmp_path):
     hooks = Hooks(on_event=lambda kind, msg, data: events.append((kind, data)))
     built = distill.ensure_cache(tiny_teacher, ds, examples, tok, top_k=16, max_seq_len=64, store=store, hooks=hooks)
     assert [d["hit"] for k, d in events if k == "teacher_cache"] == [False, False]
-    # rows equal a direct teacher forward on one example
+    # rows equal a direct teacher forward on one example: the same top-k set, best first, log-probs within the
+    # codec's error, the tail as float16
     model = models.load_model(tiny_teacher)[0]
     e = examples[3]
     ids, lps, tail = cache_mod.teacher_topk(model(mx.array(e.tokens[None])), 16)
-    s, n = built.offsets[3], len(e.tokens)
-    np.testing.assert_array_equal(np.asarray(built.topk_ids[s : s + n]), np.array(ids[0]))
-    np.testing.assert_allclose(
-        np.asarray(built.topk_logprobs[s : s + n], dtype=np.float32), np.array(lps[0]), atol=2e-2
-    )
-    np.testing.assert_allclose(np.asarray(built.tail_logmass[s : s + n]), np.array(tail[0]), atol=1e-3)
-    assert isinstance(built.topk_ids, np.memmap)
+    n = len(e.tokens)
+    r_ids, r_lps, r_tail = built.rows(np.array([3]), n)
+    ids, lps = np.array(ids[0]), np.array(lps[0])
+    np.testing.assert_array_equal(np.sort(r_ids[0], axis=-1), np.sort(ids, axis=-1))
+    np.testing.assert_array_equal(r_ids[0, :, 0], ids[:, 0])
+    by_id = np.take_along_axis(r_lps[0], np.argsort(r_ids[0], -1), -1)
+    ref = np.take_along_axis(lps, np.argsort(ids, -1), -1)
+    step = built.meta["codec"]["lp_step"]
+    big = ref > 2 * math.log(2 * step)  # √p > 2 steps: within half a step, plus the renormalisation
+    assert np.abs(np.exp(by_id / 2) - np.exp(ref / 2))[big].max() < step
+    np.testing.assert_allclose(r_tail[0], np.array(tail[0]), atol=1e-2, rtol=1e-3)
     meta = built.meta
-    assert meta["bytes_per_token"] == 16 * 2 + 16 * 2 + 4
+    assert meta["format_version"] == 2
+    arrays = sum(np.load(built.path / f, mmap_mode="r").nbytes for f in ("head.npy", "tail.npy", "streams.npy"))
+    streams = sum((built.path / f).stat().st_size for f in ("unary.bin", "payload.bin"))
+    assert meta["bytes_per_token"] == pytest.approx((arrays + streams) / meta["tokens"], abs=0.01)
+    assert isinstance(built.reader.head, np.memmap) and isinstance(built.reader.payload, np.memmap)
+    assert meta["bytes_per_token"] < 16 * 2 + 16 * 2 + 4  # format 1's row
     assert meta["reconstruction_kl"] >= 0 and math.isfinite(meta["reconstruction_kl"])
     assert [list(x.tokens) for x in built.examples()] == [list(x.tokens) for x in examples]
 
@@ -134,9 +164,8 @@ def test_subset_cache_and_whole_cache_preferred(tiny_teacher, tiny_text, tmp_pat
         tiny_teacher, ds, examples, tok, top_k=4, max_seq_len=64, store=store, hooks=Hooks(), subset=np.array([2, 3])
     )
     assert again.path == whole.path
-    np.testing.assert_array_equal(
-        np.asarray(whole.topk_ids[whole.offsets[4] : whole.offsets[5]]), np.asarray(part.topk_ids[s:e])
-    )
+    for a, b in zip(whole.rows(np.array([4]), 64), part.rows(np.array([1]), 64)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("vocab, k", [(4096, 16), (5003, 64), (700, 64)])
@@ -166,6 +195,7 @@ def test_reconstruction_kl_matches_float64_reference():
         vocab,
         axis=-1,
     )
-    np.put_along_axis(recon, np.array(ids), np.array(lps).astype(np.float16).astype(np.float64), axis=-1)
+    stored = np.array(lps).astype(np.float16)  # as format 1 gives them back
+    np.put_along_axis(recon, np.array(ids), stored.astype(np.float64), axis=-1)
     ref = (np.exp(logp) * (logp - recon)).sum(-1)[mask].mean()
-    assert cache_mod.reconstruction_kl(mx.array(logits), ids, lps, tail, mask) == pytest.approx(ref, rel=1e-3)
+    assert cache_mod.reconstruction_kl(mx.array(logits), ids, stored, tail, mask) == pytest.approx(ref, rel=1e-3)
