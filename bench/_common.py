@@ -12,6 +12,7 @@ of the two runs' RESULT figures.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import re
 import statistics
@@ -30,16 +31,18 @@ if not sys.path or sys.path[0] != str(REPO):
     sys.path.insert(0, str(REPO))
 
 
-def enable_blas() -> str:
-    """`blas.enable()` if the module exists (it must run before MLX is imported)."""
+def _enable(module: str) -> str:
+    """`worker.engine.<module>.enable()` if the revision has the module (blas: before MLX is imported;
+    cpu_jit: before MLX compiles anything)."""
     try:
-        from worker.engine import blas
+        mod = importlib.import_module(f"worker.engine.{module}")
     except ImportError as e:
-        return f"unchanged: worker.engine.blas not importable ({e})"
-    return blas.enable()
+        return f"unchanged: worker.engine.{module} not importable ({e})"
+    return mod.enable()
 
 
-BLAS = enable_blas()
+BLAS = _enable("blas")
+CPU_JIT = _enable("cpu_jit")
 
 import numpy as np  # noqa: E402
 

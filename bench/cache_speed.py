@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cache_speed.py [--model DIR] [--batch 8] [--seq 128] [--batches 4] [--k 64]
                                           [--reps 12] [--no-explore] [--quick] [--against REV]
+                                          [--read-only] [--read-reps 15]
 
 Baseline: a loop of `mx.eval(model(tokens))` over the batches `cache.build` makes (same collate, same
 length-sorted batches of `--batch` x `--seq` tokens of real Shakespeare text from realdata.shakespeare_splits).
@@ -22,8 +23,10 @@ worktree), alternating, and prints this tree's RESULT figures over REV's (bench/
 The explore section (skipped with --no-explore) times the pieces of one batch: the forward, the engine's
 teacher_topk and its two stages (cache._block_topk, cache._logsumexp, where the revision has them),
 reconstruction_kl, and plain MLX / NumPy passes over the vocabulary for scale, and checks teacher_topk
-against a float64 reference. It also times reading: `TeacherCache.rows` for one batch of examples from a
-cache of each format (built over the first batch; format 2 decodes its bit streams, format 1 copies arrays).
+against a float64 reference. It also times reading (alone with --read-only, which prints its own RESULT line,
+so that `--read-only --against REV` compares reading speeds): `TeacherCache.rows` for one batch of examples
+from a cache of each format (built over the first batch; format 2 decodes its bit streams, format 1 copies
+arrays), alternating, and format 2 with `TeacherCache.prefetch` called before a stand-in training step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import itertools
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +57,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 12; quick 3)")
     p.add_argument("--no-explore", action="store_true", help="skip the per-piece profile")
+    p.add_argument("--read-only", action="store_true", help="only the reading section (TeacherCache.rows)")
+    p.add_argument("--read-reps", type=int, default=None, help="rounds of the reading section (default 15; quick 5)")
     args = p.parse_args()
     if args.against:
         return _common.run_against(args.against, args.against_runs)
@@ -61,6 +67,7 @@ def main() -> None:
     args.seq = args.seq or (32 if q else 128)
     args.batches = args.batches or (2 if q else 4)
     args.reps = args.reps or (3 if q else 12)
+    args.read_reps = args.read_reps or (5 if q else 15)
     _common.header("cache_speed: teacher cache build vs plain teacher forward", args)
 
     _common.run_in_tmp("bench-cache-speed-", run, args)
@@ -69,6 +76,14 @@ def main() -> None:
 def run(args, tmp: Path) -> None:
     model_dir, model, tokenizer, pad_id = _common.load_model(args, tmp)
     examples = _common.shakespeare_examples(tokenizer, args.batch * args.batches, args.seq, tmp)
+    if args.read_only:
+        print(f"model: {model_dir}; data: {args.batch} examples x {args.seq} tokens; k={args.k}")
+        ms = read_speed(model, examples[: args.batch], pad_id, args, tmp)
+        print()
+        print(_common.load_note())
+        figures = " ".join(f"{name}={m:.4f}ms" for name, m in ms.items())
+        print(f"RESULT name=cache_read {figures} batch={args.batch}x{args.seq} k={args.k}")
+        return
     groups = [examples[g * args.batch : (g + 1) * args.batch] for g in range(args.batches)]
     per_call = sum(len(e.tokens) for e in groups[0])
     print(f"model: {model_dir} ({len(model.layers)} layers, vocab {model.args.vocab_size})")
@@ -180,17 +195,20 @@ def explore(model, examples, batches, pad_id: int, args, tmp: Path, forward_s: f
     )
 
 
-def read_speed(model, group, pad_id: int, args, tmp: Path) -> None:
-    """Seconds of `TeacherCache.rows` for the batch `group`, from a cache of each format the engine builds."""
-    import functools
+def read_speed(model, group, pad_id: int, args, tmp: Path) -> dict[str, float]:
+    """Seconds of `TeacherCache.rows` for the batch `group`, from a cache of each format the engine builds
+    (over that batch), timed in alternation (the order reversed every other round), medians over rounds.
+
+    `prefetched` (where the engine has `TeacherCache.prefetch`): prefetch, then a teacher forward over the
+    batch's first example standing in for the training step, then the timed `rows` call. The step's own time,
+    alone and with the decode running behind it, shows what the decode still costs the step. Returns the
+    medians in ms by short name (format1, format2, format2_prefetched)."""
     import inspect
 
     versioned = "format_version" in inspect.signature(cache_mod.build).parameters
-    formats = [1, 2] if versioned else [1]
     rows = sum(len(e.tokens) for e in group)
-    print(f" reading: TeacherCache.rows for one batch ({len(group)} examples, {rows} rows, k={args.k}):")
-    for f in formats:
-        c = cache_mod.build(
+    caches = {
+        f: cache_mod.build(
             model,
             group,
             tmp / f"read-f{f}",
@@ -202,10 +220,55 @@ def read_speed(model, group, pad_id: int, args, tmp: Path) -> None:
             sample_batches=0,
             **({"format_version": f} if versioned else {}),
         )
-        s = _common.micro(functools.partial(c.rows, np.arange(len(group)), args.seq), reps=9)
-        label = f"format {f} ({c.meta['bytes_per_token']} B/token)"
-        print(f"  {label:62s} {s * 1000:9.2f} ms  {s / rows * 1e6:6.2f} µs/row", flush=True)
+        for f in ([1, 2] if versioned else [1])
+    }
+    ids = np.arange(len(group))
+    tokens = mx.array(data_mod.collate(group[:1], pad_id)[0])  # a short step: the decode has little time to hide
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        mx.eval(model(tokens))
+        return time.perf_counter() - t0
+
+    def timed_rows(c) -> float:
+        t0 = time.perf_counter()
+        c.rows(ids, args.seq)
+        return time.perf_counter() - t0
+
+    def prefetched(c, steps: list[float]) -> float:
+        c.prefetch(ids)
+        steps.append(step())
+        return timed_rows(c)
+
+    labels = {f"format{f}": f"format {f} ({c.meta['bytes_per_token']} B/token)" for f, c in caches.items()}
+    steps: dict[str, list[float]] = {"alone": []}
+    if 2 in caches and hasattr(caches[2], "prefetch"):
+        labels["format2_prefetched"] = "format 2, prefetched before the step"
+        steps["with the decode behind it"] = []
+    times: dict[str, list[float]] = {name: [] for name in labels}
+    for r in range(args.read_reps + 1):  # round 0 warms up
+        for name in list(times) if r % 2 == 0 else list(times)[::-1]:
+            if name == "format2_prefetched":
+                times[name].append(prefetched(caches[2], steps["with the decode behind it"]))
+            else:
+                times[name].append(timed_rows(caches[int(name[-1])]))
+        steps["alone"].append(step())
+    for c in caches.values():
         shutil.rmtree(c.path, ignore_errors=True)
+
+    ms = {name: _common.median(ts[1:]) * 1000 for name, ts in times.items()}
+    print(
+        f" reading: TeacherCache.rows for one batch ({len(group)} examples, {rows} rows, k={args.k}), medians "
+        f"of {args.read_reps} alternating rounds:"
+    )
+    for name, m in ms.items():
+        print(f"  {labels[name]:62s} {m:9.3f} ms  {m / rows * 1e3:6.2f} µs/row  {m / ms['format1']:6.2f}x format 1")
+    for name, ts in steps.items():
+        print(
+            f"  {'(the stand-in step, a forward over one example, ' + name + ')':62s} "
+            f"{_common.median(ts[1:]) * 1000:9.1f} ms"
+        )
+    return ms
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.engine import blas
+from worker.engine import blas, cpu_jit
 
 blas.enable()  # before anything imports MLX: tests run on OpenBLAS like the worker does
+cpu_jit.enable()  # and MLX's CPU kernels are built as the worker builds them
 
 from tests.helpers import tiny  # noqa: E402
 from tests.helpers.services import create_pg_database, drop_pg_database  # noqa: E402

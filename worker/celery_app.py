@@ -1,6 +1,7 @@
 """The worker's Celery app: service.core.queue's app (same configuration) with `distillery.run_job` registered.
 
-`blas.enable()` runs first, before anything can import MLX (its BLAS symbols are bound when it loads). Each
+`blas.enable()` runs first, before anything can import MLX (its BLAS symbols are bound when it loads), then
+`cpu_jit.enable()` (the flags MLX's CPU compiler builds kernels with). Each
 worker process also runs a sweeper thread (started when the worker is ready) and, on a warm shutdown
 (SIGTERM, Ctrl-C), asks its running job to checkpoint and give itself back to the queue.
 
@@ -9,9 +10,10 @@ worker process also runs a sweeper thread (started when the worker is ready) and
 
 from __future__ import annotations
 
-from worker.engine import blas
+from worker.engine import blas, cpu_jit
 
 blas.enable()
+cpu_jit.enable()  # before MLX compiles a kernel: vectorised CPU kernels (cpu_jit.py)
 
 import logging  # noqa: E402
 

@@ -132,9 +132,10 @@ def import_gguf_cmd(src: Path, out: Path, dtype: str) -> None:
 @click.option("--no-progress", is_flag=True, help="Plain log lines instead of a progress bar.")
 def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress: bool) -> None:
     """Run one distill spec (YAML: `kind: distill` + `spec`, or the spec alone) locally, without API or queue."""
-    from worker.engine import blas
+    from worker.engine import blas, cpu_jit
 
     click.echo(f"[blas] {blas.enable()}", err=True)
+    click.echo(f"[cpu_jit] {cpu_jit.enable()}", err=True)
     from worker.engine.errors import UserError
     from worker.engine.local import run_local
 
@@ -153,9 +154,10 @@ def demo_cmd(work: Path, steps: int) -> None:
     from service.commands.demo import choose_blas_threads
 
     choose_blas_threads()  # before OpenBLAS loads: in this process and in the dev server it starts
-    from worker.engine import blas
+    from worker.engine import blas, cpu_jit
 
     print(blas.enable())
+    print(cpu_jit.enable())
     from service.commands.demo import run_demo
 
     run_demo(work, steps=steps)

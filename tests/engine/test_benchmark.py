@@ -41,7 +41,8 @@ def greedy_continuation(model, tok, prompt: str, max_new: int = 6) -> str:
     text is never blank; cut so that it re-encodes to the very tokens the model chose."""
     prompt_ids = tok.encode(prompt)
     vocab = sorted(tok.get_vocab().items(), key=lambda x: x[1])
-    words = np.array([t.startswith("Ġ") and t[1:].isalpha() for t, _ in vocab])  # byte-level BPE: Ġ is a space
+    # byte-level BPE: Ġ is a space (and itself a letter to isalpha, hence isascii)
+    words = np.array([t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha() for t, _ in vocab])
     ids: list[int] = []
     for _ in range(max_new):
         logits = np.array(model(mx.array([prompt_ids + ids]))[0, -1])
@@ -503,9 +504,10 @@ def test_stored_float16_reference_matches_float32(tiny_teacher, tiny_student, ti
 
     exact, from_disk = compared(in_memory, student_logits), compared(stored, student_logits)
     assert exact["kl"] > 0.5
-    assert from_disk["kl"] != exact["kl"]  # float16 storage does change the figure (~1e-6 here), within:
-    assert from_disk["kl"] == pytest.approx(exact["kl"], rel=1e-5)
-    assert from_disk["js"] == pytest.approx(exact["js"], rel=1e-5)
+    # float16 storage does change the figure (log p to 11 bits: ~1e-5 relative here), within:
+    assert from_disk["kl"] != exact["kl"]
+    assert from_disk["kl"] == pytest.approx(exact["kl"], rel=1e-4)
+    assert from_disk["js"] == pytest.approx(exact["js"], rel=1e-4)
     for key in ("top1_agreement", "top5_agreement", "ce", "tokens"):
         assert from_disk[key] == exact[key], key
     itself = compared(stored, ref_logits)  # the teacher against its own stored distribution

@@ -149,6 +149,142 @@ def test_codec_rejects_bad_rows():
         Codec.fit(np.zeros((1, 11), np.int64), 10)
 
 
+# ------------------------------------------------------------------------------ the decoder, bit for bit
+
+
+def random_rows(rng, n: int, vocab: int, k: int):
+    """Rows with uniformly random ids (the hardest for the id code), best first, with ties and -inf entries."""
+    ids = np.stack([rng.choice(vocab, size=k, replace=False) for _ in range(n)])
+    raw = rng.normal(0, 3, (n, k))
+    raw[1] = 0.0  # all tied
+    raw[2, k // 2 :] = -np.inf  # masked logits
+    lps = raw - np.logaddexp.reduce(np.concatenate([raw, np.zeros((n, 1))], 1), axis=1, keepdims=True)
+    lps = np.where(np.isfinite(raw), lps, -np.inf)
+    order = np.argsort(-lps, axis=1, kind="stable")
+    ids, lps = np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1).astype(np.float32)
+    tail = np.log(np.maximum(-np.expm1(np.logaddexp.reduce(lps, axis=1)), 1e-30)).astype(np.float32)
+    return ids, lps, tail
+
+
+def assert_identical(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert g.tobytes() == w.tobytes()  # bit for bit: float32 values and their order
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936])
+@pytest.mark.parametrize("k", [1, 16, 64, 256])
+@pytest.mark.parametrize("ids_are", ["zipf", "random"])
+def test_segments_decode_alone_as_in_the_whole(vocab, k, ids_are):
+    """Every id back, best first, and a run of whole segments (a batch of examples) decodes alone to exactly
+    the rows it holds in the whole decode."""
+    rng = np.random.default_rng(vocab + k)
+    n = 50
+    if ids_are == "zipf":
+        ids, lps, tail = top_rows(synthetic_logits(rng, n, vocab), k)
+    else:
+        ids, lps, tail = random_rows(rng, n, vocab, k)
+    codec = Codec.fit(ids[:20], vocab)
+    rows = np.array([7, 0, 13, 1, 0, 29])  # segments of any size, empty ones too
+    packed = codec.encode(ids, lps, tail, rows)
+    whole = codec.decode(packed.head, packed.tail, packed.unary, packed.payload, rows)
+    np.testing.assert_array_equal(np.sort(whole[0], -1), np.sort(ids, -1))
+    assert (np.diff(whole[1][:, 1:], axis=-1) <= 1e-6).all()
+    u, p = np.cumsum(packed.unary_bytes), np.cumsum(packed.payload_bytes)  # segments 3..5: rows 20..49
+    part = codec.decode(packed.head[20:], packed.tail[20:], packed.unary[u[2] :], packed.payload[p[2] :], rows[3:])
+    assert_identical(part, tuple(x[20:] for x in whole))
+
+
+def test_decode_without_the_exp_table_is_the_same(monkeypatch):
+    from worker.engine import cache_codec
+
+    rng = np.random.default_rng(5)
+    ids, lps, tail = random_rows(rng, 30, 49152, 64)
+    rows = np.array([10, 20])
+    codec = Codec.fit(ids, 49152)
+    packed = codec.encode(ids, lps, tail, rows)
+    args = (packed.head, packed.tail, packed.unary, packed.payload, rows)
+    with_table = codec.decode(*args)
+    monkeypatch.setattr(cache_codec, "EXP_TABLE_LEVELS", 10)  # as for k in the tens of thousands
+    codec = Codec.fit(ids, 49152)
+    assert codec._tables.exp_below_top is None
+    assert_identical(codec.decode(*args), with_table)
+
+
+def test_decode_of_no_rows_and_of_a_corrupt_stream():
+    codec = Codec.fit(np.array([[1, 5, 9]]), 100)
+    ids, lps, tail = codec.decode(
+        np.zeros(0, np.uint16), np.zeros(0, np.float16), np.zeros(0, np.uint8), np.zeros(0, np.uint8), np.array([0, 0])
+    )
+    assert ids.shape == lps.shape == (0, 3) and tail.shape == (0,)
+    packed = codec.encode(np.array([[1, 5, 9]]), np.log([[0.5, 0.2, 0.1]]), np.log([0.2]), np.array([1]))
+    with pytest.raises(ValueError, match="symbols"):
+        codec.decode(packed.head, packed.tail, packed.unary[:-1], packed.payload, np.array([1]))
+
+
+# ---------------------------------------------------------------------------- reading ahead (prefetch)
+
+
+def build_cache(tmp_path, vocab: int, lengths: list[int], format_version: int = 2, k: int = 16):
+    rng = np.random.default_rng(len(lengths))
+    examples = [
+        data_mod.Example(tokens=rng.integers(0, vocab, n), target_mask=np.ones(n, bool), source=i)
+        for i, n in enumerate(lengths)
+    ]
+
+    def model(tokens: mx.array) -> mx.array:
+        return mx.array(synthetic_logits(rng, tokens.size, vocab).reshape(*tokens.shape, vocab))
+
+    out = tmp_path / f"f{format_version}"
+    return cache_mod.build(
+        model, examples, out, key=out.name, top_k=k, batch_size=2, pad_id=0, meta={}, format_version=format_version
+    )
+
+
+def test_prefetched_rows_are_the_rows(tmp_path):
+    built = build_cache(tmp_path, 3000, [12, 30, 7, 25, 18, 9])
+    fresh = cache_mod.TeacherCache.open(built.path)  # nothing prefetched: decodes in rows()
+    batches = [np.array([1, 4, 0]), np.array([5, 2]), np.array([3, 1, 2, 0])]
+    for length in (31, 8):
+        built.prefetch(batches[0])
+        for b, batch in enumerate(batches):
+            if b + 1 < len(batches):
+                built.prefetch(batches[b + 1])  # the next batch decodes while this one is used
+            built.prefetch(batch)  # again: already under way, nothing more to do
+            for got, want in zip(built.rows(batch, length), fresh.rows(batch, length)):
+                np.testing.assert_array_equal(got, want)
+    assert not built.reader._ahead  # every prefetched batch was read
+
+
+def test_prefetch_keeps_a_few_batches_and_reads_the_others_directly(tmp_path):
+    built = build_cache(tmp_path, 3000, [5, 6, 7, 8, 9, 10])
+    batches = [np.array([e]) for e in range(6)]
+    for batch in batches:
+        built.prefetch(batch)
+    assert len(built.reader._ahead) == cache_mod.PREFETCH_BATCHES  # the oldest were dropped
+    for batch in reversed(batches):  # read in any order: those dropped decode in rows()
+        ids, lps, tail = built.rows(batch, 12)
+        n = 5 + int(batch[0])
+        assert (tail[0, :n] < 0).all() and (tail[0, n:] == 0).all()
+    assert not built.reader._ahead
+
+
+def test_prefetch_of_a_format1_cache_does_nothing(tmp_path):
+    built = build_cache(tmp_path, 3000, [5, 6], format_version=1)
+    built.prefetch(np.array([1, 0]))
+    ids, _, _ = built.rows(np.array([1, 0]), 6)
+    assert ids.shape == (2, 6, 16)
+
+
+def test_a_failed_prefetch_fails_the_rows_call(tmp_path):
+    built = build_cache(tmp_path, 3000, [5, 6])
+    built.reader.payload = built.reader.payload[:0]  # as if the file were cut short
+    built.reader.unary = built.reader.unary[:1]
+    built.prefetch(np.array([0, 1]))
+    with pytest.raises(ValueError, match="symbols"):
+        built.rows(np.array([0, 1]), 6)
+
+
 # ------------------------------------------------------------------------------------ format 1 still reads
 
 

@@ -114,7 +114,10 @@ def pretrain(model_dir: Path, steps: int = 60, seq_len: int = 64, batch: int = 8
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
+    from worker.engine import fused
+
     model, tok = load(str(model_dir))
+    fused.install(model)  # as the engine runs it, whichever test loaded a model first (the weights depend on it)
     ids = np.array(tok.encode("\n".join(corpus()[:200])), dtype=np.int32)
     opt = optim.AdamW(learning_rate=lr)
     loss_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y, reduction="mean"))

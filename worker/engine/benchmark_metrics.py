@@ -27,38 +27,68 @@ def reference_view(ref_logits: mx.array) -> tuple[mx.array, mx.array]:
     return losses.log_softmax_t(ref_logits), mx.argmax(ref_logits, axis=-1)
 
 
-def js_divergence(log_p: mx.array, log_q: mx.array) -> mx.array:
-    """JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = (p + q) / 2, over the last axis.
+def forward_kl(log_p: mx.array, log_q: mx.array, p: mx.array | None = None) -> mx.array:
+    """KL(p‖q) = Σ p (log p − log q) over the last axis, 0 where p is 0; `p` = exp(log_p) if already computed."""
+    p = mx.exp(log_p) if p is None else p
+    return mx.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=-1)
 
-    Each term is taken as exactly 0 where log p == log q, so a model compared with itself scores exactly 0.
+
+def js_divergence(log_p: mx.array, log_q: mx.array, p: mx.array | None = None, q: mx.array | None = None) -> mx.array:
+    """JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = (p + q) / 2, over the last axis; `p`, `q` = exp(log_p), exp(log_q)
+    if already computed.
+
+    Each position's term is taken as exactly 0 where log p == log q, so a model compared with itself scores
+    exactly 0, and where m is 0 (both probabilities below float32's range), where both terms are 0.
     """
-    log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
-    same = log_p == log_q
-    p_term = mx.where(same, 0.0, mx.exp(log_p) * (log_p - log_m))
-    q_term = mx.where(same, 0.0, mx.exp(log_q) * (log_q - log_m))
-    return 0.5 * (p_term + q_term).sum(axis=-1)
+    p = mx.exp(log_p) if p is None else p
+    q = mx.exp(log_q) if q is None else q
+    mid = 0.5 * (p + q)
+    log_m = mx.log(mid)
+    terms = 0.5 * (p * (log_p - log_m) + q * (log_q - log_m))
+    return mx.where((log_p != log_q) & (mid > 0), terms, 0.0).sum(axis=-1)
 
 
 def text_sums(ref: tuple[mx.array, mx.array], logits: mx.array, targets: mx.array, mask: mx.array) -> dict:
     """Sums over the masked positions of ce, kl, js, top1, top5, and their count `tokens`.
 
     ref: `reference_view` of the reference at the same positions; logits [..., V]; targets, mask [...]
-    (a batch [B, L] or the batch's target positions [N]).
+    (a batch [B, L] or the batch's target positions [N]). Every full-vocabulary array is computed once and
+    shared: log q (whose normaliser the cross-entropy reuses), p = exp(log p) and q = exp(log q) (KL and JS).
     """
     log_p, ref_top = ref
     logits = logits.astype(mx.float32)
     log_q = losses.log_softmax_t(logits)
-    m = mask.astype(mx.float32)
+    p, q = mx.exp(log_p), mx.exp(log_q)
     at_ref_top = mx.take_along_axis(logits, ref_top[..., None], axis=-1)
     rank = (logits > at_ref_top).sum(axis=-1)  # logits strictly above the one at the reference's argmax
     per_position = {
-        "kl": losses.divergence("forward_kl", log_p, log_q),
-        "js": js_divergence(log_p, log_q),
+        "kl": forward_kl(log_p, log_q, p),
+        "js": js_divergence(log_p, log_q, p, q),
         "top1": (mx.argmax(logits, axis=-1) == ref_top).astype(mx.float32),
         "top5": (rank < 5).astype(mx.float32),
+        "ce": _cross_entropy(log_q, targets, mask),
     }
+    return _masked_sums(per_position, mask)
+
+
+def self_sums(log_q: mx.array, targets: mx.array, mask: mx.array) -> dict:
+    """`text_sums(reference_view(logits), logits, ...)` from log_q = reference_view(logits)[0], without the
+    full-vocabulary work whose answer is known: kl = js = 0 and top1 = top5 = 1 at every position (the same
+    numbers, exactly)."""
+    zeros, ones = mx.zeros(targets.shape), mx.ones(targets.shape)
+    per_position = {"kl": zeros, "js": zeros, "top1": ones, "top5": ones, "ce": _cross_entropy(log_q, targets, mask)}
+    return _masked_sums(per_position, mask)
+
+
+def _cross_entropy(log_q: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """−log q(target) per position; 0 where the mask is 0 (the targets there may be anything)."""
+    safe_targets = mx.where(mask != 0, targets, 0).astype(mx.int32)
+    return mx.where(mask != 0, -mx.take_along_axis(log_q, safe_targets[..., None], axis=-1)[..., 0], 0.0)
+
+
+def _masked_sums(per_position: dict[str, mx.array], mask: mx.array) -> dict:
+    m = mask.astype(mx.float32)
     sums = {k: (v * m).sum() for k, v in per_position.items()}
-    sums["ce"] = losses.masked_cross_entropy_sum(logits, targets, mask != 0)
     sums["tokens"] = m.sum()
     return sums
 

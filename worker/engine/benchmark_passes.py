@@ -18,7 +18,7 @@ from distillery_contract.specs import BenchmarkSpeed
 
 from . import data as data_mod
 from . import models
-from .benchmark_metrics import measure_speed, reference_view, sequence_logprobs, text_sums
+from .benchmark_metrics import measure_speed, reference_view, self_sums, sequence_logprobs, text_sums
 from .benchmark_store import ReferenceStore
 from .errors import Cancelled
 from .train import Hooks
@@ -142,21 +142,23 @@ def text_pass(
 ) -> dict[str, float]:
     """Accumulated `text_sums` over the text batches, at their target positions only.
 
-    The reference compares with its own in-memory distribution (exact zeros for KL and JS) and appends it to
-    `store`; a candidate compares with the stored one.
+    The reference appends its distribution to `store` and scores only its cross-entropy (`self_sums`: against
+    itself KL and JS are exactly 0, top-1 and top-5 exactly 1); a candidate compares with the stored one,
+    each full-vocabulary array computed once per batch (`text_sums`).
     """
     totals: dict[str, float] = {}
     for i, batch in enumerate(batches(work.text, work.batch_size, work.pad_id)):
         progress.check("text")
         logits = model(batch.tokens[:, :-1])
         logits = logits.reshape(-1, logits.shape[-1])[batch.positions]  # [N, V]: the target positions
+        mask = mx.ones(batch.targets.shape)
         if write_reference:
             ref = reference_view(logits)
             mx.eval(ref)
             store.append(*ref)
+            sums = self_sums(ref[0], batch.targets, mask)  # against itself: only the cross-entropy to compute
         else:
-            ref = store.read(i)
-        sums = text_sums(ref, logits, batch.targets, mx.ones(batch.targets.shape))
+            sums = text_sums(store.read(i), logits, batch.targets, mask)
         mx.eval(sums)
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v.item())

@@ -31,10 +31,16 @@ two bit streams for the variable-length parts, split so that everything decodes 
 batch of rows at once:
 
 - unary: for each row, k Exp-Golomb prefixes (id gaps), then k Rice quotients (levels), each as that many
-  0 bits and a 1. Every row has exactly 2k ones, so np.flatnonzero over the unpacked bits finds every symbol.
+  0 bits and a 1. Every row has exactly 2k ones, so np.flatnonzero over the unpacked bits finds every symbol;
+  the n-th one's position less n counts the zeros before it, a running sum of the symbols for free.
 - payload: for each row, k id fields (prefix + id_params[j] bits each), then k Rice remainders (the row's
-  Rice parameter bits each). Their widths follow from the unary symbols and the head, so a cumulative sum
-  gives every field's bit offset, and one gather of 4 bytes per field reads them.
+  Rice parameter bits each). Their widths follow from the unary symbols and the head, so those running sums
+  give every field's bit offset, and one gather of 4 bytes per field reads them.
+
+Decoding (8 x 128 rows at k = 64, bench/cache_speed.py --read-only) takes a few milliseconds on a CPU core,
+~12 times format 1's copies; `TeacherCache.prefetch` decodes the next batch in a background thread, which
+makes reading it as fast as format 1. Each row comes back best first from a single sort of (rank << id bits
+| id) keys, and the renormalisation reads exp from a table over (top level, level) pairs.
 
 The streams are cut into byte-aligned segments, one per example of the cache, that decode on their own. The
 size varies with the data: on synthetic rows with Zipf-distributed ids (tests/engine/test_cache_codec.py)
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -53,6 +60,7 @@ DEEP_LEVELS = 2  # levels below √p = s/2, DEEP_STEP nats apart in log p
 DEEP_STEP = 3.0
 RICE_MAX = 15  # Rice parameters 0..15 (4 bits of the head)
 MAX_FIELD_BITS = 25  # a payload field is read from the 4 bytes it starts in
+EXP_TABLE_LEVELS = 2048  # the decoder tabulates exp over (level, level) up to this many levels (k <~ 10000)
 
 
 @dataclass(frozen=True)
@@ -192,42 +200,96 @@ class Codec:
         each row best first (the stored argmax, then by level; equal levels by id)."""
         k = self.top_k
         rows = np.asarray(rows, dtype=np.int64)
-        head = np.asarray(head).astype(np.int32)
-        rice, argmax = head & 15, head >> 4
-        # int32 throughout (values < 2^25): half the memory traffic and page faults of int64
+        head = np.asarray(head)
+        rice = (head & 15).astype(np.int32)
+        # int32 (values < 2^25; bit offsets intp for take), arrays [2, R, k]: the id half then the level half,
+        # each contiguous, so that most operations run over long rows
 
-        symbols = _unpack_unary(np.asarray(unary), rows, 2 * k)
-        prefix, quot = symbols[:, :k], symbols[:, k:]
-        beta = self.id_params.astype(np.int32)[None, :]
-        widths = np.empty_like(symbols)
-        np.add(prefix, beta, out=widths[:, :k])
-        widths[:, k:] = rice[:, None]
-        fields = _unpack_fields(np.asarray(payload), widths, rows)
+        if len(unary) >= 1 << 28 or len(payload) >= 1 << 28:  # bit offsets in int32
+            raise ValueError("too many rows to decode at once")
+        unary_zeros = _UnaryZeros.find(np.asarray(unary), rows, 2 * k)
+        symbols = unary_zeros.symbols()
+        prefix, quot = symbols[0], symbols[1]
+        fields = self._fields(np.asarray(payload), rows, unary_zeros, prefix, rice)
 
-        # each gap g: g - 1 = (q << beta) | low beta bits, with q = 2^prefix - 1 + (field >> beta)
-        id_fields = fields[:, :k]
-        q = (1 << prefix) - 1 + (id_fields >> beta)
-        gaps_less_1 = (q << beta) | (id_fields & ((1 << beta) - 1))
-        ids = np.cumsum(gaps_less_1, axis=1, dtype=np.int32)
-        ids += np.arange(k, dtype=np.int32)  # id_j = -1 + Σ_{i<=j} g_i = Σ_{i<=j} (g_i - 1) + j
-        levels = np.minimum((quot << rice[:, None]) | fields[:, k:], self.max_level)
+        # each gap g: g - 1 = (q << beta) | low beta bits with q = 2^prefix - 1 + (field >> beta), which is
+        # field + 2^(prefix + beta) - 2^beta; id_j = -1 + sum of the gaps up to j
+        t = self._tables
+        gaps = np.left_shift(t.beta_powers, prefix)
+        gaps += fields[0]
+        gaps += t.gap_offsets
+        ids = np.cumsum(gaps, axis=1, dtype=np.int32)
+        levels = np.left_shift(quot, rice[:, None])
+        levels |= fields[1]
+        np.minimum(levels, self.max_level, out=levels)
 
-        t = np.asarray(tail).astype(np.float32)
-        log_mass = np.log(np.maximum(-np.expm1(t), 1e-30, dtype=np.float32))
-        table = self.level_logprobs(np.arange(self.max_level + 1)).astype(np.float32)
-        x = table[levels]
-        top = x.max(axis=1, keepdims=True)
-        shift = log_mass[:, None] - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
-        lps = x + shift
+        tail32 = np.asarray(tail).astype(np.float32)
+        shift = self._renormalisation(levels, tail32)
+        best_ids, best_logprobs = self._best_first(ids, levels, (head >> 4).astype(np.intp), shift)
+        return best_ids, best_logprobs, tail32
 
-        # best first: sort (rank << col_bits | column), rank 0 for the argmax, then by level, equal levels by id
-        col_bits = max(int(k - 1).bit_length(), 1)
-        key_type = np.int32 if (self.max_level + 2) << col_bits < 1 << 31 else np.int64
-        key = (self.max_level + 1 - levels).astype(key_type) << col_bits
-        key |= np.arange(k, dtype=key_type)
-        np.put_along_axis(key, argmax[:, None], argmax[:, None].astype(key_type), axis=1)
-        order = np.sort(key, axis=1) & ((1 << col_bits) - 1)
-        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(lps, order, axis=1), t
+    def _fields(
+        self, payload: np.ndarray, rows: np.ndarray, unary_zeros: _UnaryZeros, prefix: np.ndarray, rice: np.ndarray
+    ) -> np.ndarray:
+        """The payload's fields [2, R, k] (int32): each row's k id fields, then its k Rice remainders."""
+        k, t = self.top_k, self._tables
+        # The unary stream has summed the prefixes already: id field j starts after the row's first j
+        # prefixes and beta bits (before[r, j] - base[r] zeros), the remainders (rice bits each) after them all.
+        before, base = unary_zeros.before, unary_zeros.base
+        row_prefix = before[:, k] - base
+        row_start = _layout((row_prefix + t.beta_total + k * rice)[:, None], rows)[0][:, 0].astype(np.int32)
+        offsets = np.empty((2, len(rice), k), dtype=np.intp)  # take() would convert int32 to a new intp array
+        np.add(before[:, :k], t.beta_before, out=offsets[0])
+        offsets[0] += (row_start - base)[:, None]
+        offsets[0, :, 0] = row_start  # (a segment's first row has its padding in before[r, 0])
+        np.multiply(rice[:, None], t.positions, out=offsets[1])
+        offsets[1] += (row_start + row_prefix + t.beta_total)[:, None]
+
+        bit_in_byte = (offsets & 7).astype(np.uint32)
+        offsets >>= 3
+        words = _words(payload).take(offsets)  # the 4 bytes each field starts in
+        words <<= bit_in_byte  # drop the bits before the field
+        words[0] >>= np.subtract(t.id_field_shift, prefix).view(np.uint32)  # and those after it: 32 - width
+        words[1] >>= (32 - rice).view(np.uint32)[:, None]  # (a shift by 32 gives 0 in NumPy)
+        return words.view(np.int32)  # < 2^25: the same value
+
+    def _renormalisation(self, levels: np.ndarray, tail: np.ndarray) -> np.ndarray:
+        """Per row [R], what to add to the levels' log-probs so that the top-k mass is 1 - tail.
+
+        log Σ exp(x - top) over the row's log-probs x, with exp(x - top) read from a table over (level of the
+        top, level): the same float32 subtraction and exp as computing it, without the exp per entry."""
+        t = self._tables
+        log_mass = np.log(np.maximum(-np.expm1(tail), 1e-30, dtype=np.float32))
+        top_level = levels.max(axis=1)
+        if t.exp_below_top is not None:
+            scaled = t.exp_below_top.take(np.add(levels, (top_level * t.levels)[:, None], dtype=np.intp))
+        else:  # k in the tens of thousands: no table
+            scaled = np.exp(t.logprobs.take(levels) - t.logprobs[top_level][:, None])
+        return log_mass - t.logprobs[top_level] - np.log(scaled.sum(axis=1))
+
+    def _best_first(
+        self, ids: np.ndarray, levels: np.ndarray, argmax: np.ndarray, shift: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows reordered best first: the argmax, then by level, equal levels by id (ids ascend in a row).
+
+        One sort of keys (rank << id_bits | id), rank 0 for the argmax and max_level + 1 - level for the
+        others: the sorted keys hold the ids, and the ranks give the log-probs."""
+        t = self._tables
+        rows = np.arange(len(ids))
+        key = np.left_shift(levels, t.id_bits, dtype=t.key_type)
+        np.subtract((self.max_level + 1) << t.id_bits, key, out=key)
+        key |= ids
+        key[rows, argmax] = ids[rows, argmax]
+        key.sort(axis=1)
+        best_ids = (key & ((1 << t.id_bits) - 1)).astype(np.int32, copy=False)
+        logprobs = t.rank_logprobs.take(np.right_shift(key, t.id_bits, dtype=np.intp))
+        logprobs[:, 0] = t.logprobs[levels[rows, argmax]]
+        logprobs += shift[:, None]
+        return best_ids, logprobs
+
+    @cached_property
+    def _tables(self) -> _DecodeTables:
+        return _DecodeTables(self)
 
     @property
     def max_level(self) -> int:
@@ -242,6 +304,99 @@ class Codec:
 def lp_step(k: int) -> float:
     """The step of √p for rows of k log-probs (see the module docstring)."""
     return 1.0 / (LP_STEP_SCALE * math.sqrt(k))
+
+
+class _DecodeTables:
+    """What decoding needs besides the rows, computed once per codec."""
+
+    def __init__(self, codec: Codec):
+        k, top = codec.top_k, codec.max_level
+        beta = codec.id_params.astype(np.int32)
+        self.beta_total = int(beta.sum())
+        self.beta_before = (np.cumsum(beta) - beta).astype(np.int32)  # [k]: beta bits of the fields before
+        self.id_field_shift = 32 - beta
+        self.beta_powers = np.left_shift(1, beta, dtype=np.int32)
+        self.gap_offsets = 1 - self.beta_powers  # gap = field + 2^(prefix + beta) + 1 - 2^beta
+        self.gap_offsets[0] -= 1  # ids count from -1
+        self.positions = np.arange(k, dtype=np.int32)
+        self.levels = top + 1
+        self.logprobs = codec.level_logprobs(np.arange(self.levels)).astype(np.float32)
+        # [top level, level] -> exp(logprob - top logprob), flat; float32 throughout, as the rows compute it
+        self.exp_below_top: np.ndarray | None = (
+            np.exp(self.logprobs[None, :] - self.logprobs[:, None]).ravel() if self.levels <= EXP_TABLE_LEVELS else None
+        )
+        self.rank_logprobs = np.concatenate([[0.0], self.logprobs[::-1]]).astype(np.float32)  # rank = top + 1 - level
+        self.id_bits = max(int(codec.vocab_size - 1).bit_length(), 1)
+        self.key_type = np.int32 if (top + 2) << self.id_bits <= 1 << 31 else np.int64
+
+
+@dataclass(frozen=True)
+class _UnaryZeros:
+    """The zero bits of a unary stream counted up to each one: their differences are the symbols, so a row's
+    running sums of symbols need no cumulative sum."""
+
+    zeros: np.ndarray  # int32 [R·width + 1]: zeros[n + 1] = zero bits before the stream's n-th one (zeros[0] = 0)
+    base: np.ndarray  # int32 [R]: zeros before each row's first symbol that are not its own (padding included)
+    first_rows: np.ndarray  # rows that start a segment, after the first
+    width: int  # symbols per row
+
+    @classmethod
+    def find(cls, buf: np.ndarray, rows: np.ndarray, width: int) -> _UnaryZeros:
+        ones = np.flatnonzero(np.unpackbits(buf).view(bool))
+        n_rows = int(rows.sum())
+        if len(ones) != n_rows * width:
+            raise ValueError(f"unary stream holds {len(ones)} symbols, expected {n_rows * width}")
+        zeros = np.empty(len(ones) + 1, dtype=np.int32)
+        zeros[0] = 0
+        np.subtract(ones, _counting(len(ones)), out=zeros[1:], casting="unsafe")
+        base = zeros[:-1:width].copy()
+        # A segment starts at the byte after the one that holds the previous segment's last one (padding zeros
+        # fill the rest of that byte): those zeros are not its first symbol's.
+        first = (np.cumsum(rows) - rows)[rows > 0]
+        first = first[first > 0]
+        last_one = zeros[first * width] + first * width - 1
+        base[first] = 8 * ((last_one >> 3) + 1) - first * width
+        return cls(zeros, base, first, width)
+
+    @property
+    def through(self) -> np.ndarray:
+        """[R, width]: zero bits before each symbol's one."""
+        return self.zeros[1:].reshape(-1, self.width)
+
+    @property
+    def before(self) -> np.ndarray:
+        """[R, width]: zero bits before the previous symbol's one (for a row's first, those of the row before)."""
+        return self.zeros[:-1].reshape(-1, self.width)
+
+    def symbols(self) -> np.ndarray:
+        """The symbols [2, R, width / 2] (int32): each row's first half, then its second."""
+        half, through, before = self.width // 2, self.through, self.before
+        out = np.empty((2, len(self.base), half), dtype=np.int32)
+        np.subtract(through[:, :half], before[:, :half], out=out[0])
+        np.subtract(through[:, half:], before[:, half:], out=out[1])
+        first = self.first_rows
+        out[0, first, 0] = through[first, 0] - self.base[first]
+        return out
+
+
+_COUNTING = np.arange(0)
+
+
+def _counting(n: int) -> np.ndarray:
+    """np.arange(n), from one kept array: a fresh megabyte costs a page fault per 4 KiB on every decode."""
+    global _COUNTING
+    counting = _COUNTING
+    if len(counting) < n:
+        counting = _COUNTING = np.arange(max(n, 2 * len(counting)))
+        counting.flags.writeable = False
+    return counting[:n]
+
+
+def _words(buf: np.ndarray) -> np.ndarray:
+    """The 4 bytes from each position of `buf` [n] as big-endian uint32 [n + 1] (zeros past the end)."""
+    padded = np.zeros(len(buf) + 4, dtype=np.uint8)
+    padded[: len(buf)] = buf
+    return np.ndarray((len(buf) + 1,), dtype=">u4", buffer=padded, strides=(1,)).astype(np.uint32)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -297,25 +452,6 @@ def _pack_unary(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     return out.astype(np.uint8), seg_bytes
 
 
-def _unpack_unary(buf: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
-    """The values [R, width] (int32) `_pack_unary` wrote in segments of `rows` [S] rows."""
-    ones = np.flatnonzero(np.unpackbits(buf).view(bool))
-    symbols = rows * width
-    if len(ones) != symbols.sum():
-        raise ValueError(f"unary stream holds {len(ones)} symbols, expected {int(symbols.sum())}")
-    values = np.empty(len(ones), dtype=np.int32)
-    if len(ones):
-        values[0] = ones[0]
-        np.subtract(ones[1:], ones[:-1], out=values[1:], casting="unsafe")
-        values[1:] -= 1  # the zeros between two ones
-        # A segment's first value counts from the segment's first bit, the byte after the one that holds the
-        # previous segment's last one (padding zeros fill the rest of that byte).
-        first = (np.cumsum(symbols) - symbols)[(symbols > 0) & (np.arange(len(symbols)) > 0)]
-        first = first[first > 0]
-        values[first] = ones[first] - 8 * ((ones[first - 1] >> 3) + 1)
-    return values.reshape(-1, width)
-
-
 def _pack_fields(values: np.ndarray, widths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each value [R, W] in its width of bits (at most MAX_FIELD_BITS)."""
     if widths.size and widths.max() > MAX_FIELD_BITS:
@@ -330,15 +466,3 @@ def _pack_fields(values: np.ndarray, widths: np.ndarray, rows: np.ndarray) -> tu
         part = ((word >> np.uint64(24 - 8 * i)) & np.uint64(255)).astype(np.float64)
         acc += np.bincount((o >> 3) + i, weights=part, minlength=n + 4)
     return acc[:n].astype(np.uint8), seg_bytes
-
-
-def _unpack_fields(buf: np.ndarray, widths: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The values [R, W] (int32) `_pack_fields` wrote, given their widths."""
-    offsets, _ = _layout(widths, rows)
-    b = np.zeros(len(buf) + 4, dtype=np.uint32)
-    b[: len(buf)] = buf
-    words = (b[:-3] << 24) | (b[1:-2] << 16) | (b[2:-1] << 8) | b[3:]  # the 4 bytes from each position, big-endian
-    word = words[offsets >> 3]
-    word <<= (offsets & 7).astype(np.uint32)  # drop the bits before the field
-    word >>= (32 - widths).astype(np.uint32)  # and those after it (a shift by 32 gives 0 in NumPy)
-    return word.view(np.int32)  # < 2^25: the same value

@@ -22,6 +22,8 @@ import numpy as np
 
 from distillery_contract.specs import LossSpec
 
+from . import fused
+
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 LOG_PROB_FLOOR = -1e4
@@ -175,8 +177,7 @@ def student_buckets(student_logits: mx.array, topk_ids: mx.array, temperature: f
     ids = topk_ids.astype(mx.int32)
     top = mx.take_along_axis(z, ids, axis=-1)
     rest = mx.put_along_axis(z, ids, mx.array(_MASKED_LOGIT, dtype=mx.float32), axis=-1)
-    m = mx.stop_gradient(mx.max(rest, axis=-1, keepdims=True))
-    log_rest = m + mx.log(mx.sum(mx.exp(rest - m), axis=-1, keepdims=True))
+    log_rest = fused.logsumexp_last(rest)  # the one pass over V, through a compiled exp (fused.py)
     buckets = mx.concatenate([top, log_rest], axis=-1)
     return buckets - mx.logsumexp(buckets, axis=-1, keepdims=True)
 
@@ -327,7 +328,7 @@ def masked_cross_entropy_sum(student_logits: mx.array, targets: mx.array, mask: 
     # Targets at unmasked positions may be anything (e.g. an ignore index of -100): never index with them.
     safe_targets = mx.where(mask, targets, 0).astype(mx.int32)
     picked = mx.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
-    ce = mx.logsumexp(logits, axis=-1) - picked
+    ce = fused.logsumexp_last(logits)[..., 0] - picked
     return mx.sum(mx.where(mask, ce, 0.0))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fused
 from .errors import UserError
 from .mlx_typed import flat_leaves, load_safetensors
 
@@ -102,6 +103,7 @@ def load_model(path: Path, *, dtype: mx.Dtype | None = None):
     # norms follow the compute dtype (on the CPU, MLX's quantized matmul is ~9x slower in bfloat16 than float32).
     model.set_dtype(target)
     mx.eval(model.parameters())
+    fused.install(model)  # on the CPU: compiled SiLU and attention softmax (fused.py)
     return model, load_tokenizer(path), config
 
 

@@ -34,8 +34,8 @@ from mlx.utils import tree_map, tree_unflatten
 
 from distillery_contract.specs import DistillSpec, TrainingSpec
 
+from . import compiled_step, evaluate, losses, lr_search, schedule
 from . import data as data_mod
-from . import evaluate, losses, lr_search, schedule
 from . import guard as guard_mod
 from . import student as student_mod
 from .batches import Split
@@ -129,6 +129,8 @@ class Trainer:
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
         self.order = BatchOrder(train_split.lengths, tr.batch_size, tr.seed)
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        if compiled_step.wanted():  # on the CPU: forward and backward as one compiled graph
+            self._loss_and_grad = compiled_step.CompiledGradients(self.model, self._loss_and_grad)
 
     def _loss(self, model, tokens, mask, teachers, loss_cfg):
         logits = model(tokens[:, :-1])
