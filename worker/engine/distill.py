@@ -30,7 +30,7 @@ from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import models, preflight
+from . import models, on_policy, preflight
 from . import student as student_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
 from .errors import UserError
@@ -211,10 +211,20 @@ def run_distill(
         valid_tokens=sum(len(e.tokens) for e in valid_ex),
     )
 
-    # -- teachers: caches (offline) or models in the loop (online)
+    # -- teachers: caches (offline) or models in the loop (online, on_policy)
     train_split, valid_split = Split(train_ex), Split(valid_ex)
+    if spec.teacher_mode == "on_policy":
+        on_policy.check_prompts(train_ex, train_ds.format, train_ds.path.name)
+        on_policy.check_prompts(valid_ex, valid_ds.format if valid_ds else train_ds.format, "the validation data")
+        train_split = on_policy.OnPolicySplit(
+            train_ex,
+            cfg=spec.on_policy,
+            max_seq_len=tr.max_seq_len,
+            estimator=spec.on_policy.estimator,
+            tokenizer=tokenizer,
+        )
     for teacher_dir in inputs.teachers:
-        if spec.teacher_mode == "online":
+        if spec.teacher_mode in ("online", "on_policy"):
             model = models.load_model(teacher_dir)[0]
             models.dequantized_compute(model)
             teacher = OnlineTeacher(model)
@@ -260,7 +270,21 @@ def run_distill(
     preflight.check_disk(out_dir, disk["total"], "the run's checkpoints and outputs")
     mx.reset_peak_memory()
     weights = [t.weight for t in spec.teachers]
-    state = train(student, train_split, valid_split, spec, weights, out_dir, hooks, on_progress=on_progress)
+    sampled_eval = None
+    if isinstance(train_split, on_policy.OnPolicySplit):
+        train_split.student = student.model
+        sampled_eval = _sampled_eval(spec, student, valid_split, weights)
+    state = train(
+        student,
+        train_split,
+        valid_split,
+        spec,
+        weights,
+        out_dir,
+        hooks,
+        on_progress=on_progress,
+        sampled_eval=sampled_eval,
+    )
 
     # -- outputs: the best adapter by val KL (the starting student's own when no trained step beat it)
     best = out_dir / "checkpoints" / f"best-{state.best_step:07d}"
@@ -274,7 +298,12 @@ def run_distill(
         "initial": state.initial,
         "final": final,
         "last": state.last_eval,
-        "best": {"step": state.best_step, "val_kl": state.best_val_kl},
+        "best": {
+            "step": state.best_step,
+            "val_kl": (state.best_eval or state.initial).get("val_kl"),
+            "metric": "val_reverse_kl" if sampled_eval else "val_kl",  # what chose the best
+            "score": state.best_val_kl,
+        },
         "shipped": "start" if state.best_step == 0 else "trained",
         "warnings": warnings,
         "learning_rate": state.learning_rate,
@@ -289,6 +318,10 @@ def run_distill(
             "stopped_early": state.stopped_early,
             "stop_reason": state.stop_reason,
             "skipped_steps": state.skipped_steps,
+            "teacher_tokens": state.teacher_tokens,  # tokens the teachers scored while training (the run's cost)
+            "generated_tokens": state.generated_tokens,  # tokens the student sampled (on_policy)
+            "generate_seconds": state.generate_seconds,
+            "score_seconds": state.score_seconds,
         },
         "teacher_mode": spec.teacher_mode,
         "preset": spec.preset,
@@ -298,8 +331,31 @@ def run_distill(
     if spec.output.fuse:
         student.model.load_weights(str(out_dir / "adapters.safetensors"), strict=False)
         student_mod.fuse(student, out_dir / "fused")
-    hooks.event("done", f"val KL {summary['initial']['val_kl']:.4f} -> {final['val_kl']:.4f}", summary=summary)
+    done = f"val KL {summary['initial']['val_kl']:.4f} -> {final['val_kl']:.4f}"
+    if sampled_eval:
+        done += f", reverse KL on samples {summary['initial']['val_reverse_kl']:.4f} -> {final['val_reverse_kl']:.4f}"
+    hooks.event("done", done, summary=summary)
     return summary
+
+
+def _sampled_eval(spec: DistillSpec, student: student_mod.Student, valid_split: Split, weights: list[float]):
+    """on_policy's evaluation: KL(student ‖ teachers) on the student's own samples for held-out prompts (the
+    first `eval_prompts` of the validation split, or the given number of them for a short evaluation)."""
+    cfg, tr = spec.on_policy, spec.training
+    prompts = [on_policy.prompt_of(e) for e in valid_split.examples]
+    prompts = [p for p in prompts if len(p)][: cfg.eval_prompts]
+    teachers = [t for t in valid_split.teachers if isinstance(t, OnlineTeacher)]
+    pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+
+    def run(max_prompts: int | None, show: bool):
+        chosen = prompts if max_prompts is None else prompts[:max_prompts]
+        shown = cfg.samples_shown if show else 0
+        return on_policy.reverse_kl_on_samples(
+            student.model, student.tokenizer, teachers, w, chosen, cfg, tr.max_seq_len, tr.batch_size, pad_id, shown
+        )
+
+    return run
 
 
 def run_warnings(state) -> list[dict]:

@@ -251,7 +251,36 @@ class SparseTeacher:
         )
 
 
-Teacher = DenseTeacher | SparseTeacher
+@dataclass(frozen=True)
+class SampledTeacher:
+    """The teacher's log-prob of each next token only, log p(x) [B, L], with those tokens [B, L]: what on-policy
+    distillation's `sampled` estimator needs (on_policy.py), on tokens the student itself sampled.
+
+    Its divergence is the per-token reverse-KL estimate r = log q(x) − log p(x) at T = 1, as a loss whose value
+    is r and whose gradient is r · ∇ log q(x), the policy gradient of E_q[log q − log p] with each token's own
+    r as its (negated) reward (the expectation of ∇ log q alone is 0). Only `reverse_kl` has this estimator.
+    """
+
+    token_logprobs: mx.array
+    tokens: mx.array
+
+    @classmethod
+    def from_logits(cls, teacher_logits: mx.array, next_tokens: mx.array) -> SampledTeacher:
+        log_p = log_softmax_t(teacher_logits.astype(mx.float32))
+        ids = next_tokens.astype(mx.int32)[..., None]
+        return cls(mx.stop_gradient(mx.take_along_axis(log_p, ids, axis=-1)[..., 0]), next_tokens)
+
+    def divergence(self, student_logits: mx.array, kind: str, temperature: float, **kw) -> mx.array:
+        if kind != "reverse_kl":
+            raise ValueError(f"the sampled-token estimator is of reverse_kl only, not {kind}")
+        log_q_all = log_softmax_t(student_logits.astype(mx.float32))
+        log_q = mx.take_along_axis(log_q_all, self.tokens.astype(mx.int32)[..., None], axis=-1)[..., 0]
+        reward = mx.stop_gradient(log_q - self.token_logprobs)
+        centred = log_q - mx.stop_gradient(log_q)  # value 0, gradient ∇ log q
+        return reward + reward * centred
+
+
+Teacher = DenseTeacher | SparseTeacher | SampledTeacher
 
 
 @runtime_checkable

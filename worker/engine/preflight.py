@@ -123,9 +123,13 @@ def memory_estimate(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Pat
         # DoRA layers, and the CPU's dequantize-then-matmul layers (models.DequantizedLinear), dequantize their
         # weights in the forward pass and the backward keeps those float32 matrices
         est["dequantized_weights"] = 4 * p_quant
-    if spec.teacher_mode == "online":  # teachers run at full precision, whatever the student's quantization
+    if spec.teacher_mode in ("online", "on_policy"):  # teachers at full precision, whatever the student's
         est["teacher_weights"] = sum(4 * count_parameters(t) for t in teacher_dirs)
         est["teacher_logits"] = 4 * b * seq * vocab * len(teacher_dirs)
+    if spec.teacher_mode == "on_policy":  # the student's KV cache while it samples, float32 keys and values
+        kv_heads = int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1)
+        head_dim = int(cfg.get("head_dim") or hidden // max(int(cfg.get("num_attention_heads") or 1), 1))
+        est["generation_cache"] = 2 * 4 * layers * kv_heads * head_dim * b * seq
     est["total"] = sum(est.values())
     return est
 
@@ -145,6 +149,7 @@ def check_memory(spec: DistillSpec, student_dir: Path, teacher_dirs: list[Path])
             f"not enough memory: the run needs about {est['total'] / GiB:.1f} GiB ({parts}) and "
             f"{have / GiB:.1f} GiB is available; lower training.batch_size or training.max_seq_len"
             + (", or use teacher_mode: offline" if spec.teacher_mode == "online" else "")
+            + (", on_policy.max_new_tokens" if spec.teacher_mode == "on_policy" else "")
         )
     return {**est, "available": have}
 

@@ -72,7 +72,7 @@ class TrainState:
     learning_rate: float | None = None  # the peak rate: the spec's, or the one the search chose
     lr_search: dict | None = None
     best_step: int | None = None
-    best_val_kl: float = math.inf
+    best_val_kl: float = math.inf  # the best score: val_kl, or val_reverse_kl on_policy (Trainer.score_name)
     evals_since_best: int = 0
     initial: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
@@ -85,6 +85,10 @@ class TrainState:
     recent_losses: list = field(default_factory=list)
     recent_grad_norms: list = field(default_factory=list)
     guard_spikes: int = 0
+    teacher_tokens: int = 0  # tokens the teachers scored in training steps (online, on_policy)
+    generated_tokens: int = 0  # tokens the student sampled in training steps (on_policy)
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
 
 
 class BatchOrder:
@@ -110,6 +114,7 @@ class StepResult:
     target_tokens: int
     tokens: int
     grads: dict  # averaged and clipped
+    cost: dict = field(default_factory=dict)  # on_policy: generated / teacher tokens, generate / score seconds
     verdict: guard_mod.Verdict = field(default_factory=lambda: guard_mod.Verdict(guard_mod.OK))  # OK: applied
 
 
@@ -123,8 +128,15 @@ class Trainer:
         valid_split: Split,
         tr: TrainingSpec,
         weights: losses.FixedWeights,
+        sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
     ):
+        """`sampled_eval(max_prompts, show)` (on_policy): metrics on the student's own samples (and, with `show`,
+        a few of them), merged into every evaluation; its `val_reverse_kl` is then the score that picks the best
+        checkpoint."""
         self.model, self.acfg = student.model, student.adapter_config
+        self.sampled_eval = sampled_eval
+        self.score_name = "val_reverse_kl" if sampled_eval else "val_kl"
+        self.last_samples: list = []
         self.train_split, self.valid_split, self.tr, self.weights = train_split, valid_split, tr, weights
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
         self.order = BatchOrder(train_split.lengths, tr.batch_size, tr.seed)
@@ -160,9 +172,12 @@ class Trainer:
     def _gradients(self, state: TrainState, loss_cfg) -> StepResult:
         """Gradients of one optimizer step (its micro-batches taken from `state`'s data position)."""
         grads, loss_sum, ntoks, n_in = None, 0.0, 0, 0
+        cost: dict[str, float] = {}
         for _ in range(self.tr.grad_accum):
             idx = self.order.next(state)
             tokens, mask, teachers = self.train_split.batch(idx, self.pad_id, with_teachers=loss_cfg.alpha > 0)
+            for k, v in getattr(self.train_split, "last", {}).items():  # on_policy's cost of the batch
+                cost[k] = cost.get(k, 0) + v
             (loss, ntok), g = self._loss_and_grad(self.model, tokens, mask, teachers, loss_cfg)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, ntok, grads)
@@ -176,7 +191,7 @@ class Trainer:
             grads, norm = optim.clip_grad_norm(grads, self.tr.max_grad_norm)
         else:  # the guard watches the norm even when nothing clips it
             norm = mx.sqrt(sum((mx.sum(g.astype(mx.float32) ** 2) for _, g in flat_arrays(grads)), mx.array(0.0)))
-        return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads)
+        return StepResult(loss_sum / self.tr.grad_accum, float(norm.item()), ntoks, n_in, grads, cost)
 
     def _apply(self, optimizer, grads: dict) -> None:
         optimizer.update(self.model, grads)
@@ -189,7 +204,16 @@ class Trainer:
             batches = [batches[i] for i in np.linspace(0, len(batches) - 1, max_batches).round().astype(int)]
         elif max_batches:
             batches = batches[:max_batches]
-        return evaluate.evaluate(self.model, self.valid_split, self.weights, self.pad_id, batches)
+        metrics = evaluate.evaluate(self.model, self.valid_split, self.weights, self.pad_id, batches)
+        if self.sampled_eval is not None:  # the learning-rate search's short evaluations (spread): fewer prompts
+            few = max_batches * self.tr.batch_size if spread and max_batches else None
+            sampled, self.last_samples = self.sampled_eval(few, not spread)
+            metrics.update(sampled)
+        return metrics
+
+    def score(self, metrics: dict) -> float:
+        """What picks the best checkpoint and what the guard and the learning-rate search watch."""
+        return float(metrics[self.score_name])
 
     def trainable(self) -> list[tuple[str, mx.array]]:
         """The trainable arrays as they are now (MLX arrays are immutable: holding them is a snapshot)."""
@@ -244,9 +268,10 @@ def train(
     out_dir: Path,
     hooks: Hooks,
     on_progress: Callable[[dict], None] | None = None,
+    sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
 ) -> TrainState:
     tr = spec.training
-    trainer = Trainer(student, train_split, valid_split, tr, losses.FixedWeights(teacher_weights))
+    trainer = Trainer(student, train_split, valid_split, tr, losses.FixedWeights(teacher_weights), sampled_eval)
     model, acfg = trainer.model, trainer.acfg
     guard = guard_mod.DivergenceGuard(tr.divergence_guard)
     ckpts = Checkpoints(out_dir / "checkpoints", tr.keep_checkpoints)
@@ -266,6 +291,13 @@ def train(
             "eval_seconds": time.perf_counter() - t0,
         }
         log(record)
+        if trainer.last_samples:
+            hooks.event(
+                "samples",
+                f"step {step}: {len(trainer.last_samples)} of the student's samples for held-out prompts",
+                step=step,
+                samples=[vars(s) for s in trainer.last_samples],
+            )
         return record
 
     latest = ckpts.latest()
@@ -288,7 +320,7 @@ def train(
         stage = schedule.stage_at(stages, 0)
         optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
         # the starting student is the first candidate for best: a run that never beats it ships it
-        state.best_step, state.best_val_kl, state.best_eval = 0, state.initial["val_kl"], state.initial
+        state.best_step, state.best_val_kl, state.best_eval = 0, trainer.score(state.initial), state.initial
         ckpts.save_best(model, optimizer, acfg, state, stage.index)
 
     def roll_back(reason: str):
@@ -349,6 +381,10 @@ def train(
         state.step += 1
         state.tokens += result.tokens
         state.wall_seconds += dt
+        state.teacher_tokens += int(result.cost.get("teacher_tokens", 0))
+        state.generated_tokens += int(result.cost.get("generated_tokens", 0))
+        state.generate_seconds += float(result.cost.get("generate_seconds", 0.0))
+        state.score_seconds += float(result.cost.get("score_seconds", 0.0))
         record = {
             "step": state.step,
             "kind": "train",
@@ -360,6 +396,9 @@ def train(
             "tokens_per_second": result.tokens / dt,
             "grad_norm": result.grad_norm,
         }
+        if result.cost:
+            record.update({k: v for k, v in result.cost.items() if k != "on_policy"})
+            record["update_seconds"] = dt - result.cost.get("generate_seconds", 0) - result.cost.get("score_seconds", 0)
         if verdict.action != guard_mod.OK:
             record["guard"] = verdict.action
         log(record)
@@ -379,8 +418,8 @@ def train(
 
         if state.stop_reason is None and (state.step % tr.eval_every == 0 or state.step == tr.steps):
             state.last_eval = run_eval(state.step)
-            if not _track_best(state, tr, hooks):
-                verdict = guard.check_eval(state.last_eval["val_kl"], state.best_val_kl)
+            if not _track_best(state, tr, hooks, trainer):
+                verdict = guard.check_eval(trainer.score(state.last_eval), state.best_val_kl)
                 if verdict.action == guard_mod.ROLLBACK:
                     optimizer = roll_back(verdict.reason) or optimizer
             if state.best_step == state.step:
@@ -407,7 +446,7 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
     steps = lr_search.trial_steps(tr.steps, tr.lr_search.steps)
     stage = schedule.stages(tr, spec.loss, rates[0])[0]
     start_weights = trainer.trainable()
-    start_score = trainer.evaluate(tr.lr_search.eval_batches, spread=True)["val_kl"]
+    start_score = trainer.score(trainer.evaluate(tr.lr_search.eval_batches, spread=True))
     hooks.event(
         "lr_search",
         f"searching the learning rate: {len(rates)} trials of {steps} steps "
@@ -426,7 +465,7 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
             if result.verdict.action != guard_mod.OK:
                 break
         finite = all(math.isfinite(x) for x in losses_seen)
-        val_kl = trainer.evaluate(tr.lr_search.eval_batches, spread=True)["val_kl"] if finite else math.inf
+        val_kl = trainer.score(trainer.evaluate(tr.lr_search.eval_batches, spread=True)) if finite else math.inf
         trainer.set_trainable(start_weights)
         return {"val_kl": val_kl if math.isfinite(val_kl) else math.inf, "last_loss": losses_seen[-1]}
 
@@ -459,9 +498,9 @@ def _setup_stage(model, acfg: dict, stage: schedule.Stage, weight_decay: float) 
     return make_optimizer(mults, weight_decay)
 
 
-def _track_best(state: TrainState, tr: TrainingSpec, hooks: Hooks) -> bool:
+def _track_best(state: TrainState, tr: TrainingSpec, hooks: Hooks, trainer: Trainer) -> bool:
     """Whether the last evaluation is the new best; counts evaluations without improvement for early stopping."""
-    val_kl = state.last_eval["val_kl"]
+    val_kl = trainer.score(state.last_eval)
     if val_kl < state.best_val_kl - tr.early_stopping_min_delta:
         state.best_val_kl, state.best_step, state.evals_since_best = val_kl, state.step, 0
         state.best_eval = state.last_eval
@@ -472,7 +511,7 @@ def _track_best(state: TrainState, tr: TrainingSpec, hooks: Hooks) -> bool:
         state.stopped_early, state.stop_reason = True, "early_stopping"
         hooks.event(
             "early_stopping",
-            f"val KL did not improve for {patience} evaluations; stopping at step "
+            f"{trainer.score_name} did not improve for {patience} evaluations; stopping at step "
             f"{state.step} (best {state.best_val_kl:.4f} at step {state.best_step})",
             step=state.step,
         )

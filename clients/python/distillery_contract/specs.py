@@ -267,6 +267,37 @@ class TrainingSpec(_Spec):
         return self
 
 
+class OnPolicySpec(_Spec):
+    """`teacher_mode: on_policy`: the student samples completions for the data's prompts, the teacher scores
+    every sampled token, the loss is `loss.kind` (reverse_kl: KL(student ‖ teacher)) on those tokens only."""
+
+    max_new_tokens: int = Field(64, ge=1, le=16384, description="Longest completion sampled per prompt.")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature of the student; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set with this mass.")
+    fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="GKD's lambda: the share of batches sampled from the student; the rest train on the "
+        "dataset's own completions (off-policy), with the same loss.",
+    )
+    estimator: Literal["full", "sampled"] = Field(
+        "full",
+        description="full: the divergence over the whole vocabulary at each sampled position; sampled: the "
+        "reverse KL estimated from the sampled tokens alone (log q − log p of each, as a per-token reward), "
+        "which needs only the teacher's log-prob of each sampled token.",
+    )
+    eval_prompts: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Held-out prompts whose student samples give `val_reverse_kl` at each evaluation.",
+    )
+    samples_shown: int = Field(
+        3, ge=0, le=32, description="Sampled completions shown in the `samples` event of each evaluation."
+    )
+
+
 class OutputSpec(_Spec):
     fuse: bool = Field(False, description="Also write the student with the adapter fused in (`fused/`).")
 
@@ -436,7 +467,12 @@ class DistillSpec(_Spec):
     )
     student: StudentSpec
     teachers: list[TeacherSpec] = Field(min_length=1, max_length=8)
-    teacher_mode: Literal["offline", "online"] = "offline"
+    teacher_mode: Literal["offline", "online", "on_policy"] = Field(
+        "offline",
+        description="offline: a teacher cache first; online: the teacher in the loop on the dataset; on_policy: "
+        "the teacher in the loop on the student's own samples (`on_policy`).",
+    )
+    on_policy: OnPolicySpec = Field(default_factory=OnPolicySpec)
     data: DataSpec
     loss: LossSpec = Field(default_factory=LossSpec)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
@@ -457,6 +493,13 @@ class DistillSpec(_Spec):
                 "adapter.type: full cannot train a quantized student (student.quantize); "
                 "use lora or dora, which train on top of the quantized weights"
             )
+        if self.teacher_mode == "on_policy" and self.on_policy.estimator == "sampled":
+            kinds = {self.loss.kind} | {s.loss.kind for s in self.training.stages if s.loss and s.loss.kind}
+            if kinds != {"reverse_kl"}:
+                raise ValueError(
+                    "on_policy.estimator: sampled estimates the reverse KL from the sampled tokens alone; "
+                    "loss.kind (and every stage's) must be reverse_kl, or use estimator: full"
+                )
         if q is not None and self.adapter.type == "dora" and q.bits in (3, 5, 6):
             raise ValueError(
                 f"adapter.type: dora on {q.bits}-bit weights is not supported by mlx-lm; use 2, 4 or 8 bits, or lora"
