@@ -42,7 +42,11 @@ def create_job(
 ) -> Job:
     """A new job from a validated spec (`spec` as JSON values); sent to the broker once committed if it can
     start at once, with the teacher_cache jobs it needs."""
-    errors = [e for ref in spec_references(kind, spec) if (e := _check_reference(session, project_id, ref))]
+    errors = [
+        e
+        for ref in spec_references(kind, spec)
+        if (e := _check_reference(session, project_id, ref, _formats(kind, spec)))
+    ]
     if parent_id is not None:
         parent = session.get(Job, parent_id)
         if parent is None or parent.project_id != project_id:
@@ -88,9 +92,22 @@ _DATASET_FORMATS: dict[str, tuple[str, ...]] = {  # by field (in a benchmark spe
 }
 
 ID_RE = re.compile(ID_PATTERN)
+PROMPTS_HINT = " (prompts alone train only with teacher_mode: on_policy, at on_policy.fraction 1 for the training data)"
 
 
-def _check_reference(session: Session, project_id: str, ref: Reference) -> FieldError | None:
+def _formats(kind: str, spec: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The dataset formats each field of the spec accepts: on-policy distillation also samples from prompts
+    alone (the student writes every completion, so only with `on_policy.fraction` 1 for the training data)."""
+    if kind != "distill" or spec.get("teacher_mode") != "on_policy":
+        return _DATASET_FORMATS
+    fraction = (spec.get("on_policy") or {}).get("fraction", 1.0)
+    train = TRAINABLE_FORMATS + ("prompts",) if fraction >= 1.0 else TRAINABLE_FORMATS
+    return {**_DATASET_FORMATS, "spec.data.train": train, "spec.data.valid": TRAINABLE_FORMATS + ("prompts",)}
+
+
+def _check_reference(
+    session: Session, project_id: str, ref: Reference, formats: dict[str, tuple[str, ...]] = _DATASET_FORMATS
+) -> FieldError | None:
     """The error for one id of the spec, or None when it names a usable object of the project."""
     if not ID_RE.fullmatch(ref.id):  # never handed to the database (a NUL is a DataError in PostgreSQL)
         shown = repr(ref.id[:80])
@@ -104,11 +121,12 @@ def _check_reference(session: Session, project_id: str, ref: Reference) -> Field
         dataset = session.get(Dataset, ref.id)
         if dataset is None or dataset.project_id != project_id or dataset.deleted_at is not None:
             return {"field": ref.field, "message": f"unknown dataset id {ref.id!r}{_path_hint(ref.id, 'datasets')}"}
-        allowed = _DATASET_FORMATS.get(ref.field, TRAINABLE_FORMATS)
+        allowed = formats.get(ref.field, TRAINABLE_FORMATS)
         if dataset.format not in allowed:
+            hint = PROMPTS_HINT if dataset.format == "prompts" else ""
             return {
                 "field": ref.field,
-                "message": f"dataset {ref.id} is in format {dataset.format!r}; this needs {' or '.join(allowed)}",
+                "message": f"dataset {ref.id} is in format {dataset.format!r}; this needs {' or '.join(allowed)}{hint}",
             }
         return None
     job = session.get(Job, ref.id)  # an adapter or a student: the output of a distill job (the new job waits

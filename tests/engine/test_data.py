@@ -74,6 +74,7 @@ RECORDS = {
     "chat": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
     "preference": {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away.", "subject": "greetings"},
     "mcq": {"question": "2+2?", "choices": ["3", "4"], "answer": 1, "subject": "math"},
+    "prompts": {"prompt": "Write a line about the sea."},
 }
 
 
@@ -128,12 +129,16 @@ ERROR_CASES = [
         1,
         "record has fields {'prompt'} but format 'completions' needs {'prompt', 'completion'}",
     ),
-    (
-        [{"prompt": "p"}],
+    (  # a completion left out of a completions file is missing, not a prompts record
+        [RECORDS["completions"], {"prompt": "p"}],
         None,
-        1,
+        2,
         "record has fields {'prompt'} but format 'completions' needs {'prompt', 'completion'}",
     ),
+    ([{"prompt": "p"}, {"prompt": "  "}], None, 2, "field 'prompt' is empty"),
+    ([{"prompt": []}], "prompts", 1, "field 'prompt' must be a non-empty string or a non-empty list of messages"),
+    ([{"prompt": [{"role": "user"}]}], None, 1, "prompt[0]: missing {'content'}"),
+    ([{"prompt": "p"}, RECORDS["completions"]], None, 2, "looks like 'completions' but the file is 'prompts'"),
     ([{"text": "a", "meta": 1, "id": 2}], None, 1, "unknown fields {'id', 'meta'} for format 'text'"),
     (
         [{"text": "a"}, {"text": "b"}, RECORDS["chat"]],
@@ -406,6 +411,21 @@ def test_text_remainder_shorter_than_minimum_is_dropped(tmp_path, tok):
     windows = data.tokenize(ds_of(tmp_path, [{"text": text}]), tok, max_seq_len=L)
     assert len(windows) == (n - 3) // (L - 1)
     assert sum(len(w.tokens) for w in windows) - (len(windows) - 1) == n - 2
+
+
+def test_prompts_have_no_targets_and_messages_get_the_generation_prompt(tmp_path, tok, no_template_tok):
+    messages = [{"role": "user", "content": "Name a prime."}]
+    records = [{"prompt": "Once upon a time"}, {"prompt": messages}]
+    plain, chat = data.tokenize(ds_of(tmp_path, records), tok, max_seq_len=256)
+    assert plain.tokens.tolist() == tok.encode("Once upon a time") and not plain.target_mask.any()
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "input_ids") else expected  # transformers 5's shape
+    assert chat.tokens.tolist() == list(expected)
+    assert not chat.target_mask.any() and chat.source == 1
+    with pytest.raises(UserError, match=r"train\.jsonl:2: the prompt is a list of messages.*no chat template"):
+        data.tokenize(ds_of(tmp_path, records), no_template_tok, max_seq_len=256)
+    with pytest.raises(UserError, match=r"train\.jsonl:1: the prompt is \d+ tokens, which leaves no room"):
+        data.tokenize(ds_of(tmp_path, records[:1]), tok, max_seq_len=len(plain.tokens))
 
 
 @pytest.mark.parametrize("fmt", ["preference", "mcq"])

@@ -168,3 +168,42 @@ def test_on_policy_refuses_text_data(tiny_student, tiny_teacher, tiny_text, tmp_
     spec = on_policy_spec(tiny_student, tiny_teacher, tiny_text)
     with pytest.raises(UserError, match="on_policy samples completions for prompts"):
         run(spec, tmp_path / "out", tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts(tiny_root) -> dict[str, Path]:
+    """Prompts alone (the `prompts` format): the student writes every completion."""
+
+    def prompts(records):
+        return [{"prompt": r["text"][:60]} for r in records]
+
+    return {
+        "train": tiny.write_jsonl(tiny_root / "pr_train.jsonl", prompts(tiny.text_records(16, offset=0))),
+        "valid": tiny.write_jsonl(tiny_root / "pr_valid.jsonl", prompts(tiny.text_records(6, offset=100))),
+    }
+
+
+def test_prompts_alone_train_on_policy(tiny_student, tiny_teacher, tiny_prompts, tmp_path):
+    ds = data_mod.load_jsonl(tiny_prompts["train"])
+    assert ds.format == "prompts"
+    tok = models.load_tokenizer(tiny_student)
+    examples = data_mod.tokenize(ds, tok, 64)
+    assert len(examples) == len(ds.records) and not any(e.target_mask.any() for e in examples)
+    spec = on_policy_spec(tiny_student, tiny_teacher, tiny_prompts, training={"steps": 4, "eval_every": 2})
+    events = []
+    summary = run(spec, tmp_path / "out", tmp_path / "store", Hooks(on_event=lambda k, m, d: events.append((k, m))))
+    initial, final = summary["initial"], summary["final"]
+    # no data completions to take a val KL on: the score is the reverse KL on the student's samples alone
+    assert "val_kl" not in initial and initial["val_reverse_kl"] > 0 and math.isfinite(final["val_reverse_kl"])
+    assert summary["train"]["generated_tokens"] > 0
+    done = next(m for k, m in events if k == "done")
+    assert done.startswith("reverse KL on samples ") and "val KL" not in done
+
+
+def test_prompts_alone_need_on_policy_with_fraction_one(tiny_student, tiny_teacher, tiny_prompts, tmp_path):
+    offline = make_spec(tiny_student, [tiny_teacher], tiny_prompts, training={"steps": 2})
+    with pytest.raises(UserError, match="trains only with teacher_mode: on_policy"):
+        run(offline, tmp_path / "a", tmp_path / "store")
+    mixed = on_policy_spec(tiny_student, tiny_teacher, tiny_prompts, on_policy={"fraction": 0.5})
+    with pytest.raises(UserError, match=r"set on_policy.fraction: 1"):
+        run(mixed, tmp_path / "b", tmp_path / "store")

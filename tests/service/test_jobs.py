@@ -75,6 +75,23 @@ def test_online_distill_teacher_cache_and_benchmark(api):
     assert api.queue_length() == 3
 
 
+def test_prompts_datasets_train_only_on_policy_distills(api):
+    spec = setup_distill(api)
+    prompts = upload_dataset(api, b'{"prompt": "Tell me about the sea."}\n')
+    assert prompts["format"] == "prompts"
+    offline = {**spec, "data": {"train": prompts["id"]}}
+    assert_refused(api, post_job(api, "distill", offline), "spec.data.train", "teacher_mode: on_policy")
+    on_policy = {**offline, "teacher_mode": "on_policy", "loss": {"kind": "reverse_kl"}}
+    mixed = {**on_policy, "on_policy": {"fraction": 0.5}}
+    assert_refused(api, post_job(api, "distill", mixed), "spec.data.train", "on_policy.fraction 1")
+    # held-out prompts with completions data for training, at any fraction
+    valid = {**mixed, "data": {"train": spec["data"]["train"], "valid": prompts["id"]}}
+    assert post_job(api, "distill", valid).status_code == 201
+    r = post_job(api, "distill", {**on_policy, "data": {"train": prompts["id"], "valid": prompts["id"]}})
+    assert r.status_code == 201, r.text
+    assert count(api, Job) == 2
+
+
 def test_spec_validation_names_the_field(api):
     spec = setup_distill(api)
     assert_refused(

@@ -1,4 +1,5 @@
-"""Tokenizing a trainable dataset: token ids and target masks per example, for text, completions and chat.
+"""Tokenizing a trainable dataset: token ids and target masks per example, for text, completions, chat and
+prompts (on-policy distillation's prompts alone: no target at all, the student writes the completion).
 
 `Example.target_mask[i]` says whether `tokens[i]` is a token the student is trained to predict (from
 `tokens[:i]`), so the loss for inputs `tokens[:-1]` uses labels `tokens[1:]` weighted by `target_mask[1:]`.
@@ -46,7 +47,7 @@ def tokenize(ds: Dataset, tokenizer, max_seq_len: int, *, stats: dict | None = N
     Examples left with no target token (all of a chat's assistant turns past `max_seq_len`) are skipped and
     counted; `stats`, if given, is filled with {"records", "examples", "skipped", "truncated"}.
     """
-    if ds.format not in TRAINABLE_FORMATS:
+    if ds.format not in TRAINABLE_FORMATS + ("prompts",):
         raise UserError(f"format {ds.format!r} is for benchmarks; training needs text, completions or chat")
     if max_seq_len < 2:
         raise UserError(f"max_seq_len must be at least 2, got {max_seq_len}")
@@ -63,6 +64,8 @@ def tokenize(ds: Dataset, tokenizer, max_seq_len: int, *, stats: dict | None = N
             pieces = _text_windows(tokenizer, record["text"], max_seq_len)
         elif ds.format == "completions":
             pieces = [_completion(tokenizer, record, max_seq_len, where)]
+        elif ds.format == "prompts":
+            pieces = [_prompt(tokenizer, record, max_seq_len, where)]
         else:
             pieces = [_chat(tokenizer, record, where)]
         for tokens, mask in pieces:
@@ -71,7 +74,7 @@ def tokenize(ds: Dataset, tokenizer, max_seq_len: int, *, stats: dict | None = N
                 counts["truncated"] += 1
             target = np.array(mask, dtype=bool)
             target[0] = False  # nothing predicts the first token
-            if not target.any():
+            if not target.any() and ds.format != "prompts":
                 counts["skipped"] += 1
                 continue
             examples.append(Example(np.array(tokens, dtype=np.int32), target, i))
@@ -126,6 +129,24 @@ def _completion(tokenizer, record: dict, max_seq_len: int, where: str) -> tuple[
             f"within max_seq_len={max_seq_len}"
         )
     return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+
+
+def _prompt(tokenizer, record: dict, max_seq_len: int, where: str) -> tuple[list[int], list[bool]]:
+    """A prompt for the student to complete, no target: a string as it is (as a completion's prompt), a list of
+    messages rendered by the chat template with the generation prompt (as a chat's turn before a reply)."""
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif not _has_chat_template(tokenizer):
+        raise UserError(f"{where}: the prompt is a list of messages, and the model's tokenizer has no chat template")
+    else:
+        ids = _apply_template(tokenizer, prompt, None, True, where)
+    if len(ids) >= max_seq_len:
+        raise UserError(
+            f"{where}: the prompt is {len(ids)} tokens, which leaves no room for a completion "
+            f"within max_seq_len={max_seq_len}"
+        )
+    return ids, [False] * len(ids)
 
 
 def _chat(tokenizer, record: dict, where: str) -> tuple[list[int], list[bool]]:

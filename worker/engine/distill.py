@@ -30,6 +30,7 @@ from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 
 from . import cache as cache_mod
 from . import data as data_mod
+from . import evaluate as evaluate_mod
 from . import models, on_policy, preflight
 from . import student as student_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
@@ -172,7 +173,19 @@ def run_distill(
     valid_ds = data_mod.load_jsonl(inputs.valid) if isinstance(inputs.valid, Path) else None
     for ds in filter(None, (train_ds, valid_ds)):
         preflight.check_chat_template(ds.format, tokenizer, f"student {inputs.student.name}", ds.path)
-        if ds.format not in data_mod.TRAINABLE_FORMATS:
+        if ds.format == "prompts" and spec.teacher_mode == "on_policy":
+            if ds is train_ds and spec.on_policy.fraction < 1.0:
+                raise UserError(
+                    f"data: {ds.path.name} is prompts alone, with no completions for the off-policy share "
+                    f"of on_policy.fraction {spec.on_policy.fraction:g}: set on_policy.fraction: 1, or give "
+                    "completions or chat data"
+                )
+        elif ds.format == "prompts":
+            raise UserError(
+                f"data: {ds.path.name} is prompts alone (no completions to learn from); it trains only with "
+                "teacher_mode: on_policy, where the student writes the completions"
+            )
+        elif ds.format not in data_mod.TRAINABLE_FORMATS:
             raise UserError(
                 f"data: {ds.path.name} is '{ds.format}' data; distillation trains on "
                 f"{', '.join(data_mod.TRAINABLE_FORMATS)}"
@@ -322,6 +335,8 @@ def run_distill(
             "generated_tokens": state.generated_tokens,  # tokens the student sampled (on_policy)
             "generate_seconds": state.generate_seconds,
             "score_seconds": state.score_seconds,
+            # the steps' time less generating and scoring: the student's forward, backward and update
+            "update_seconds": max(state.wall_seconds - state.generate_seconds - state.score_seconds, 0.0),
         },
         "teacher_mode": spec.teacher_mode,
         "preset": spec.preset,
@@ -331,10 +346,7 @@ def run_distill(
     if spec.output.fuse:
         student.model.load_weights(str(out_dir / "adapters.safetensors"), strict=False)
         student_mod.fuse(student, out_dir / "fused")
-    done = f"val KL {summary['initial']['val_kl']:.4f} -> {final['val_kl']:.4f}"
-    if sampled_eval:
-        done += f", reverse KL on samples {summary['initial']['val_reverse_kl']:.4f} -> {final['val_reverse_kl']:.4f}"
-    hooks.event("done", done, summary=summary)
+    hooks.event("done", evaluate_mod.describe_change(summary["initial"], final), summary=summary)
     return summary
 
 
@@ -362,14 +374,17 @@ def run_warnings(state) -> list[dict]:
     """What the user must hear about the result: `{"code", "message"}` each, in `summary.warnings`."""
     out = []
     if state.best_step == 0:
-        trained = state.last_eval.get("val_kl") if state.last_eval.get("step", 0) > 0 else None
+        key, label = (
+            ("val_reverse_kl", "reverse KL on samples") if "val_reverse_kl" in state.initial else ("val_kl", "val KL")
+        )
+        trained = state.last_eval.get(key) if state.last_eval.get("step", 0) > 0 else None
         seen = (
             f"; the last evaluation (step {state.last_eval['step']}) had {trained:.4f}" if trained is not None else ""
         )
         out.append(
             {
                 "code": "no_improvement",
-                "message": f"no trained step beat the starting student (val KL {state.initial['val_kl']:.4f} at step 0"
+                "message": f"no trained step beat the starting student ({label} {state.initial[key]:.4f} at step 0"
                 f"{seen}): the run ships the starting student unchanged. Try a lower learning rate "
                 "(or `learning_rate: auto`), more data, or check that the teacher is better than the student.",
             }

@@ -86,3 +86,27 @@ def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, bat
         "val_tokens": count,
         "kl_method": "full" if dense else f"top{k}+tail",
     }
+
+
+# The metrics a person reads first, in order, with their names in messages: what a run's log lines and its
+# "done" message show (each only where the evaluation has it: a run on prompts alone has no val KL on data).
+HEADLINE = (
+    ("val_kl", "val KL", ".4f"),
+    ("val_reverse_kl", "reverse KL on samples", ".4f"),
+    ("val_ppl", "perplexity", ".2f"),
+    ("val_top1_agreement", "top-1 agreement", ".3f"),
+)
+
+
+def describe(metrics: dict) -> str:
+    """'val KL 0.1234, perplexity 28.90, ...' for the headline metrics an evaluation has."""
+    return ", ".join(f"{label} {metrics[key]:{fmt}}" for key, label, fmt in HEADLINE if key in metrics)
+
+
+def describe_change(before: dict, after: dict) -> str:
+    """'val KL 0.3512 -> 0.1625, ...' for the headline metrics both evaluations have."""
+    return ", ".join(
+        f"{label} {before[key]:{fmt}} -> {after[key]:{fmt}}"
+        for key, label, fmt in HEADLINE
+        if key in before and key in after
+    )

@@ -64,15 +64,16 @@ class DivergenceGuard:
             return f"gradient norm {grad_norm:.4g} > {self.cfg.grad_norm_spike:g} x the recent median {norm_median:.4g}"
         return ""
 
-    def check_eval(self, val_kl: float, best_val_kl: float) -> Verdict:
+    def check_eval(self, val_kl: float, best_val_kl: float, metric: str = "val KL") -> Verdict:
+        """`val_kl` is the run's score (val KL, or on_policy's reverse KL on samples: `metric` names it)."""
         if not self.cfg.enabled:
             return Verdict(OK)
         if not math.isfinite(val_kl):
-            return Verdict(ROLLBACK, f"val KL is {val_kl}")
+            return Verdict(ROLLBACK, f"{metric} is {val_kl}")
         if val_kl > best_val_kl * (1.0 + self.cfg.val_tolerance):
             return Verdict(
                 ROLLBACK,
-                f"val KL {val_kl:.4f} is above the best {best_val_kl:.4f} by more than {self.cfg.val_tolerance:.0%}",
+                f"{metric} {val_kl:.4f} is above the best {best_val_kl:.4f} by more than {self.cfg.val_tolerance:.0%}",
             )
         return Verdict(OK)
 

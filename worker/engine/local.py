@@ -77,6 +77,7 @@ def resolve_inputs(spec: DistillSpec, base: Path, cache_dir: Path):
 def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progress: bool = True) -> dict:
     from .cache import CacheStore
     from .distill import run_distill
+    from .evaluate import describe, describe_change
     from .train import Hooks
 
     spec = load_spec(config)
@@ -94,11 +95,7 @@ def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progre
 
     def on_metrics(r: dict) -> None:
         if r["kind"] == "eval":
-            _print(
-                f"[eval] step {r['step']}: val_kl {r['val_kl']:.4f} ppl {r['val_ppl']:.2f} "
-                f"top1 {r['val_top1_agreement']:.3f}",
-                bar,
-            )
+            _print(f"[eval] step {r['step']}: {describe(r)}", bar)
         elif bar is None and (r["step"] % 10 == 0 or r["step"] == spec.training.steps):
             print(
                 f"step {r['step']}/{spec.training.steps} loss {r['loss']:.4f} {r['tokens_per_second']:.0f} tok/s",
@@ -112,11 +109,7 @@ def run_local(config: Path, out_dir: Path, cache_dir: Path | None = None, progre
         if bar:
             bar.close()
     i, f = summary["initial"], summary["final"]
-    print(
-        f"val KL {i['val_kl']:.4f} -> {f['val_kl']:.4f}, perplexity {i['val_ppl']:.2f} -> {f['val_ppl']:.2f}, "
-        f"top-1 agreement {i['val_top1_agreement']:.3f} -> {f['val_top1_agreement']:.3f}; "
-        f"{summary['train']['tokens_per_second']:.0f} tokens/s; adapter in {out_dir}"
-    )
+    print(f"{describe_change(i, f)}; {summary['train']['tokens_per_second']:.0f} tokens/s; adapter in {out_dir}")
     for w in summary.get("warnings", []):
         print(f"WARNING: {w['message']}", file=sys.stderr, flush=True)
     return summary

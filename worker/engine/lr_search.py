@@ -37,8 +37,10 @@ def search(
     start_score: float,
     run_trial: Callable[[float], dict],
     on_trial: Callable[[dict], None],
+    metric: str = "val KL",
 ) -> dict:
-    """Run one trial per rate (`run_trial(rate) -> {"val_kl", "loss", ...}`) and choose.
+    """Run one trial per rate (`run_trial(rate) -> {"val_kl", "loss", ...}`, "val_kl" the run's score, named
+    `metric` in messages) and choose.
 
     Returns what goes into `summary.lr_search`.
     """
@@ -52,7 +54,7 @@ def search(
     improving = [t for t in usable if t["val_kl"] < start_score]
     if improving:
         chosen = min(improving, key=lambda t: (t["val_kl"], t["learning_rate"]))
-        reason = "lowest val KL after the trial"
+        reason = f"lowest {metric} after the trial"
     else:
         chosen = trials[0]
         reason = "no trial improved on the starting student; the smallest rate is used"

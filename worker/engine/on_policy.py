@@ -32,6 +32,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+from distillery_contract.records import PROMPT_FORMATS
 from distillery_contract.specs import OnPolicySpec
 
 from . import data as data_mod
@@ -50,10 +51,10 @@ def prompt_of(example: data_mod.Example) -> np.ndarray:
 
 def check_prompts(examples: Sequence[data_mod.Example], fmt: str, name: str) -> None:
     """Every example must have a prompt to sample from: completions or chat data, not plain text."""
-    if fmt not in ("completions", "chat"):
+    if fmt not in PROMPT_FORMATS:
         raise UserError(
             f"data: {name} is '{fmt}' data; teacher_mode: on_policy samples completions for prompts, so it "
-            'needs completions ({"prompt", "completion"}) or chat data'
+            'needs completions ({"prompt", "completion"}), chat or prompts ({"prompt"}) data'
         )
     empty = sum(1 for e in examples if len(prompt_of(e)) == 0)
     if empty == len(examples):

@@ -136,6 +136,9 @@ class Trainer:
         self.model, self.acfg = student.model, student.adapter_config
         self.sampled_eval = sampled_eval
         self.score_name = "val_reverse_kl" if sampled_eval else "val_kl"
+        # held-out prompts alone (on_policy) have no tokens of the data's own to take the val KL on
+        self.dataset_eval = sampled_eval is None or any(e.target_mask.any() for e in valid_split.examples)
+        self.score_label = "reverse KL on samples" if sampled_eval else "val KL"  # in messages
         self.last_samples: list = []
         self.train_split, self.valid_split, self.tr, self.weights = train_split, valid_split, tr, weights
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
@@ -204,7 +207,11 @@ class Trainer:
             batches = [batches[i] for i in np.linspace(0, len(batches) - 1, max_batches).round().astype(int)]
         elif max_batches:
             batches = batches[:max_batches]
-        metrics = evaluate.evaluate(self.model, self.valid_split, self.weights, self.pad_id, batches)
+        metrics = (
+            evaluate.evaluate(self.model, self.valid_split, self.weights, self.pad_id, batches)
+            if self.dataset_eval
+            else {}
+        )
         if self.sampled_eval is not None:  # the learning-rate search's short evaluations (spread): fewer prompts
             few = max_batches * self.tr.batch_size if spread and max_batches else None
             sampled, self.last_samples = self.sampled_eval(few, not spread)
@@ -419,7 +426,7 @@ def train(
         if state.stop_reason is None and (state.step % tr.eval_every == 0 or state.step == tr.steps):
             state.last_eval = run_eval(state.step)
             if not _track_best(state, tr, hooks, trainer):
-                verdict = guard.check_eval(trainer.score(state.last_eval), state.best_val_kl)
+                verdict = guard.check_eval(trainer.score(state.last_eval), state.best_val_kl, trainer.score_label)
                 if verdict.action == guard_mod.ROLLBACK:
                     optimizer = roll_back(verdict.reason) or optimizer
             if state.best_step == state.step:
@@ -472,12 +479,12 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
     def on_trial(t: dict) -> None:
         hooks.event(
             "lr_trial",
-            f"learning rate {t['learning_rate']:g}: val KL {t['val_kl']:.4f} after {steps} "
+            f"learning rate {t['learning_rate']:g}: {trainer.score_label} {t['val_kl']:.4f} after {steps} "
             f"steps (start {start_score:.4f})",
             **t,
         )
 
-    result = lr_search.search(rates, steps, start_score, run_trial, on_trial)
+    result = lr_search.search(rates, steps, start_score, run_trial, on_trial, trainer.score_label)
     hooks.event("lr_search", f"learning rate {result['chosen']:g} chosen ({result['reason']})", **result)
     return result["chosen"], result
 

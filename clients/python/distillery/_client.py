@@ -126,7 +126,7 @@ class _Resource:
 
 class Datasets(_Resource):
     def upload(self, path: str | Path, *, name: str | None = None, format: str | None = None) -> Dataset:
-        """Upload a JSONL file (formats: text, completions, chat, preference, mcq; detected unless given)."""
+        """Upload a JSONL file (formats: text, completions, chat, preference, mcq, prompts; detected unless given)."""
         path = Path(path)
         with path.open("rb") as fh:
             return self._client.call(calls.upload_dataset(fh, path.name, name, format))

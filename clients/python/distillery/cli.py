@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd(ds, "upload", "upload a JSONL dataset")
     c.add_argument("file")
     c.add_argument("--name")
-    c.add_argument("--format", choices=["text", "completions", "chat", "preference", "mcq"])
+    c.add_argument("--format", choices=["text", "completions", "chat", "preference", "mcq", "prompts"])
     cmd(ds, "list", "list datasets")
     for action, help in (("get", "show a dataset"), ("delete", "delete a dataset")):
         cmd(ds, action, help).add_argument("id")

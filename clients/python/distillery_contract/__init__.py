@@ -38,6 +38,7 @@ from .jobs import (
 from .records import (
     FORMATS,
     OPTIONAL,
+    PROMPT_FORMATS,
     REQUIRED,
     TRAINABLE_FORMATS,
     DatasetError,
@@ -99,6 +100,7 @@ __all__ = [
     # records
     "FORMATS",
     "TRAINABLE_FORMATS",
+    "PROMPT_FORMATS",
     "REQUIRED",
     "OPTIONAL",
     "DatasetFormat",

@@ -9,6 +9,9 @@ all records of one format:
     chat         {"messages": [{"role", "content"}, ...], "tools"?: [...]}   (as mlx-lm)
     preference   {"prompt": str, "chosen": str, "rejected": str, "subject"?: str}  (benchmarks only)
     mcq          {"question": str, "choices": [str, ...], "answer": int, "subject"?: str}  (benchmarks only)
+    prompts      {"prompt": str | [{"role", "content"}, ...]}  (teacher_mode: on_policy only: the student writes
+                 the completions; a list of messages is a conversation the chat template renders with the
+                 generation prompt)
 
 The format is stated, or detected from the first record that looks like one. `JsonlChecker` validates bytes as
 they arrive; a bad file raises `DatasetError` with every problem (up to `MAX_REPORTED_ERRORS`) as
@@ -29,9 +32,11 @@ class DatasetError(ValueError):
     A job that meets one fails with `error.code = "user_error"`; an upload is refused with a 422."""
 
 
-DatasetFormat = Literal["text", "completions", "chat", "preference", "mcq"]
+DatasetFormat = Literal["text", "completions", "chat", "preference", "mcq", "prompts"]
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)
-TRAINABLE_FORMATS: tuple[str, ...] = ("text", "completions", "chat")  # the others are for benchmarks only
+TRAINABLE_FORMATS: tuple[str, ...] = ("text", "completions", "chat")  # preference and mcq are for benchmarks
+# what on-policy distillation samples from (the prompts of completions and chat, or prompts alone)
+PROMPT_FORMATS: tuple[str, ...] = ("completions", "chat", "prompts")
 
 # Required and optional fields of each format, in the order they are named in messages.
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -40,6 +45,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
     "mcq": ("question", "choices", "answer"),
+    "prompts": ("prompt",),
 }
 OPTIONAL: dict[str, tuple[str, ...]] = {
     "text": (),
@@ -47,6 +53,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "chat": ("tools",),  # passed to the chat template, as mlx-lm does
     "preference": ("subject",),  # results are reported per subject, as mcq's are
     "mcq": ("subject",),
+    "prompts": (),
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_OPTIONAL = ("name", "tool_calls", "tool_call_id")
@@ -58,8 +65,8 @@ MAX_LINE_BYTES = 16 << 20  # one record; a longer line is reported, never held w
 def detect_format(record: dict) -> str | None:
     """The format a record *looks like*, from its distinguishing fields; None if it matches none.
 
-    Deliberately lenient (a lone "prompt" looks like `completions`): validation then reports precisely what
-    is missing, which is a better message than "unknown format".
+    Deliberately lenient (a "completion" without a "prompt" looks like `completions`): validation then reports
+    precisely what is missing, which is a better message than "unknown format". A lone "prompt" is `prompts`.
     """
     keys = set(record) if isinstance(record, Mapping) else set()
     if "messages" in keys:
@@ -68,6 +75,8 @@ def detect_format(record: dict) -> str | None:
         return "mcq"
     if keys & {"chosen", "rejected"}:
         return "preference"
+    if keys == {"prompt"}:
+        return "prompts"
     if keys & {"prompt", "completion"}:
         return "completions"
     if "text" in keys:
@@ -203,6 +212,8 @@ def _check_record(record: dict, looks: str | None, fmt: str | None, fmt_origin: 
         return f"record has fields {_fields(sorted(record))}, which match no format ({known})"
     if looks is None:
         return f"record has fields {_fields(sorted(record))} but format {fmt!r} needs {_fields(REQUIRED[fmt])}"
+    if looks == "prompts" and fmt == "completions":
+        looks = fmt  # a completion left out: say that it is missing (below)
     if looks != fmt:
         return f"record looks like {looks!r} but the file is {fmt!r} ({fmt_origin})"
     missing = [k for k in REQUIRED[fmt] if k not in record]
@@ -221,6 +232,18 @@ def _check_text(r: dict) -> str | None:
 
 def _check_completions(r: dict) -> str | None:
     return _nonempty_string(r, "prompt") or _nonempty_string(r, "completion")
+
+
+def _check_prompts(r: dict) -> str | None:
+    prompt = r["prompt"]
+    if not isinstance(prompt, list):
+        return _nonempty_string(r, "prompt")
+    if not prompt:
+        return "field 'prompt' must be a non-empty string or a non-empty list of messages"
+    for i, m in enumerate(prompt):
+        if problem := _check_message(m):
+            return f"prompt[{i}]: {problem}"
+    return None
 
 
 def _check_preference(r: dict) -> str | None:
@@ -291,6 +314,7 @@ _VALIDATORS = {
     "chat": _check_chat,
     "preference": _check_preference,
     "mcq": _check_mcq,
+    "prompts": _check_prompts,
 }
 
 

@@ -44,7 +44,7 @@ class DatasetController(Controller):
         summary="Upload a JSONL dataset",
         operation_class=multipart_body({"file": "binary", "name": "string", "format": "string"}, ["file"]),
         description="multipart/form-data: `file` (JSONL), optional `name` (a label) and `format` "
-        "(text, completions, chat, preference, mcq; detected when absent).",
+        "(text, completions, chat, preference, mcq, prompts; detected when absent).",
         dependencies={"upload": Provide(provide_upload)},
     )
     @idempotent(body="upload")
