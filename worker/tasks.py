@@ -54,14 +54,21 @@ def run_job(job_id: str) -> None:
     owner = owner_id()
     with session_scope() as session:
         job = lifecycle.claim(session, job_id, owner, settings.lease_seconds)
-        info = _info(job, owner) if job else None
-    if info is None:
+        # plain values only: nothing slow may run before the claim commits (the lease's clock is running)
+        row = (
+            {"kind": job.kind, "project_id": job.project_id, "spec": dict(job.spec), "attempts": job.attempts}
+            if job
+            else None
+        )
+    if row is None:
         log.info("job %s not claimable (taken, finished or cancelled): message ignored", job_id)
         _send_dependents(job_id)  # harmless when none; needed when claim just cancelled it
         return
-    log.info("job %s (%s) claimed by %s, attempt %d", job_id, info.kind, owner, info.attempts)
+    log.info("job %s (%s) claimed by %s, attempt %d", job_id, row["kind"], owner, row["attempts"])
+    # heartbeats from the moment of the claim: the first import of the engine (MLX) below takes seconds, and a
+    # lease left unrenewed that long is taken for a lost worker's
     with JobLease(job_id, owner, settings.lease_seconds) as lease:
-        _execute(info, owner, lease, settings)
+        _execute(_info(job_id, row, owner), owner, lease, settings)
     _send_dependents(job_id)
 
 
@@ -84,12 +91,10 @@ def _ready(job_id: str) -> bool:
     return state == "ready"
 
 
-def _info(job: Job, owner: str) -> JobInfo:
-    from worker.runs import JobInfo
+def _info(job_id: str, row: dict[str, Any], owner: str) -> JobInfo:
+    from worker.runs import JobInfo  # imports MLX: the first call in a process takes seconds
 
-    return JobInfo(
-        id=job.id, project_id=job.project_id, kind=job.kind, spec=dict(job.spec), attempts=job.attempts, owner=owner
-    )
+    return JobInfo(id=job_id, owner=owner, **row)
 
 
 def _execute(info: JobInfo, owner: str, lease: JobLease, settings: Settings) -> None:
