@@ -48,8 +48,11 @@ ARMS = {
 }
 
 
-def pydoc_completions(out: Path, every: int = 10, prompt_chars: int = 200, completion_chars: int = 200):
-    """{"prompt", "completion"} records from the Python docs' topics; every `every`-th record held out."""
+def pydoc_completions(
+    out: Path, every: int = 10, prompt_chars: int = 200, completion_chars: int = 200, valid: int = 48
+):
+    """{"prompt", "completion"} records from the Python docs' topics; every `every`-th record held out (the
+    first `valid` of those kept: every evaluation reads them all)."""
     import pydoc_data.topics as topics
 
     span = prompt_chars + completion_chars
@@ -60,7 +63,7 @@ def pydoc_completions(out: Path, every: int = 10, prompt_chars: int = 200, compl
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl", "valid": out / "valid.jsonl"}
     paths["train"].write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(records) if i % every))
-    paths["valid"].write_text("".join(json.dumps(r) + "\n" for r in records[::every]))
+    paths["valid"].write_text("".join(json.dumps(r) + "\n" for r in records[::every][:valid]))
     return paths, records
 
 
