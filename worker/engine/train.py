@@ -518,7 +518,7 @@ def _track_best(state: TrainState, tr: TrainingSpec, hooks: Hooks, trainer: Trai
         state.stopped_early, state.stop_reason = True, "early_stopping"
         hooks.event(
             "early_stopping",
-            f"{trainer.score_name} did not improve for {patience} evaluations; stopping at step "
+            f"{trainer.score_label} did not improve for {patience} evaluations; stopping at step "
             f"{state.step} (best {state.best_val_kl:.4f} at step {state.best_step})",
             step=state.step,
         )
