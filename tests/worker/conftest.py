@@ -160,6 +160,15 @@ class Service:
     def live_workers(self) -> list[subprocess.Popen]:
         return [p for p in self.workers if p.poll() is None]
 
+    def ensure_workers(self, n: int, timeout: float = 90) -> None:
+        """At least `n` live workers, each past its start-up (consuming, its sweeper running): a takeover test
+        that freezes or stops one must not time the other's start-up instead."""
+        while len(self.live_workers()) < n:
+            self.start_worker()
+        logs = {p.pid: self.folder / f"worker-{i}.log" for i, p in enumerate(self.workers)}
+        for p in self.live_workers():
+            wait_for(lambda p=p: " ready." in logs[p.pid].read_text(), timeout, f"worker {p.pid} to be ready")
+
     def ensure_worker(self) -> None:
         if not self.live_workers():
             self.start_worker()

@@ -299,8 +299,7 @@ def test_killed_worker_job_is_resumed_by_another(service, refs):
 def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, refs):
     """SIGSTOP the owner until another worker has taken the job over and run on, then SIGCONT it: the stale
     worker must not add metric rows, events or checkpoints, nor touch the new owner's files."""
-    while len(service.live_workers()) < 2:
-        service.start_worker()
+    service.ensure_workers(2)
     spec = distill_spec(
         refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=160, checkpoint_every=10, eval_every=80
     )
@@ -310,11 +309,18 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, re
     pid = int(stale_owner.split(":")[1])
     os.kill(pid, signal.SIGSTOP)
     try:
-        taken = wait_for(
-            lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j,
-            30,
-            "another worker to take the frozen worker's job",
-        )
+        try:
+            taken = wait_for(
+                lambda: (j := job(service, job_id)).attempts == 2 and j.status == "running" and j,
+                30,
+                "another worker to take the frozen worker's job",
+            )
+        except AssertionError as e:
+            j = job(service, job_id)
+            seen = [(ev.kind, ev.message) for ev in events(service, job_id)]
+            raise AssertionError(
+                f"{e}: {j.status}, attempt {j.attempts}, {j.lease_owner}; {seen}\n{service.logs()}"
+            ) from e
         assert taken.lease_owner != stale_owner
         before = max(loss_steps(service, job_id))
         wait_for(lambda: max(loss_steps(service, job_id)) >= before + 5, 60, "the new owner to run on")
@@ -349,8 +355,7 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, re
 
 
 def test_worker_shutdown_releases_its_job_to_another(service, refs):
-    while len(service.live_workers()) < 2:
-        service.start_worker()
+    service.ensure_workers(2)
     spec = distill_spec(
         refs["student"],
         refs["teacher"],
