@@ -37,7 +37,7 @@ from _common import np  # noqa: E402
 from distillery_contract.specs import AdapterSpec, LossSpec, StudentSpec  # noqa: E402
 from worker.engine import cache as cache_mod  # noqa: E402
 from worker.engine import data as data_mod  # noqa: E402
-from worker.engine import losses, models  # noqa: E402
+from worker.engine import models, weighting  # noqa: E402
 from worker.engine import student as student_mod  # noqa: E402
 from worker.engine import train as train_mod  # noqa: E402
 from worker.engine.batches import CachedTeacher, Split  # noqa: E402
@@ -146,7 +146,7 @@ def one_shape(args, work: Path, py: Path, model_dir, teacher, tokenizer, pad_id,
     )
     split = Split(examples, [CachedTeacher(cache, np.arange(len(examples)))])
     trainer = train_mod.Trainer(
-        student, split, split, train_mod.TrainingSpec(batch_size=batch), losses.FixedWeights([1.0])
+        student, split, split, train_mod.TrainingSpec(batch_size=batch), weighting.Weighting([1.0])
     )
     student_mod.unfreeze_trainable(student.model, student.adapter_config)
     opt = train_mod.make_optimizer(student_mod.apply_param_groups(student.model, []), 0.0)

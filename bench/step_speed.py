@@ -54,7 +54,7 @@ from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from distillery_contract.specs import AdapterSpec, LossSpec, StudentSpec  # noqa: E402
 from worker.engine import cache as cache_mod  # noqa: E402
 from worker.engine import data as data_mod  # noqa: E402
-from worker.engine import losses, models  # noqa: E402
+from worker.engine import losses, models, weighting  # noqa: E402
 from worker.engine import student as student_mod  # noqa: E402
 from worker.engine import train as train_mod  # noqa: E402
 from worker.engine.batches import CachedTeacher, Split  # noqa: E402
@@ -122,7 +122,7 @@ def run(args, tmp: Path) -> None:
     )
 
     split = Split(examples, [CachedTeacher(cache, np.arange(len(examples)))])
-    weights = losses.FixedWeights([1.0])
+    weights = weighting.Weighting([1.0])
     loss_cfg = LossSpec()
     step_tokens = args.batch * args.seq
     cycle = {"i": 0}
@@ -230,7 +230,7 @@ def explore(model, split, idx, pad_id, weights, loss_cfg, step_s: float) -> None
     row("mlx-lm default_loss (cross_entropy)", sft_loss)
 
     def distill(x):
-        return losses.distill_loss(x, targets, mask, teachers, weights, loss_cfg)[0]
+        return losses.distill_loss(x, targets, mask, teachers, weights.weights(tokens, mask, teachers), loss_cfg)[0]
 
     row("losses.distill_loss (engine)", distill)
     row("  engine student_buckets alone", lambda x: losses.student_buckets(x, t.topk_ids, 1.0))

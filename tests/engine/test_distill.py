@@ -300,6 +300,42 @@ def test_two_teachers(tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_path
     spec.teachers[1].weight = 3.0
     summary = run(spec, tmp_path, store)
     assert np.isfinite(summary["final"]["val_kl"])
+    assert summary["final"]["teacher_weights"] == [0.25, 0.75]  # fixed: the weights, the same on every instance
+    assert summary["final"]["teacher_weights_std"] == [0.0, 0.0]
+    kl = summary["final"]["val_kl_teachers"]  # the KL to each teacher; val_kl is their weighted mean
+    assert summary["final"]["val_kl"] == pytest.approx(0.25 * kl[0] + 0.75 * kl[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["confidence", "learned"])
+def test_adaptive_teacher_weighting_resumes_exactly(
+    kind, tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_path, store
+):
+    """Per-instance weights, logged per evaluation; a run stopped and resumed (the learned gate's state in the
+    checkpoint) takes the same steps as one that ran straight."""
+    second = tiny.build_model(tiny_root / "teacher2", tiny_root / "tokenizer", hidden=48, layers=2, seed=9)
+    spec = make_spec(tiny_student, [tiny_teacher, second], tiny_text, teacher_weighting=kind)
+    straight = run(spec, tmp_path / "straight", store)
+    w = straight["final"]["teacher_weights"]
+    assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5)
+    assert max(straight["final"]["teacher_weights_std"]) > 0  # instances get weights of their own
+    records = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all("teacher_weight_0" in r and "val_kl_teacher_1" in r for r in records if r["kind"] == "eval")
+    saved = (tmp_path / "straight" / "checkpoints" / "step-0000006" / "weighting.safetensors").is_file()
+    assert saved == (kind == "learned")
+    steps = []
+    hooks = Hooks(
+        on_metrics=lambda r: steps.append(r) if r["kind"] == "train" else None, should_stop=lambda: len(steps) >= 4
+    )
+    with pytest.raises(Cancelled):
+        run(spec, tmp_path / "resumed", store, hooks)
+    resumed = run(spec, tmp_path / "resumed", store)
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    assert resumed["final"]["teacher_weights"] == w
+
+
+def test_adaptive_weighting_needs_several_teachers(tiny_student, tiny_teacher, tiny_text):
+    with pytest.raises(ValueError, match="teacher_weighting: confidence weighs several teachers"):
+        make_spec(tiny_student, [tiny_teacher], tiny_text, teacher_weighting="confidence")
 
 
 def test_early_stopping_keeps_the_best(tiny_student, tiny_teacher, tiny_text, tmp_path, store):

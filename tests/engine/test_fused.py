@@ -152,9 +152,9 @@ def test_compiled_step_equals_the_plain_gradients_step_after_step(tiny_gqa):
     vocab = model.args.vocab_size
     dense = losses.DenseTeacher(logits=rand(rng, 2, 12, vocab, scale=2.0))
 
-    def loss_fn(m, tokens, mask, teachers, loss_cfg):
+    def loss_fn(m, tokens, mask, teachers, weights, loss_cfg):
         logits = m(tokens[:, :-1])
-        div = teachers[0].divergence(logits, loss_cfg.kind, loss_cfg.temperature)
+        div = weights[0][:, None] * teachers[0].divergence(logits, loss_cfg.kind, loss_cfg.temperature)
         ce = losses.masked_cross_entropy_sum(logits, tokens[:, 1:], mask)
         n = mask.sum()
         return (mx.where(mask, div, 0.0).sum() + ce) / n, n
@@ -166,10 +166,11 @@ def test_compiled_step_equals_the_plain_gradients_step_after_step(tiny_gqa):
     plain = nn.value_and_grad(model, loss_fn)
     compiled = compiled_step.CompiledGradients(model, plain)
     seen = []
-    for kind in ["forward_kl", "forward_kl", "jsd", "forward_kl"]:
+    for i, kind in enumerate(["forward_kl", "forward_kl", "jsd", "forward_kl"]):
         cfg = Cfg(kind)
-        (l_c, n_c), g_c = compiled(model, tokens, mask, [dense], cfg)
-        (l_p, n_p), g_p = plain(model, tokens, mask, [dense], cfg)
+        weights = mx.full((1, tokens.shape[0]), 0.5 + 0.25 * i)  # an input of the graph: each call's own
+        (l_c, n_c), g_c = compiled(model, tokens, mask, [dense], weights, cfg)
+        (l_p, n_p), g_p = plain(model, tokens, mask, [dense], weights, cfg)
         mx.eval(l_c, g_c, l_p, g_p)
         assert l_c.item() == pytest.approx(l_p.item(), rel=1e-5) and n_c.item() == n_p.item()
         for (_, a), (_, b) in zip(tree_flatten(g_c), tree_flatten(g_p), strict=True):
@@ -188,14 +189,14 @@ def test_a_graph_mlx_cannot_compile_runs_uncompiled(tiny_gqa, caplog):
     tokens = mx.array(np.random.default_rng(7).integers(0, 500, (2, 9)))
     mask = mx.ones((2, 8), dtype=mx.bool_)
 
-    def loss_fn(m, tokens, mask, teachers, loss_cfg):  # mask.sum() twice, one returned: MLX 0.32 fails on it
+    def loss_fn(m, tokens, mask, teachers, weights, loss_cfg):  # mask.sum() twice, one returned: MLX 0.32 fails on it
         return losses.masked_cross_entropy_sum(m(tokens[:, :-1]), tokens[:, 1:], mask) / mask.sum(), mask.sum()
 
     plain = nn.value_and_grad(model, loss_fn)
     compiled = compiled_step.CompiledGradients(model, plain)
     for _ in range(2):
-        (loss, n), grads = compiled(model, tokens, mask, [], None)
-        (want, _), want_grads = plain(model, tokens, mask, [], None)
+        (loss, n), grads = compiled(model, tokens, mask, [], None, None)
+        (want, _), want_grads = plain(model, tokens, mask, [], None, None)
         assert loss.item() == want.item() and n.item() == 16
         for (_, a), (_, b) in zip(tree_flatten(grads), tree_flatten(want_grads), strict=True):
             assert np.array_equal(np.array(a), np.array(b))

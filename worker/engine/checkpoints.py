@@ -1,7 +1,8 @@
 """Checkpoints of a run: `step-NNNNNNN/` to resume exactly, `best-NNNNNNN/` to ship and to roll back to.
 
-Every checkpoint holds the adapter (mlx-lm's format), the optimizer state and the train state, so a run can
-continue from it bit for bit. The newest `keep` step checkpoints are kept. Best checkpoints are named by their
+Every checkpoint holds the adapter (mlx-lm's format), the optimizer state, the train state and, with
+`teacher_weighting: learned`, the teacher gate's state (`weighting.safetensors`), so a run can continue from it
+bit for bit. The newest `keep` step checkpoints are kept. Best checkpoints are named by their
 step and kept while the run's state or a kept step checkpoint refers to them: a run resumed from an older
 step checkpoint then finds the best it had at that step, not a later one a killed worker wrote after it.
 Folders are written under a temporary name and renamed, so a half-written checkpoint is never read.
@@ -32,24 +33,28 @@ class Checkpoints:
     def best_path(self, step: int) -> Path:
         return self.root / f"best-{step:07d}"
 
-    def save(self, model, optimizer, acfg: dict, state) -> Path:
-        path = self._write(f"step-{state.step:07d}", model, optimizer, acfg, asdict(state))
+    def save(self, model, optimizer, acfg: dict, state, weighting=None) -> Path:
+        path = self._write(f"step-{state.step:07d}", model, optimizer, acfg, asdict(state), weighting=weighting)
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         self._prune_best(state.best_step)
         return path
 
-    def save_best(self, model, optimizer, acfg: dict, state, stage_index: int) -> Path:
+    def save_best(self, model, optimizer, acfg: dict, state, stage_index: int, weighting=None) -> Path:
         info = {"step": state.step, "val_kl": state.best_val_kl, "stage": stage_index}
-        return self._write(self.best_path(state.step).name, model, optimizer, acfg, asdict(state), info)
+        return self._write(self.best_path(state.step).name, model, optimizer, acfg, asdict(state), info, weighting)
 
-    def _write(self, name: str, model, optimizer, acfg: dict, state: dict, best: dict | None = None) -> Path:
+    def _write(
+        self, name: str, model, optimizer, acfg: dict, state: dict, best: dict | None = None, weighting=None
+    ) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path, tmp = self.root / name, self.root / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         student_mod.save_adapter(model, acfg, tmp)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if weighting is not None and (arrays := weighting.state()):
+            mx.save_safetensors(str(tmp / "weighting.safetensors"), arrays)
         if best is not None:
             (tmp / "best.json").write_text(json.dumps(best))
         shutil.rmtree(path, ignore_errors=True)
@@ -78,8 +83,10 @@ class Checkpoints:
         return json.loads((path / "state.json").read_text())
 
     @staticmethod
-    def restore(path: Path, model, optimizer=None) -> None:
-        """The adapter weights, and the optimizer state when an optimizer is given."""
+    def restore(path: Path, model, optimizer=None, weighting=None) -> None:
+        """The adapter weights, the optimizer state when an optimizer is given, the weighting's when one is."""
         model.load_weights(str(path / "adapters.safetensors"), strict=False)
         if optimizer is not None:
             optimizer.state = tree_unflatten(list(load_safetensors(path / "optimizer.safetensors").items()))
+        if weighting is not None and (path / "weighting.safetensors").is_file():
+            weighting.load_state(load_safetensors(path / "weighting.safetensors"))

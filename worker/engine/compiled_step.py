@@ -5,11 +5,12 @@ Why: `mx.compile` fuses the elementwise work of the forward *and* the backward i
 `fused.py` stay compiled when differentiated. On a SmolLM2 student at 2 x 256 (one A/B run in one process)
 the step took 4.58 s compiled against 5.31 s uncompiled.
 
-What is compiled: `loss_and_grad(model, tokens, mask, teachers, loss_cfg)` with the model's state and MLX's
+What is compiled: `loss_and_grad(model, tokens, mask, teachers, weights, loss_cfg)` with the model's state and MLX's
 random state (LoRA dropout) as implicit inputs and outputs, as mlx-lm's own trainer does. One graph per
 (loss settings, teachers' kinds and constants); MLX traces it again for each new batch shape
 (length-bucketed batches repeat their shapes; the cost of a trace is not measured yet). Teachers are dataclasses:
-their array fields are the graph's inputs, the rest (a vocabulary size) part of the key.
+their array fields are the graph's inputs, the rest (a vocabulary size) part of the key. The teachers' weights
+[n, B] (weighting.py; None without teachers) are an input too: an adaptive weighting changes them every batch.
 
 Off (plain `loss_and_grad`) on a GPU, where MLX's kernels are already fused, and with
 DISTILLERY_COMPILE_STEP=off.
@@ -40,12 +41,18 @@ class CompiledGradients:
         self.model, self.loss_and_grad = model, loss_and_grad
         self._graphs: dict[tuple, tuple[Callable | None, Callable]] = {}  # key: (compiled or None, plain)
 
-    def __call__(self, model: nn.Module, tokens: mx.array, mask: mx.array, teachers: Sequence, loss_cfg):
+    def __call__(
+        self, model: nn.Module, tokens: mx.array, mask: mx.array, teachers: Sequence, weights: mx.array | None, loss_cfg
+    ):
         parts = [_split(t) for t in teachers]
-        arrays = [a for a, _ in parts]
-        key = (_settings_key(loss_cfg), tuple((type(t), consts) for t, (_, consts) in zip(teachers, parts)))
+        arrays = [a for a, _ in parts] + ([] if weights is None else [{"weights": weights}])
+        key = (
+            _settings_key(loss_cfg),
+            tuple((type(t), consts) for t, (_, consts) in zip(teachers, parts)),
+            weights is None,
+        )
         if key not in self._graphs:
-            plain = self._graph([type(t) for t in teachers], [c for _, c in parts], loss_cfg)
+            plain = self._graph([type(t) for t in teachers], [c for _, c in parts], weights is not None, loss_cfg)
             state = [self.model.state, mx.random.state]
             self._graphs[key] = (mx.compile(plain, inputs=state, outputs=state), plain)
         compiled, plain = self._graphs[key]
@@ -65,12 +72,13 @@ class CompiledGradients:
             self._graphs[key] = (None, plain)
             return plain(tokens, mask, arrays)
 
-    def _graph(self, kinds: list[type], consts: list[tuple], loss_cfg) -> Callable:
+    def _graph(self, kinds: list[type], consts: list[tuple], weighted: bool, loss_cfg) -> Callable:
         model, loss_and_grad = self.model, self.loss_and_grad
 
         def graph(tokens, mask, teacher_arrays):
             teachers = [_join(k, a, c) for k, a, c in zip(kinds, teacher_arrays, consts)]
-            return loss_and_grad(model, tokens, mask, teachers, loss_cfg)
+            weights = teacher_arrays[len(kinds)]["weights"] if weighted else None
+            return loss_and_grad(model, tokens, mask, teachers, weights, loss_cfg)
 
         return graph
 

@@ -33,6 +33,7 @@ from . import data as data_mod
 from . import evaluate as evaluate_mod
 from . import models, on_policy, preflight
 from . import student as student_mod
+from . import weighting as weighting_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
 from .errors import UserError
 from .mlx_typed import flat_arrays
@@ -287,12 +288,15 @@ def run_distill(
     if isinstance(train_split, on_policy.OnPolicySplit):
         train_split.student = student.model
         sampled_eval = _sampled_eval(spec, student, valid_split, weights)
+    teacher_weighting = weighting_mod.make(
+        spec.teacher_weighting, weights, student.model, spec.weighting, seed=spec.training.seed
+    )
     state = train(
         student,
         train_split,
         valid_split,
         spec,
-        weights,
+        teacher_weighting,
         out_dir,
         hooks,
         on_progress=on_progress,

@@ -8,7 +8,10 @@
   student's top 5.
 - student_entropy (full), teacher_entropy (full online; top-k + uniform tail offline), val_ce and val_ppl
   (the student's cross-entropy on the data's own next tokens, and its exponential).
-Teacher-relative numbers are averaged over teachers with the run's teacher weights.
+Teacher-relative numbers are averaged over teachers with the weighting's `yardstick` weights (weighting.py:
+the fixed weights, or each instance's confidence weights). With several teachers the evaluation also has
+`val_kl_teachers` (the KL to each teacher alone, in the spec's order), `teacher_weights` (the mean weight the
+run's own weighting gives each teacher over the split) and `teacher_weights_std` (their spread over instances).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from . import losses
 from .batches import CachedTeacher, Split
+from .weighting import Weighting
 
 
 def _teacher_view(teacher, logits: mx.array):
@@ -38,10 +42,11 @@ def _teacher_view(teacher, logits: mx.array):
     return log_p, log_q, teacher.topk_ids[..., 0].astype(mx.int32), entropy
 
 
-def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, batches: list[np.ndarray]) -> dict:
+def evaluate(model, split: Split, weighting: Weighting, pad_id: int, batches: list[np.ndarray]) -> dict:
     """The metrics above over `batches` (index arrays into the split, e.g. `data.eval_batches(...)`)."""
-    w = np.array(weights.weights).reshape(-1)
     sums = dict.fromkeys(("kl", "js", "top1", "top5", "s_ent", "t_ent", "ce"), 0.0)
+    per_teacher_kl = np.zeros(len(split.teachers))
+    used: list[np.ndarray] = []  # the run's own weights [n, B] of each batch's instances
     count = 0
     dense = False
     for idx in batches:
@@ -54,7 +59,12 @@ def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, bat
             "ce": losses.masked_cross_entropy_sum(logits, tokens[:, 1:], mask),
             "s_ent": (-(mx.exp(log_q_full) * log_q_full).sum(axis=-1) * m).sum(),
         }
-        for wi, teacher in zip(w, teachers):
+        w = weighting.yardstick(tokens, mask, teachers) if teachers else None  # [n, B]
+        if w is not None and len(teachers) > 1:
+            counted = m.sum(axis=-1) > 0
+            mine = np.array(weighting.weights(tokens, mask, teachers))
+            used.append(mine[:, np.array(counted)])
+        for i, teacher in enumerate(teachers):
             dense = dense or isinstance(teacher, losses.DenseTeacher)
             log_p, log_q, t_top1, t_ent = _teacher_view(teacher, logits)
             per = {
@@ -64,11 +74,16 @@ def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, bat
                 "top5": (top5 == t_top1[..., None]).any(axis=-1).astype(mx.float32),
                 "t_ent": t_ent,
             }
+            assert w is not None
             for name, value in per.items():
-                step[name] = step.get(name, 0.0) + float(wi) * (value * m).sum()
+                step[name] = step.get(name, 0.0) + (w[i][:, None] * value * m).sum()
+            step[f"kl_{i}"] = (per["kl"] * m).sum()
         mx.eval(step)
         for name, value in step.items():
-            sums[name] += float(value)
+            if name.startswith("kl_"):
+                per_teacher_kl[int(name[3:])] += float(value)
+            else:
+                sums[name] += float(value)
         count += int(m.sum().item())
     n = max(count, 1)
     mean = {k: v / n for k, v in sums.items()}
@@ -85,7 +100,26 @@ def evaluate(model, split: Split, weights: losses.FixedWeights, pad_id: int, bat
         "teacher_entropy": mean["t_ent"],
         "val_tokens": count,
         "kl_method": "full" if dense else f"top{k}+tail",
+        **_teacher_report(per_teacher_kl / n, used),
     }
+
+
+def _teacher_report(per_teacher_kl: np.ndarray, used: list[np.ndarray]) -> dict:
+    """With several teachers: the KL to each, and the weights the run gives each (mean and spread), as lists in
+    the spec's order and as one number per teacher (`val_kl_teacher_0`, ...: the metrics' series are numbers)."""
+    if len(per_teacher_kl) < 2:
+        return {}
+    lists: dict[str, list[float]] = {"val_kl_teachers": [float(x) for x in per_teacher_kl]}
+    if used and (w := np.concatenate(used, axis=1)).shape[1]:
+        lists["teacher_weights"] = [round(float(x), 6) for x in w.mean(axis=1)]
+        lists["teacher_weights_std"] = [round(float(x), 6) for x in w.std(axis=1)]
+    names = {
+        "val_kl_teachers": "val_kl_teacher",
+        "teacher_weights": "teacher_weight",
+        "teacher_weights_std": "teacher_weight_std",
+    }
+    scalars = {f"{names[k]}_{i}": x for k, values in lists.items() for i, x in enumerate(values)}
+    return {**lists, **scalars}
 
 
 # The metrics a person reads first, in order, with their names in messages: what a run's log lines and its

@@ -325,15 +325,21 @@ def _teacher_weights(
     student_logits: mx.array,
     mask: mx.array,
 ) -> mx.array:
-    """Resolve `teacher_weights` (None = equal, an array, or a TeacherWeighting) to constants [n, B]."""
+    """Resolve `teacher_weights` (None = equal, an array, or a TeacherWeighting) to constants [n, B].
+
+    An mx.array [n, B] is taken as it is, already normalised: the trainer's per-batch weights (weighting.py),
+    computed outside the compiled step and passed in as one of its inputs."""
     n, batch = len(teachers), student_logits.shape[0]
-    if teacher_weights is None:
-        weighting: TeacherWeighting = FixedWeights([1.0] * n)
-    elif callable(teacher_weights):
-        weighting = teacher_weights
+    if isinstance(teacher_weights, mx.array) and teacher_weights.ndim == 2:
+        weights = teacher_weights
     else:
-        weighting = FixedWeights(teacher_weights)
-    weights = weighting(teachers, student_logits, mask)
+        if teacher_weights is None:
+            weighting: TeacherWeighting = FixedWeights([1.0] * n)
+        elif callable(teacher_weights):
+            weighting = teacher_weights
+        else:
+            weighting = FixedWeights(teacher_weights)
+        weights = weighting(teachers, student_logits, mask)
     if tuple(weights.shape) != (n, batch):
         raise ValueError(f"teacher weights have shape {tuple(weights.shape)}, expected {(n, batch)}")
     return mx.stop_gradient(weights.astype(mx.float32))

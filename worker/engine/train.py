@@ -38,6 +38,7 @@ from . import compiled_step, evaluate, losses, lr_search, schedule
 from . import data as data_mod
 from . import guard as guard_mod
 from . import student as student_mod
+from . import weighting as weighting_mod
 from .batches import Split
 from .checkpoints import Checkpoints
 from .errors import Cancelled
@@ -127,7 +128,7 @@ class Trainer:
         train_split: Split,
         valid_split: Split,
         tr: TrainingSpec,
-        weights: losses.FixedWeights,
+        weighting: weighting_mod.Weighting,
         sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
     ):
         """`sampled_eval(max_prompts, show)` (on_policy): metrics on the student's own samples (and, with `show`,
@@ -140,16 +141,16 @@ class Trainer:
         self.dataset_eval = sampled_eval is None or any(e.target_mask.any() for e in valid_split.examples)
         self.score_label = "reverse KL on samples" if sampled_eval else "val KL"  # in messages
         self.last_samples: list = []
-        self.train_split, self.valid_split, self.tr, self.weights = train_split, valid_split, tr, weights
+        self.train_split, self.valid_split, self.tr, self.weighting = train_split, valid_split, tr, weighting
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
         self.order = BatchOrder(train_split.lengths, tr.batch_size, tr.seed)
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         if compiled_step.wanted():  # on the CPU: forward and backward as one compiled graph
             self._loss_and_grad = compiled_step.CompiledGradients(self.model, self._loss_and_grad)
 
-    def _loss(self, model, tokens, mask, teachers, loss_cfg):
+    def _loss(self, model, tokens, mask, teachers, weights, loss_cfg):
         logits = model(tokens[:, :-1])
-        return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, self.weights, loss_cfg)
+        return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, weights, loss_cfg)
 
     def train_step(
         self,
@@ -181,9 +182,12 @@ class Trainer:
             tokens, mask, teachers = self.train_split.batch(idx, self.pad_id, with_teachers=loss_cfg.alpha > 0)
             for k, v in getattr(self.train_split, "last", {}).items():  # on_policy's cost of the batch
                 cost[k] = cost.get(k, 0) + v
-            (loss, ntok), g = self._loss_and_grad(self.model, tokens, mask, teachers, loss_cfg)
+            weights = self.weighting.weights(tokens, mask, teachers) if teachers else None  # [n, B] constants
+            (loss, ntok), g = self._loss_and_grad(self.model, tokens, mask, teachers, weights, loss_cfg)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, ntok, grads)
+            if teachers:
+                self.weighting.learn(tokens, mask, teachers)  # the learned gate's own step; others: nothing
             loss_sum += loss.item()
             ntoks += int(ntok.item())
             n_in += int(sum(min(len(self.train_split.examples[i].tokens), tokens.shape[1]) for i in idx))
@@ -208,7 +212,7 @@ class Trainer:
         elif max_batches:
             batches = batches[:max_batches]
         metrics = (
-            evaluate.evaluate(self.model, self.valid_split, self.weights, self.pad_id, batches)
+            evaluate.evaluate(self.model, self.valid_split, self.weighting, self.pad_id, batches)
             if self.dataset_eval
             else {}
         )
@@ -271,14 +275,14 @@ def train(
     train_split: Split,
     valid_split: Split,
     spec: DistillSpec,
-    teacher_weights: list[float],
+    weighting: weighting_mod.Weighting,
     out_dir: Path,
     hooks: Hooks,
     on_progress: Callable[[dict], None] | None = None,
     sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
 ) -> TrainState:
     tr = spec.training
-    trainer = Trainer(student, train_split, valid_split, tr, losses.FixedWeights(teacher_weights), sampled_eval)
+    trainer = Trainer(student, train_split, valid_split, tr, weighting, sampled_eval)
     model, acfg = trainer.model, trainer.acfg
     guard = guard_mod.DivergenceGuard(tr.divergence_guard)
     ckpts = Checkpoints(out_dir / "checkpoints", tr.keep_checkpoints)
@@ -313,7 +317,7 @@ def train(
         stages = schedule.stages(tr, spec.loss, state.learning_rate)
         stage = schedule.stage_at(stages, state.step)
         optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
-        Checkpoints.restore(latest, model, optimizer if state.step != stage.start else None)
+        Checkpoints.restore(latest, model, optimizer if state.step != stage.start else None, weighting)
         ckpts.drop_after(state.step)
         _truncate_metrics(metrics_path, state.step)
         hooks.event("resumed", f"resumed from checkpoint at step {state.step}", step=state.step)
@@ -328,7 +332,7 @@ def train(
         optimizer = _setup_stage(model, acfg, stage, tr.weight_decay)
         # the starting student is the first candidate for best: a run that never beats it ships it
         state.best_step, state.best_val_kl, state.best_eval = 0, trainer.score(state.initial), state.initial
-        ckpts.save_best(model, optimizer, acfg, state, stage.index)
+        ckpts.save_best(model, optimizer, acfg, state, stage.index, weighting)
 
     def roll_back(reason: str):
         """Back to the best checkpoint with a lower rate; None when the rollbacks are used up (stop)."""
@@ -347,7 +351,7 @@ def train(
         best = ckpts.best_path(state.best_step)
         fresh = _setup_stage(model, acfg, stage, tr.weight_decay)
         same_stage = json.loads((best / "best.json").read_text())["stage"] == stage.index
-        Checkpoints.restore(best, model, fresh if same_stage else None)
+        Checkpoints.restore(best, model, fresh if same_stage else None, weighting)
         state.lr_scale *= tr.divergence_guard.lr_factor
         guard.forget(state)
         state.rollbacks.append(
@@ -364,7 +368,7 @@ def train(
 
     while state.step < tr.steps and state.stop_reason is None:
         if hooks.should_stop and hooks.should_stop():
-            ckpts.save(model, optimizer, acfg, state)
+            ckpts.save(model, optimizer, acfg, state, weighting)
             raise Cancelled(f"cancelled at step {state.step}")
         new_stage = schedule.stage_at(stages, state.step)
         if new_stage.index != stage.index:
@@ -430,9 +434,9 @@ def train(
                 if verdict.action == guard_mod.ROLLBACK:
                     optimizer = roll_back(verdict.reason) or optimizer
             if state.best_step == state.step:
-                ckpts.save_best(model, optimizer, acfg, state, stage.index)
+                ckpts.save_best(model, optimizer, acfg, state, stage.index, weighting)
         if state.step % tr.checkpoint_every == 0 or state.step == tr.steps or state.stop_reason:
-            path = ckpts.save(model, optimizer, acfg, state)
+            path = ckpts.save(model, optimizer, acfg, state, weighting)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(state.step, path)
     return state
@@ -452,7 +456,7 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
     rates = list(tr.lr_search.rates or lr_search.default_rates(kind, n_params))
     steps = lr_search.trial_steps(tr.steps, tr.lr_search.steps)
     stage = schedule.stages(tr, spec.loss, rates[0])[0]
-    start_weights = trainer.trainable()
+    start_weights, start_gate = trainer.trainable(), trainer.weighting.state()
     start_score = trainer.score(trainer.evaluate(tr.lr_search.eval_batches, spread=True))
     hooks.event(
         "lr_search",
@@ -474,6 +478,7 @@ def _peak_rate(trainer: Trainer, spec: DistillSpec, state: TrainState, hooks: Ho
         finite = all(math.isfinite(x) for x in losses_seen)
         val_kl = trainer.score(trainer.evaluate(tr.lr_search.eval_batches, spread=True)) if finite else math.inf
         trainer.set_trainable(start_weights)
+        trainer.weighting.load_state(start_gate)  # a trial's gate steps are undone with its student's
         return {"val_kl": val_kl if math.isfinite(val_kl) else math.inf, "last_loss": losses_seen[-1]}
 
     def on_trial(t: dict) -> None:

@@ -298,6 +298,27 @@ class OnPolicySpec(_Spec):
     )
 
 
+class WeightingSpec(_Spec):
+    """How `teacher_weighting: confidence` and `learned` weigh the teachers of each instance (README:
+    Several teachers). The teachers' `weight`s are the prior both start from."""
+
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="confidence: w_i ∝ weight_i · exp(mean log p_i(reference token) / temperature); 1 weighs each "
+        "teacher by the inverse of its perplexity on the instance, higher is flatter.",
+    )
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="learned: the teacher gate's Adam learning rate.")
+    balance: float = Field(
+        0.1,
+        ge=0,
+        le=100,
+        description="learned: weight of the regulariser KL(prior ‖ mean gate weights) that keeps the gate from "
+        "collapsing onto one teacher for every instance.",
+    )
+
+
 class OutputSpec(_Spec):
     fuse: bool = Field(False, description="Also write the student with the adapter fused in (`fused/`).")
 
@@ -473,6 +494,13 @@ class DistillSpec(_Spec):
         "the teacher in the loop on the student's own samples (`on_policy`).",
     )
     on_policy: OnPolicySpec = Field(default_factory=OnPolicySpec)
+    teacher_weighting: Literal["fixed", "confidence", "learned"] = Field(
+        "fixed",
+        description="fixed: the teachers' `weight`s; confidence: per instance, from each teacher's own likelihood "
+        "of it (from the cache, offline too); learned: per instance, a gate trained with the student on that "
+        "signal and the instance's content (`weighting`).",
+    )
+    weighting: WeightingSpec = Field(default_factory=WeightingSpec)
     data: DataSpec
     loss: LossSpec = Field(default_factory=LossSpec)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
@@ -500,6 +528,11 @@ class DistillSpec(_Spec):
                     "on_policy.estimator: sampled estimates the reverse KL from the sampled tokens alone; "
                     "loss.kind (and every stage's) must be reverse_kl, or use estimator: full"
                 )
+        if self.teacher_weighting != "fixed" and len(self.teachers) < 2:
+            raise ValueError(
+                f"teacher_weighting: {self.teacher_weighting} weighs several teachers against each other; "
+                "with one teacher use fixed (the default)"
+            )
         if q is not None and self.adapter.type == "dora" and q.bits in (3, 5, 6):
             raise ValueError(
                 f"adapter.type: dora on {q.bits}-bit weights is not supported by mlx-lm; use 2, 4 or 8 bits, or lora"
