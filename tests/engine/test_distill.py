@@ -333,6 +333,23 @@ def test_adaptive_teacher_weighting_resumes_exactly(
     assert resumed["final"]["teacher_weights"] == w
 
 
+def test_plain_fine_tuning_ships_the_step_with_the_best_held_out_cross_entropy(
+    tiny_student, tiny_teacher, tiny_text, tmp_path, store
+):
+    """`loss.alpha: 0` trains on the data alone: moving away from the teacher is the point, so the KL to it must
+    not choose what ships (a fine-tuned specialist would always lose to its own start)."""
+    spec = make_spec(
+        tiny_student, [tiny_teacher], tiny_text, teacher_mode="online", loss={"alpha": 0.0}, training={"steps": 6}
+    )
+    summary = run(spec, tmp_path, store)
+    assert summary["best"]["metric"] == "val_ce"
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    best = min(evals, key=lambda r: r["val_ce"])
+    assert summary["best"]["step"] == best["step"] and summary["best"]["score"] == best["val_ce"]
+    assert summary["final"]["val_ppl"] < summary["initial"]["val_ppl"]
+
+
 def test_adaptive_weighting_needs_several_teachers(tiny_student, tiny_teacher, tiny_text):
     with pytest.raises(ValueError, match="teacher_weighting: confidence weighs several teachers"):
         make_spec(tiny_student, [tiny_teacher], tiny_text, teacher_weighting="confidence")

@@ -37,7 +37,7 @@ from . import weighting as weighting_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
 from .errors import UserError
 from .mlx_typed import flat_arrays
-from .train import Hooks, train
+from .train import SCORE_LABELS, Hooks, train
 
 CACHE_BATCH_SIZE = 8
 
@@ -318,7 +318,7 @@ def run_distill(
         "best": {
             "step": state.best_step,
             "val_kl": (state.best_eval or state.initial).get("val_kl"),
-            "metric": "val_reverse_kl" if sampled_eval else "val_kl",  # what chose the best
+            "metric": state.score_name,  # what chose the best
             "score": state.best_val_kl,
         },
         "shipped": "start" if state.best_step == 0 else "trained",
@@ -378,9 +378,7 @@ def run_warnings(state) -> list[dict]:
     """What the user must hear about the result: `{"code", "message"}` each, in `summary.warnings`."""
     out = []
     if state.best_step == 0:
-        key, label = (
-            ("val_reverse_kl", "reverse KL on samples") if "val_reverse_kl" in state.initial else ("val_kl", "val KL")
-        )
+        key, label = state.score_name, SCORE_LABELS[state.score_name]
         trained = state.last_eval.get(key) if state.last_eval.get("step", 0) > 0 else None
         seen = (
             f"; the last evaluation (step {state.last_eval['step']}) had {trained:.4f}" if trained is not None else ""

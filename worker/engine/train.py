@@ -63,6 +63,20 @@ class Hooks:
             self.on_event(kind, message, data)
 
 
+# What picks the best checkpoint (and what the guard and the learning-rate search watch), with its name in
+# messages: the KL to the teachers on held-out data; on_policy, the reverse KL on the student's own samples;
+# plain fine-tuning (`loss.alpha: 0` everywhere: no teacher in the loss), the cross-entropy on held-out text.
+SCORE_LABELS = {"val_kl": "val KL", "val_reverse_kl": "reverse KL on samples", "val_ce": "held-out cross-entropy"}
+
+
+def score_name(spec: DistillSpec) -> str:
+    """The run's score (a key of SCORE_LABELS)."""
+    if spec.teacher_mode == "on_policy":
+        return "val_reverse_kl"
+    alphas = {spec.loss.alpha} | {s.loss.alpha for s in spec.training.stages if s.loss and s.loss.alpha is not None}
+    return "val_ce" if alphas == {0.0} else "val_kl"
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -73,7 +87,8 @@ class TrainState:
     learning_rate: float | None = None  # the peak rate: the spec's, or the one the search chose
     lr_search: dict | None = None
     best_step: int | None = None
-    best_val_kl: float = math.inf  # the best score: val_kl, or val_reverse_kl on_policy (Trainer.score_name)
+    score_name: str = "val_kl"  # what the best is chosen by (score_name): the best score is best_val_kl
+    best_val_kl: float = math.inf
     evals_since_best: int = 0
     initial: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
@@ -130,16 +145,17 @@ class Trainer:
         tr: TrainingSpec,
         weighting: weighting_mod.Weighting,
         sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
+        score: str | None = None,
     ):
         """`sampled_eval(max_prompts, show)` (on_policy): metrics on the student's own samples (and, with `show`,
-        a few of them), merged into every evaluation; its `val_reverse_kl` is then the score that picks the best
-        checkpoint."""
+        a few of them), merged into every evaluation. `score`: what picks the best checkpoint (a key of
+        SCORE_LABELS; default `val_reverse_kl` with `sampled_eval`, else `val_kl`)."""
         self.model, self.acfg = student.model, student.adapter_config
         self.sampled_eval = sampled_eval
-        self.score_name = "val_reverse_kl" if sampled_eval else "val_kl"
+        self.score_name = score or ("val_reverse_kl" if sampled_eval else "val_kl")
         # held-out prompts alone (on_policy) have no tokens of the data's own to take the val KL on
         self.dataset_eval = sampled_eval is None or any(e.target_mask.any() for e in valid_split.examples)
-        self.score_label = "reverse KL on samples" if sampled_eval else "val KL"  # in messages
+        self.score_label = SCORE_LABELS[self.score_name]  # in messages
         self.last_samples: list = []
         self.train_split, self.valid_split, self.tr, self.weighting = train_split, valid_split, tr, weighting
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
@@ -282,7 +298,7 @@ def train(
     sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
 ) -> TrainState:
     tr = spec.training
-    trainer = Trainer(student, train_split, valid_split, tr, weighting, sampled_eval)
+    trainer = Trainer(student, train_split, valid_split, tr, weighting, sampled_eval, score_name(spec))
     model, acfg = trainer.model, trainer.acfg
     guard = guard_mod.DivergenceGuard(tr.divergence_guard)
     ckpts = Checkpoints(out_dir / "checkpoints", tr.keep_checkpoints)
@@ -324,7 +340,7 @@ def train(
     else:
         metrics_path.unlink(missing_ok=True)
         ckpts.drop_after(-1)  # best checkpoints of a run killed before its first step checkpoint
-        state = TrainState()
+        state = TrainState(score_name=trainer.score_name)
         state.initial = state.last_eval = run_eval(0)
         state.learning_rate, state.lr_search = _peak_rate(trainer, spec, state, hooks)
         stages = schedule.stages(tr, spec.loss, state.learning_rate)
