@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as data_mod
-from . import losses
+from . import hidden, losses
 from .cache import TeacherCache
 
 
@@ -30,11 +30,19 @@ class CachedTeacher:
 @dataclass
 class OnlineTeacher:
     model: Callable[[mx.array], mx.array]  # the loaded teacher: tokens [B, L] -> logits [B, L, V]
+    hidden_layers: list[int] = field(default_factory=list)  # layers whose outputs hidden-state hints read
+
+    def __post_init__(self):
+        self._tap = hidden.Tap(self.model, self.hidden_layers) if self.hidden_layers else None  # type: ignore[arg-type]
 
     def for_batch(self, example_ids: np.ndarray, tokens: mx.array) -> losses.DenseTeacher:
         logits = mx.stop_gradient(self.model(tokens[:, :-1]))
-        mx.eval(logits)
-        return losses.DenseTeacher(logits)
+        states: tuple[mx.array, ...] = ()
+        if self._tap is not None:
+            taken = self._tap.take()
+            states = tuple(mx.stop_gradient(taken[i]) for i in self.hidden_layers)
+        mx.eval(logits, states)
+        return losses.DenseTeacher(logits, states)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Checkpoints of a run: `step-NNNNNNN/` to resume exactly, `best-NNNNNNN/` to ship and to roll back to.
 
 Every checkpoint holds the adapter (mlx-lm's format), the optimizer state, the train state and, with
-`teacher_weighting: learned`, the teacher gate's state (`weighting.safetensors`), so a run can continue from it
-bit for bit. The newest `keep` step checkpoints are kept. Best checkpoints are named by their
+`teacher_weighting: learned`, the teacher gate's state (`weighting.safetensors`) and, with `loss.hidden` across
+widths, the hints' projections (`hints.safetensors`), so a run can continue from it bit for bit. The newest `keep` step checkpoints are kept. Best checkpoints are named by their
 step and kept while the run's state or a kept step checkpoint refers to them: a run resumed from an older
 step checkpoint then finds the best it had at that step, not a later one a killed worker wrote after it.
 Folders are written under a temporary name and renamed, so a half-written checkpoint is never read.
@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import hidden
 from . import student as student_mod
 from .mlx_typed import load_safetensors
 
@@ -55,6 +56,8 @@ class Checkpoints:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if weighting is not None and (arrays := weighting.state()):
             mx.save_safetensors(str(tmp / "weighting.safetensors"), arrays)
+        if projections := hidden.projection_weights(model):
+            mx.save_safetensors(str(tmp / "hints.safetensors"), projections)
         if best is not None:
             (tmp / "best.json").write_text(json.dumps(best))
         shutil.rmtree(path, ignore_errors=True)
@@ -86,6 +89,8 @@ class Checkpoints:
     def restore(path: Path, model, optimizer=None, weighting=None) -> None:
         """The adapter weights, the optimizer state when an optimizer is given, the weighting's when one is."""
         model.load_weights(str(path / "adapters.safetensors"), strict=False)
+        if (path / "hints.safetensors").is_file():  # the hints' projections (hidden.py), while they train
+            model.load_weights(str(path / "hints.safetensors"), strict=False)
         if optimizer is not None:
             optimizer.state = tree_unflatten(list(load_safetensors(path / "optimizer.safetensors").items()))
         if weighting is not None and (path / "weighting.safetensors").is_file():

@@ -85,18 +85,22 @@ class CompiledGradients:
 
 def _split(teacher) -> tuple[dict, tuple]:
     """A teacher dataclass's array fields (the graph's inputs) and its other fields (constants of the key)."""
-    arrays, consts = {}, []
+    arrays: dict[str, mx.array | list[mx.array]] = {}
+    consts = []
     for f in dataclasses.fields(teacher):
         value = getattr(teacher, f.name)
         if isinstance(value, mx.array):
             arrays[f.name] = value
+        elif isinstance(value, tuple) and value and all(isinstance(v, mx.array) for v in value):
+            arrays[f.name] = list(value)  # e.g. a teacher's hidden states: inputs too
         else:
             consts.append((f.name, value))
     return arrays, tuple(consts)
 
 
 def _join(kind: type, arrays: dict, consts: tuple):
-    return kind(**arrays, **dict(consts))
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in arrays.items()}
+    return kind(**fields, **dict(consts))
 
 
 def _settings_key(loss_cfg) -> tuple:

@@ -31,6 +31,7 @@ from distillery_contract.specs import DistillSpec, TeacherCacheSpec
 from . import cache as cache_mod
 from . import data as data_mod
 from . import evaluate as evaluate_mod
+from . import hidden as hidden_mod
 from . import models, on_policy, preflight
 from . import student as student_mod
 from . import weighting as weighting_mod
@@ -237,11 +238,18 @@ def run_distill(
             estimator=spec.on_policy.estimator,
             tokenizer=tokenizer,
         )
-    for teacher_dir in inputs.teachers:
+    hint = spec.loss.hidden
+    hint_teacher_model = None
+    for index, teacher_dir in enumerate(inputs.teachers):
         if spec.teacher_mode in ("online", "on_policy"):
             model = models.load_model(teacher_dir)[0]
             models.dequantized_compute(model)
-            teacher = OnlineTeacher(model)
+            reads = hint is not None and index == hint.teacher
+            if reads:
+                assert hint is not None
+                _check_hint_layers(hint.pairs, 1, len(model.layers), f"teacher {index} ({teacher_dir.name})")
+                hint_teacher_model = model
+            teacher = OnlineTeacher(model, sorted({t for _, t in hint.pairs}) if reads and hint else [])
             train_split.teachers.append(teacher)
             valid_split.teachers.append(teacher)
             continue
@@ -288,6 +296,11 @@ def run_distill(
     if isinstance(train_split, on_policy.OnPolicySplit):
         train_split.student = student.model
         sampled_eval = _sampled_eval(spec, student, valid_split, weights)
+    hints = None
+    if hint is not None and hint_teacher_model is not None:
+        _check_hint_layers(hint.pairs, 0, len(student.model.layers), "the student")
+        width = hidden_mod.teacher_width(hint_teacher_model)
+        hints = hidden_mod.Hints(student.model, hint.pairs, hint.kind, hint.weight, width)
     teacher_weighting = weighting_mod.make(
         spec.teacher_weighting, weights, student.model, spec.weighting, seed=spec.training.seed
     )
@@ -301,6 +314,7 @@ def run_distill(
         hooks,
         on_progress=on_progress,
         sampled_eval=sampled_eval,
+        hints=hints,
     )
 
     # -- outputs: the best adapter by val KL (the starting student's own when no trained step beat it)
@@ -372,6 +386,16 @@ def _sampled_eval(spec: DistillSpec, student: student_mod.Student, valid_split: 
         )
 
     return run
+
+
+def _check_hint_layers(pairs: list[list[int]], side: int, depth: int, whose: str) -> None:
+    """loss.hidden.pairs name layers the model has (side 0: the student's, 1: the teacher's)."""
+    bad = [p for p in pairs if p[side] >= depth]
+    if bad:
+        role = ("student_layer", "teacher_layer")[side]
+        raise UserError(
+            f"loss.hidden.pairs: {role} {bad[0][side]} in {bad[0]} but {whose} has {depth} layers (0 to {depth - 1})"
+        )
 
 
 def run_warnings(state) -> list[dict]:

@@ -221,9 +221,11 @@ def sparse_divergence(
 
 @dataclass(frozen=True)
 class DenseTeacher:
-    """A teacher run in the loop: its full logits [B, L, V]."""
+    """A teacher run in the loop: its full logits [B, L, V] and, for hidden-state hints (hidden.py), the outputs
+    of the layers they read [B, L, d] each."""
 
     logits: mx.array
+    hidden: tuple[mx.array, ...] = ()
 
     def divergence(self, student_logits: mx.array, kind: str, temperature: float, **kw) -> mx.array:
         return dense_divergence(student_logits, self.logits, kind, temperature, **kw)

@@ -263,7 +263,8 @@ def apply_param_groups(model: nn.Module, groups: list[ParamGroup]) -> dict[str, 
 def save_adapter(model: nn.Module, acfg: dict, out: Path, extra: dict | None = None) -> None:
     """`adapters.safetensors` + `adapter_config.json` exactly as mlx-lm writes and reads them."""
     out.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.trainable_parameters()))
+    # (hidden-state hints' projections train with the student but are the run's, not the adapter's: hidden.py)
+    weights = {k: v for k, v in flat_arrays(model.trainable_parameters()) if not k.startswith("hidden_projections.")}
     if acfg.get("fine_tune_type", "lora") != "full":
         weights = dict(tree_flatten(_adapter_leaves(model)))
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)

@@ -37,6 +37,7 @@ from distillery_contract.specs import DistillSpec, TrainingSpec
 from . import compiled_step, evaluate, losses, lr_search, schedule
 from . import data as data_mod
 from . import guard as guard_mod
+from . import hidden as hidden_mod
 from . import student as student_mod
 from . import weighting as weighting_mod
 from .batches import Split
@@ -146,6 +147,8 @@ class Trainer:
         weighting: weighting_mod.Weighting,
         sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
         score: str | None = None,
+        hints: hidden_mod.Hints | None = None,
+        hint_teacher: int = 0,
     ):
         """`sampled_eval(max_prompts, show)` (on_policy): metrics on the student's own samples (and, with `show`,
         a few of them), merged into every evaluation. `score`: what picks the best checkpoint (a key of
@@ -156,6 +159,7 @@ class Trainer:
         # held-out prompts alone (on_policy) have no tokens of the data's own to take the val KL on
         self.dataset_eval = sampled_eval is None or any(e.target_mask.any() for e in valid_split.examples)
         self.score_label = SCORE_LABELS[self.score_name]  # in messages
+        self.hints, self.hint_teacher = hints, hint_teacher  # loss.hidden: set up before the step is compiled
         self.last_samples: list = []
         self.train_split, self.valid_split, self.tr, self.weighting = train_split, valid_split, tr, weighting
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
@@ -166,7 +170,10 @@ class Trainer:
 
     def _loss(self, model, tokens, mask, teachers, weights, loss_cfg):
         logits = model(tokens[:, :-1])
-        return losses.distill_loss(logits, tokens[:, 1:], mask, teachers, weights, loss_cfg)
+        loss, ntok = losses.distill_loss(logits, tokens[:, 1:], mask, teachers, weights, loss_cfg)
+        if self.hints is not None and teachers:  # the layers' outputs of the forward above, against the teacher's
+            loss = loss + self.hints.loss(model, teachers[self.hint_teacher].hidden, mask)
+        return loss, ntok
 
     def train_step(
         self,
@@ -195,14 +202,15 @@ class Trainer:
         cost: dict[str, float] = {}
         for _ in range(self.tr.grad_accum):
             idx = self.order.next(state)
-            tokens, mask, teachers = self.train_split.batch(idx, self.pad_id, with_teachers=loss_cfg.alpha > 0)
+            with_teachers = loss_cfg.alpha > 0 or self.hints is not None
+            tokens, mask, teachers = self.train_split.batch(idx, self.pad_id, with_teachers=with_teachers)
             for k, v in getattr(self.train_split, "last", {}).items():  # on_policy's cost of the batch
                 cost[k] = cost.get(k, 0) + v
-            weights = self.weighting.weights(tokens, mask, teachers) if teachers else None  # [n, B] constants
+            weights = self.weighting.weights(tokens, mask, teachers) if loss_cfg.alpha > 0 else None  # [n, B]
             (loss, ntok), g = self._loss_and_grad(self.model, tokens, mask, teachers, weights, loss_cfg)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, ntok, grads)
-            if teachers:
+            if loss_cfg.alpha > 0:
                 self.weighting.learn(tokens, mask, teachers)  # the learned gate's own step; others: nothing
             loss_sum += loss.item()
             ntoks += int(ntok.item())
@@ -296,9 +304,13 @@ def train(
     hooks: Hooks,
     on_progress: Callable[[dict], None] | None = None,
     sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
+    hints: hidden_mod.Hints | None = None,
 ) -> TrainState:
     tr = spec.training
-    trainer = Trainer(student, train_split, valid_split, tr, weighting, sampled_eval, score_name(spec))
+    hint_teacher = spec.loss.hidden.teacher if spec.loss.hidden else 0
+    trainer = Trainer(
+        student, train_split, valid_split, tr, weighting, sampled_eval, score_name(spec), hints, hint_teacher
+    )
     model, acfg = trainer.model, trainer.acfg
     guard = guard_mod.DivergenceGuard(tr.divergence_guard)
     ckpts = Checkpoints(out_dir / "checkpoints", tr.keep_checkpoints)
@@ -455,6 +467,7 @@ def train(
             path = ckpts.save(model, optimizer, acfg, state, weighting)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(state.step, path)
+    hidden_mod.detach(model)  # the hints' projections are the run's, not the student's: they do not ship
     return state
 
 

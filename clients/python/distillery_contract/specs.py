@@ -111,6 +111,31 @@ class DataSpec(_Spec):
         return v
 
 
+class HiddenHintSpec(_Spec):
+    """`loss.hidden`: hidden-state hints (README: Several teachers). Needs the teacher in the loop (online)."""
+
+    pairs: list[list[int]] = Field(
+        min_length=1,
+        max_length=64,
+        description="[student_layer, teacher_layer] pairs (0-based transformer blocks, their outputs compared); "
+        "widths that differ get a learned projection.",
+    )
+    kind: Literal["mse", "cosine"] = Field(
+        "mse", description="mse: squared error relative to the teacher's norm; cosine: 1 - cosine similarity."
+    )
+    weight: float = Field(1.0, gt=0, le=1e4, description="Weight of the hint term, summed over pairs.")
+    teacher: int = Field(0, ge=0, le=7, description="Which teacher (index in `teachers`) gives the hidden states.")
+
+    @field_validator("pairs")
+    @classmethod
+    def _layer_pairs(cls, v: list[list[int]]) -> list[list[int]]:
+        if any(len(p) != 2 for p in v):
+            raise ValueError("each pair is [student_layer, teacher_layer]")
+        if any(i < 0 for p in v for i in p):
+            raise ValueError("layer indices are 0-based and must be >= 0")
+        return v
+
+
 class LossSpec(_Spec):
     kind: LossKind = "forward_kl"
     temperature: float = Field(1.0, gt=0, le=20)
@@ -120,6 +145,7 @@ class LossSpec(_Spec):
     top_k: int = Field(DEFAULT_TOP_K, ge=1, le=4096, description="Teacher log-probs kept per position (offline mode).")
     beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of generalised JSD.")
     skew: float = Field(0.1, ge=0, lt=1, description="Skew of skew KL: KL(p || skew*p + (1-skew)*q).")
+    hidden: HiddenHintSpec | None = Field(None, description="Hidden-state hints: intermediate layers matched too.")
 
 
 class LossOverride(_Spec):
@@ -528,6 +554,14 @@ class DistillSpec(_Spec):
                     "on_policy.estimator: sampled estimates the reverse KL from the sampled tokens alone; "
                     "loss.kind (and every stage's) must be reverse_kl, or use estimator: full"
                 )
+        hint = self.loss.hidden
+        if hint is not None and self.teacher_mode != "online":
+            raise ValueError(
+                "loss.hidden needs the teacher's hidden states, which only a teacher in the loop gives: use "
+                f"teacher_mode: online (a teacher cache holds its top-k log-probs only; got {self.teacher_mode})"
+            )
+        if hint is not None and hint.teacher >= len(self.teachers):
+            raise ValueError(f"loss.hidden.teacher: {hint.teacher} but the spec has {len(self.teachers)} teacher(s)")
         if self.teacher_weighting != "fixed" and len(self.teachers) < 2:
             raise ValueError(
                 f"teacher_weighting: {self.teacher_weighting} weighs several teachers against each other; "
