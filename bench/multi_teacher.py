@@ -47,12 +47,14 @@ ARMS = {
 DOMAINS = ("plays", "pydocs")
 
 
-def pydoc_passages(n: int, chars: int, *, skip: int = 0) -> list[str]:
+def pydoc_passages(n: int, chars: int) -> list[str]:
     import pydoc_data.topics as topics
 
     texts = [v for _, v in sorted(topics.topics.items()) if len(v) > chars]
     chunks = [v[i : i + chars] for v in texts for i in range(0, len(v) - chars + 1, chars)]
-    return chunks[skip::7][:n]  # spread over the topics
+    if len(chunks) < n:
+        raise SystemExit(f"the Python docs give {len(chunks)} passages of {chars} characters, wanted {n}")
+    return chunks[:: len(chunks) // n][:n]  # spread over the topics
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -85,9 +87,14 @@ def make_data(out: Path, n_train: int, n_valid: int, n_sft: int, chars: int) -> 
 
 
 def specialist(general: Path, data: Path, out: Path, store, steps: int, seq: int) -> Path:
-    """The Shakespeare teacher: an SFT run of the product on the plays, its adapter fused in."""
+    """The Shakespeare teacher: an SFT run of the product on the plays, its adapter fused in (kept in `out`, a
+    folder under the bench cache, and reused by later runs of the same settings)."""
     from distillery_contract.specs import DistillSpec
     from worker.engine.distill import Inputs, run_distill
+
+    if (out / "fused" / "config.json").is_file():
+        print(f"specialist: reusing {out / 'fused'}", flush=True)
+        return out / "fused"
 
     spec = DistillSpec.model_validate(
         {
@@ -196,7 +203,8 @@ def main() -> None:
         chars = 200 if args.quick else 500
         data = make_data(tmp / "data", args.train, args.valid, max(args.train // 2, 8), chars)
         store = CacheStore(tmp / "caches")
-        special = specialist(general, data["sft"], tmp / "sft", store, args.sft_steps, args.seq)
+        kept = Path.home() / ".cache" / "distillery-bench" / f"specialist-{general.name}-{args.sft_steps}x{args.seq}"
+        special = specialist(general, data["sft"], tmp / "sft" if args.quick else kept, store, args.sft_steps, args.seq)
         teachers = [general, special]
         loaded = [load_model(t)[0] for t in teachers]
         n_layers = json.loads((general / "config.json").read_text())["num_hidden_layers"]

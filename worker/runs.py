@@ -130,6 +130,7 @@ def distill(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hook
         train=r.dataset(spec.data.train, "data.train"),
         valid=valid if isinstance(valid, float) else r.dataset(valid, "data.valid"),
         student_adapter=r.adapter(spec.student.adapter, "student.adapter") if spec.student.adapter else None,
+        preference=r.dataset(spec.data.preference, "data.preference") if spec.data.preference else None,
     )
     # a re-run resumes from the checkpoints of the attempt before it
     out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)

@@ -25,6 +25,8 @@ def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
         refs.append(Reference("spec.data.train", "dataset", spec["data"]["train"]))
         if isinstance(spec["data"].get("valid"), str):
             refs.append(Reference("spec.data.valid", "dataset", spec["data"]["valid"]))
+        if spec["data"].get("preference"):
+            refs.append(Reference("spec.data.preference", "dataset", spec["data"]["preference"]))
         if spec.get("evaluate"):
             refs += _benchmark_refs("spec.evaluate", spec["evaluate"])
     elif kind == "teacher_cache":

@@ -60,6 +60,7 @@ def run(spec: DistillSpec, out: Path, store_root: Path, hooks: Hooks | None = No
         train=Path(spec.data.train),
         valid=Path(spec.data.valid),
         student_adapter=adapter,
+        preference=Path(spec.data.preference) if spec.data.preference else None,
     )
     return distill.run_distill(spec, inputs, out, CacheStore(store_root), hooks)
 

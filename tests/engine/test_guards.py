@@ -142,8 +142,8 @@ def nan_at_step_six(monkeypatch):
 
     real = train_mod.Trainer._gradients
 
-    def gradients(self, state, loss_cfg):
-        result = real(self, state, loss_cfg)
+    def gradients(self, state, loss_cfg, seed_step=0):
+        result = real(self, state, loss_cfg, seed_step)
         if state.step == 5:
             result.loss, result.grad_norm = math.nan, math.nan
             result.grads = tree_map(lambda g: g * math.nan, result.grads)

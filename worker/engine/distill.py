@@ -33,6 +33,7 @@ from . import data as data_mod
 from . import evaluate as evaluate_mod
 from . import hidden as hidden_mod
 from . import models, on_policy, preflight
+from . import preference as preference_mod
 from . import student as student_mod
 from . import weighting as weighting_mod
 from .batches import CachedTeacher, OnlineTeacher, Split
@@ -52,6 +53,7 @@ class Inputs:
     train: Path
     valid: Path | float
     student_adapter: Path | None = None
+    preference: Path | None = None
 
 
 def ensure_cache(
@@ -192,6 +194,7 @@ def run_distill(
                 f"data: {ds.path.name} is '{ds.format}' data; distillation trains on "
                 f"{', '.join(data_mod.TRAINABLE_FORMATS)}"
             )
+    pairs = preference_mod.load_pairs(inputs.preference, tokenizer, tr.max_seq_len) if inputs.preference else None
     memory = preflight.check_memory(spec, inputs.student, inputs.teachers)
     hooks.event(
         "preflight",
@@ -240,10 +243,26 @@ def run_distill(
         )
     hint = spec.loss.hidden
     hint_teacher_model = None
+    teacher_margins: list[tuple[np.ndarray, np.ndarray, float]] = []  # per teacher: (train, valid, weight)
     for index, teacher_dir in enumerate(inputs.teachers):
-        if spec.teacher_mode in ("online", "on_policy"):
+        if pairs is not None:  # the teachers' preference margins, once (offline: the teacher is loaded for it)
             model = models.load_model(teacher_dir)[0]
             models.dequantized_compute(model)
+            teacher_margins.append(
+                (
+                    preference_mod.margins(model, pairs[0], tokenizer.pad_token_id or 0),
+                    preference_mod.margins(model, pairs[1], tokenizer.pad_token_id or 0),
+                    spec.teachers[index].weight,
+                )
+            )
+            if spec.teacher_mode == "offline":  # its cache is built without it
+                del model
+                gc.collect()
+                mx.clear_cache()
+        if spec.teacher_mode in ("online", "on_policy"):
+            if pairs is None:
+                model = models.load_model(teacher_dir)[0]
+                models.dequantized_compute(model)
             reads = hint is not None and index == hint.teacher
             if reads:
                 assert hint is not None
@@ -296,6 +315,27 @@ def run_distill(
     if isinstance(train_split, on_policy.OnPolicySplit):
         train_split.student = student.model
         sampled_eval = _sampled_eval(spec, student, valid_split, weights)
+    preference_term = None
+    if pairs is not None:
+        total = sum(w for _, _, w in teacher_margins)
+        preference_term = preference_mod.PreferenceTerm(
+            pairs[0],
+            pairs[1],
+            sum(m * (w / total) for m, _, w in teacher_margins),  # type: ignore[arg-type]
+            sum(m * (w / total) for _, m, w in teacher_margins),  # type: ignore[arg-type]
+            kind=spec.loss.preference.kind if spec.loss.preference else "bradley_terry",
+            weight=spec.loss.preference.weight if spec.loss.preference else 0.0,
+            batch_pairs=spec.loss.preference.batch_pairs if spec.loss.preference else 1,
+            temperature=spec.loss.preference.temperature if spec.loss.preference else 1.0,
+            seed=tr.seed,
+            pad_id=student.tokenizer.pad_token_id or 0,
+        )
+        hooks.event(
+            "preference",
+            f"{len(pairs[0])} preference pairs to train on, {len(pairs[1])} held out"
+            if spec.loss.preference
+            else f"{len(pairs[1])} held-out preference pairs evaluated (no loss.preference: none trained on)",
+        )
     hints = None
     if hint is not None and hint_teacher_model is not None:
         _check_hint_layers(hint.pairs, 0, len(student.model.layers), "the student")
@@ -315,6 +355,7 @@ def run_distill(
         on_progress=on_progress,
         sampled_eval=sampled_eval,
         hints=hints,
+        preference=preference_term,
     )
 
     # -- outputs: the best adapter by val KL (the starting student's own when no trained step beat it)
@@ -433,7 +474,25 @@ def run_warnings(state) -> list[dict]:
                 f"the best checkpoint (step {state.best_step}) is shipped.",
             }
         )
+    shipped = state.best_eval or state.last_eval
+    for key, label in (
+        ("val_pref_agreement", "agreement with the teachers' ranking"),
+        ("val_harmless_accuracy", "harmlessness (preference accuracy on harmless pairs)"),
+    ):
+        before, after = state.initial.get(key), shipped.get(key)
+        if before is not None and after is not None and after < before - PREFERENCE_DROP:
+            out.append(
+                {
+                    "code": "preference_regressed",
+                    "message": f"the shipped student's {label} fell from {before:.3f} to {after:.3f} on the held-out "
+                    "preference pairs: it ranks answers less like its teachers than it did. Add or raise "
+                    "loss.preference, or compare the checkpoints' evaluations.",
+                }
+            )
     return out
+
+
+PREFERENCE_DROP = 0.05  # a fall in preference agreement or harmlessness the run warns about
 
 
 def _holdout(examples: list[data_mod.Example], fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -71,6 +71,7 @@ def resolve_inputs(spec: DistillSpec, base: Path, cache_dir: Path):
         train=path(spec.data.train, "data.train", must_be_file=True),
         valid=valid if isinstance(valid, float) else path(valid, "data.valid", must_be_file=True),
         student_adapter=path(spec.student.adapter, "student.adapter") if spec.student.adapter else None,
+        preference=path(spec.data.preference, "data.preference", must_be_file=True) if spec.data.preference else None,
     )
 
 

@@ -38,6 +38,7 @@ from . import compiled_step, evaluate, losses, lr_search, schedule
 from . import data as data_mod
 from . import guard as guard_mod
 from . import hidden as hidden_mod
+from . import preference as preference_mod
 from . import student as student_mod
 from . import weighting as weighting_mod
 from .batches import Split
@@ -149,6 +150,7 @@ class Trainer:
         score: str | None = None,
         hints: hidden_mod.Hints | None = None,
         hint_teacher: int = 0,
+        preference: preference_mod.PreferenceTerm | None = None,
     ):
         """`sampled_eval(max_prompts, show)` (on_policy): metrics on the student's own samples (and, with `show`,
         a few of them), merged into every evaluation. `score`: what picks the best checkpoint (a key of
@@ -160,6 +162,7 @@ class Trainer:
         self.dataset_eval = sampled_eval is None or any(e.target_mask.any() for e in valid_split.examples)
         self.score_label = SCORE_LABELS[self.score_name]  # in messages
         self.hints, self.hint_teacher = hints, hint_teacher  # loss.hidden: set up before the step is compiled
+        self.preference = preference  # data.preference: evaluated; with loss.preference (weight > 0) trained
         self.last_samples: list = []
         self.train_split, self.valid_split, self.tr, self.weighting = train_split, valid_split, tr, weighting
         self.pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
@@ -189,14 +192,14 @@ class Trainer:
         averaged and clipped gradients, then the AdamW update, unless `check` (called with the result before
         the update) returns a verdict other than OK. The verdict is in the result (`verdict`)."""
         mx.random.seed(self.tr.seed * 1_000_003 + seed_step)  # dropout's randomness: a function of (seed, step)
-        result = self._gradients(state, loss_cfg)
+        result = self._gradients(state, loss_cfg, seed_step)
         if check is not None:
             result.verdict = check(result)
         if result.verdict.action == guard_mod.OK:
             self._apply(optimizer, result.grads)
         return result
 
-    def _gradients(self, state: TrainState, loss_cfg) -> StepResult:
+    def _gradients(self, state: TrainState, loss_cfg, seed_step: int = 0) -> StepResult:
         """Gradients of one optimizer step (its micro-batches taken from `state`'s data position)."""
         grads, loss_sum, ntoks, n_in = None, 0.0, 0, 0
         cost: dict[str, float] = {}
@@ -218,6 +221,9 @@ class Trainer:
         assert grads is not None  # grad_accum >= 1: there was a micro-batch
         if self.tr.grad_accum > 1:
             grads = tree_map(lambda g: g / self.tr.grad_accum, grads)
+        if self.preference is not None and self.preference.weight > 0:  # its pairs drawn from (seed, step)
+            cost["preference_loss"], g = self.preference.gradients(self.model, seed_step)
+            grads = tree_map(mx.add, grads, g)
         if self.tr.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, self.tr.max_grad_norm)
         else:  # the guard watches the norm even when nothing clips it
@@ -244,6 +250,8 @@ class Trainer:
             few = max_batches * self.tr.batch_size if spread and max_batches else None
             sampled, self.last_samples = self.sampled_eval(few, not spread)
             metrics.update(sampled)
+        if self.preference is not None and not spread:
+            metrics.update(self.preference.evaluate(self.model))
         return metrics
 
     def score(self, metrics: dict) -> float:
@@ -305,11 +313,21 @@ def train(
     on_progress: Callable[[dict], None] | None = None,
     sampled_eval: Callable[[int | None, bool], tuple[dict, list]] | None = None,
     hints: hidden_mod.Hints | None = None,
+    preference: preference_mod.PreferenceTerm | None = None,
 ) -> TrainState:
     tr = spec.training
     hint_teacher = spec.loss.hidden.teacher if spec.loss.hidden else 0
     trainer = Trainer(
-        student, train_split, valid_split, tr, weighting, sampled_eval, score_name(spec), hints, hint_teacher
+        student,
+        train_split,
+        valid_split,
+        tr,
+        weighting,
+        sampled_eval,
+        score_name(spec),
+        hints,
+        hint_teacher,
+        preference,
     )
     model, acfg = trainer.model, trainer.acfg
     guard = guard_mod.DivergenceGuard(tr.divergence_guard)
@@ -437,6 +455,7 @@ def train(
         }
         if result.cost:
             record.update({k: v for k, v in result.cost.items() if k != "on_policy"})
+        if "generate_seconds" in result.cost or "score_seconds" in result.cost:
             record["update_seconds"] = dt - result.cost.get("generate_seconds", 0) - result.cost.get("score_seconds", 0)
         if verdict.action != guard_mod.OK:
             record["guard"] = verdict.action

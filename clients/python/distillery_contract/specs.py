@@ -102,6 +102,11 @@ class DataSpec(_Spec):
     valid: str | float = Field(
         0.05, description="A dataset (id or path), or the fraction of train held out for validation."
     )
+    preference: str | None = Field(
+        None,
+        description="A `preference` dataset (id or path): evaluations report the student's preference accuracy "
+        "and agreement with the teachers' ranking on its held-out pairs; `loss.preference` trains on the rest.",
+    )
 
     @field_validator("valid")
     @classmethod
@@ -136,6 +141,19 @@ class HiddenHintSpec(_Spec):
         return v
 
 
+class PreferenceLossSpec(_Spec):
+    """`loss.preference`: keep the teachers' ranking of chosen over rejected (needs `data.preference`)."""
+
+    weight: float = Field(1.0, gt=0, le=1e4, description="Weight of the preference term beside the token loss.")
+    kind: Literal["bradley_terry", "mse"] = Field(
+        "bradley_terry",
+        description="bradley_terry: cross-entropy of the preference probabilities σ(margin / temperature); "
+        "mse: squared difference of the length-normalised margins.",
+    )
+    temperature: float = Field(1.0, gt=0, le=100, description="bradley_terry's margin scale.")
+    batch_pairs: int = Field(4, ge=1, le=1024, description="Preference pairs per training step.")
+
+
 class LossSpec(_Spec):
     kind: LossKind = "forward_kl"
     temperature: float = Field(1.0, gt=0, le=20)
@@ -146,6 +164,9 @@ class LossSpec(_Spec):
     beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of generalised JSD.")
     skew: float = Field(0.1, ge=0, lt=1, description="Skew of skew KL: KL(p || skew*p + (1-skew)*q).")
     hidden: HiddenHintSpec | None = Field(None, description="Hidden-state hints: intermediate layers matched too.")
+    preference: PreferenceLossSpec | None = Field(
+        None, description="Preference-aware: the student's chosen-vs-rejected margins pulled to the teachers'."
+    )
 
 
 class LossOverride(_Spec):
@@ -562,6 +583,8 @@ class DistillSpec(_Spec):
             )
         if hint is not None and hint.teacher >= len(self.teachers):
             raise ValueError(f"loss.hidden.teacher: {hint.teacher} but the spec has {len(self.teachers)} teacher(s)")
+        if self.loss.preference is not None and self.data.preference is None:
+            raise ValueError("loss.preference needs data.preference: a dataset of {prompt, chosen, rejected} pairs")
         if self.teacher_weighting != "fixed" and len(self.teachers) < 2:
             raise ValueError(
                 f"teacher_weighting: {self.teacher_weighting} weighs several teachers against each other; "
