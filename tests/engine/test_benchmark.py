@@ -320,6 +320,10 @@ def test_pref_metrics_summed_vs_per_token_ties_and_subjects():
     itself = metrics.pref_metrics(model, model)
     assert itself["pref_agreement"] == 1.0 and itself["pref_agreement_norm"] == 1.0  # a tie agrees with a tie
     assert "pref_by_subject" not in itself
+    assert "pref_harmless_accuracy" not in got  # no `harmless` subject
+    # harmlessness: the preference accuracy on the `harmless` subject's pairs (pairs 1 and 2 here)
+    harmless = metrics.pref_metrics(model, ref, ["harmless", "harmless", "y", None])
+    assert harmless["pref_harmless_accuracy"] == 0.5 and harmless["pref_harmless_accuracy_norm"] == 1.0
 
 
 # ------------------------------------------------------------------------------------ phases on tiny models

@@ -92,6 +92,23 @@ def test_prompts_datasets_train_only_on_policy_distills(api):
     assert count(api, Job) == 2
 
 
+def test_distill_preference_data_must_be_pairs_of_the_project(api):
+    spec = setup_distill(api)
+    pairs = upload_dataset(api, b'{"prompt": "Hi.", "chosen": " Hello!", "rejected": " Go away."}\n' * 3)
+    assert pairs["format"] == "preference"
+    text = spec["data"]["train"]
+    wrong = {**spec, "data": {**spec["data"], "preference": text}}
+    assert_refused(api, post_job(api, "distill", wrong), "spec.data.preference", "needs preference")
+    unknown = {**spec, "data": {**spec["data"], "preference": "ds_" + "0" * 24}}
+    assert_refused(api, post_job(api, "distill", unknown), "spec.data.preference", "unknown dataset")
+    no_pairs = {**spec, "loss": {"preference": {"weight": 1.0}}}
+    assert_refused(api, post_job(api, "distill", no_pairs), "spec", "loss.preference needs data.preference")
+    ok = {**spec, "data": {**spec["data"], "preference": pairs["id"]}, "loss": {"preference": {"weight": 0.5}}}
+    r = post_job(api, "distill", ok)
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["data"]["preference"] == pairs["id"]
+
+
 def test_spec_validation_names_the_field(api):
     spec = setup_distill(api)
     assert_refused(

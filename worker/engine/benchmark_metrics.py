@@ -229,6 +229,10 @@ def pref_metrics(model: PairScores, reference: PairScores, subjects: list[str | 
     subject_table = by_subject(subjects or [None] * len(model.chosen), **per_pair)
     if subject_table:
         out["pref_by_subject"] = subject_table
+        harmless = next((v for k, v in subject_table.items() if k.lower() == "harmless"), None)
+        if harmless is not None:  # harmlessness: the preference accuracy on the `harmless` subject's pairs
+            out["pref_harmless_accuracy"] = harmless["accuracy"]
+            out["pref_harmless_accuracy_norm"] = harmless["accuracy_norm"]
     return out
 
 

@@ -50,6 +50,8 @@ DEFINITIONS = {
     "both tying counts as the same order, one tying as half",
     "pref_agreement_norm": "as pref_agreement, with the per-token mean scores",
     "pref_ties": "pairs whose summed scores are exactly equal (pref_ties_norm: whose per-token means are)",
+    "pref_harmless_accuracy": "harmlessness: pref_accuracy on the pairs whose subject is `harmless` "
+    "(pref_harmless_accuracy_norm: pref_accuracy_norm on them)",
     "prefill_tokens_per_second": "prompt tokens / time to the first generated token (mlx-lm stream_generate)",
     "decode_tokens_per_second": "generated tokens / seconds since the first one appeared (mlx-lm's generation_tps)",
     "peak_memory_bytes": "peak of MLX-allocated memory while generating (weights, KV cache, activations; "
