@@ -130,15 +130,17 @@ def per_domain(student_dir: Path, adapter: Path | None, teachers: list, data: di
     """{domain: {kl: [to each teacher], ppl, weights}} of a student (with its adapter) on each domain's held-out
     text; `arm` = (teacher_weighting, its spec options, shipped checkpoint) gives the weights that arm's
     weighting puts on each teacher there (the learned gate as the checkpoint has it)."""
-    from mlx_lm import load
-
     from worker.engine import data as data_mod
+    from worker.engine import models, student
     from worker.engine import evaluate, weighting
     from worker.engine.batches import OnlineTeacher, Split
     from worker.engine.mlx_typed import load_safetensors
 
-    model, tokenizer = load(str(student_dir), adapter_path=str(adapter) if adapter else None)
+    model, tokenizer, _ = models.load_model(student_dir)  # float32 on the CPU, as the engine computes
+    if adapter is not None:
+        student.load_adapter(model, adapter, f"the adapter in {adapter}")
     model.eval()
+    models.dequantized_compute(model)
     weigh = weighting.Weighting([1.0] * max(len(teachers), 1))
     if arm is not None:
         kind, options, checkpoint = arm
