@@ -400,7 +400,18 @@ __all__ = [
     "micro",
     "load_note",
     "tiny_models",
+    "print_warnings_and_regressions",
 ]
+
+
+def print_warnings_and_regressions(rows: list, metric: str, label: str) -> None:
+    """After a table of runs ((name, summary, ...) each): every run's warnings, then which shipped a student
+    worse than its start by `metric` (lower is better), named `label`."""
+    for name, s, *_ in rows:
+        for w in s["warnings"]:
+            print(f"{name}: warning {w['code']}: {w['message']}")
+    worse = [name for name, s, *_ in rows if s["final"][metric] > s["initial"][metric]]
+    print(f"{label} worse than the start: {', '.join(worse) if worse else 'none'}")
 
 
 def run_in_tmp(prefix: str, run: Callable, args) -> None:

@@ -131,8 +131,7 @@ def per_domain(student_dir: Path, adapter: Path | None, teachers: list, data: di
     text; `arm` = (teacher_weighting, its spec options, shipped checkpoint) gives the weights that arm's
     weighting puts on each teacher there (the learned gate as the checkpoint has it)."""
     from worker.engine import data as data_mod
-    from worker.engine import models, student
-    from worker.engine import evaluate, weighting
+    from worker.engine import evaluate, models, student, weighting
     from worker.engine.batches import OnlineTeacher, Split
     from worker.engine.mlx_typed import load_safetensors
 
@@ -215,6 +214,7 @@ def main() -> None:
 
         ppls = [teacher_ppl(t, data, args.seq) for t in teachers]
         results: dict[str, dict] = {}
+        summaries: list[tuple[str, dict]] = []
         start = None
         for arm in arms:
             which, kind = ARMS[arm]
@@ -252,6 +252,7 @@ def main() -> None:
             t0 = time.perf_counter()
             out = tmp / arm
             summary = run_distill(spec, inputs, out, store, Hooks(on_event=on_event))
+            summaries.append((arm, summary))
             if start is None:
                 start = per_domain(out / "student", None, loaded, data, args.seq)
             shipped = out / "checkpoints" / f"best-{summary['best']['step']:07d}"
@@ -280,6 +281,8 @@ def main() -> None:
             print(f"  {arm}: " + ", ".join(f"{d} {results[arm][d]['weights']}" for d in DOMAINS))
     # the bar: adaptive at least as good as the best single teacher and as equal weights, overall, on the
     # mean KL to both teachers (each domain's better teacher leads it)
+    print()
+    _common.print_warnings_and_regressions(summaries, "val_kl", "shipped (by its run's own val KL)")
     mean_kl = {arm: sum(r["overall"]["kl"]) / 2 for arm, r in results.items()}
     print("\nmean of the overall KL to both teachers: " + ", ".join(f"{a} {v:.4f}" for a, v in mean_kl.items()))
 

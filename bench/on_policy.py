@@ -162,11 +162,7 @@ def main() -> None:
             f"{f['val_reverse_kl'] / i['val_reverse_kl']:.3f} | {t['generate_seconds']:.0f} / "
             f"{t['score_seconds']:.0f} / {update:.0f} | {wall:.0f} s |"
         )
-    for name, s, _ in rows:
-        for w in s["warnings"]:
-            print(f"{name}: warning {w['code']}: {w['message']}")
-    worse = [name for name, s, _ in rows if s["final"]["val_reverse_kl"] > s["initial"]["val_reverse_kl"]]
-    print(f"reverse KL on samples worse than the start: {', '.join(worse) if worse else 'none'}")
+    _common.print_warnings_and_regressions(rows, "val_reverse_kl", "reverse KL on samples")
 
     print("\nThe student's completions of held-out prompts (the last evaluation's samples, the same key for all):")
     first = next((v for v in shown.values() if v), None)

@@ -133,11 +133,7 @@ def main() -> None:
             f"{i['val_ppl']:.2f} → {f['val_ppl']:.2f} | {i['val_top1_agreement']:.3f} → "
             f"{f['val_top1_agreement']:.3f} | {s['best']['step']} | {len(s['rollbacks'])} | {wall:.0f} s |"
         )
-    for name, s, _ in rows:
-        for w in s["warnings"]:
-            print(f"{name}: warning {w['code']}: {w['message']}")
-    worse = [name for name, s, _ in rows if s["final"]["val_kl"] > s["initial"]["val_kl"]]
-    print(f"shipped worse than the start: {', '.join(worse) if worse else 'none'}")
+    _common.print_warnings_and_regressions(rows, "val_kl", "shipped")
 
 
 if __name__ == "__main__":
