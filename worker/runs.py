@@ -167,7 +167,7 @@ def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Ho
         candidates.append(CandidateInput(c.label, model, adapter, metrics if metrics and metrics.is_file() else None))
     data = {
         name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None
-        for name in ("text", "mcq", "preference")
+        for name in ("text", "mcq", "preference", "prompts")
     }
     inputs = BenchmarkInputs(reference=r.model(spec.reference, "reference"), candidates=candidates, **data)
     out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)

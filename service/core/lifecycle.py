@@ -164,7 +164,7 @@ def evaluation_spec(job_id: str, spec: dict) -> dict:
         "data": ev["data"],
         "max_seq_len": ev.get("max_seq_len") or spec.get("training", {}).get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
     }
-    out.update({k: ev[k] for k in ("batch_size", "max_examples", "speed") if ev.get(k) is not None})
+    out.update({k: ev[k] for k in ("batch_size", "max_examples", "speed", "samples") if ev.get(k) is not None})
     return out
 
 

@@ -48,7 +48,7 @@ def _benchmark_refs(at: str, spec: dict[str, Any]) -> list[Reference]:
         for name, target in _CANDIDATE_FIELDS:
             if cand.get(name):
                 refs.append(Reference(f"{at}.candidates.{i}.{name}", target, cand[name]))
-    for name in ("text", "mcq", "preference"):
+    for name in ("text", "mcq", "preference", "prompts"):
         if spec["data"].get(name):
             refs.append(Reference(f"{at}.data.{name}", "dataset", spec["data"][name]))
     return refs

@@ -89,6 +89,8 @@ _DATASET_FORMATS: dict[str, tuple[str, ...]] = {  # by field (in a benchmark spe
     "spec.data.preference": ("preference",),
     "spec.evaluate.data.mcq": ("mcq",),
     "spec.evaluate.data.preference": ("preference",),
+    "spec.data.prompts": ("prompts", "completions", "chat"),
+    "spec.evaluate.data.prompts": ("prompts", "completions", "chat"),
 }
 
 ID_RE = re.compile(ID_PATTERN)

@@ -117,8 +117,8 @@ def make_adapter(base: Path, out: Path, seed: int = 0, num_layers: int = 2) -> P
 
 
 def spec_of(reference: Path, candidates: list[dict], **kw) -> BenchmarkSpec:
-    data = {k: str(kw.pop(k)) for k in ("text", "mcq", "preference") if kw.get(k) is not None}
-    for k in ("text", "mcq", "preference"):
+    data = {k: str(kw.pop(k)) for k in ("text", "mcq", "preference", "prompts") if kw.get(k) is not None}
+    for k in ("text", "mcq", "preference", "prompts"):
         kw.pop(k, None)
     doc = {
         "reference": str(reference),
@@ -144,6 +144,7 @@ def inputs_of(reference: Path, candidates: list[dict], **kw) -> bm.BenchmarkInpu
         text=kw.get("text"),
         mcq=kw.get("mcq"),
         preference=kw.get("preference"),
+        prompts=kw.get("prompts"),
     )
 
 
@@ -719,3 +720,56 @@ def test_spec_settings():
                 "speed": {"decode": 3},
             }
         )
+
+
+def test_reverse_kl_on_each_candidates_own_samples(tiny_teacher, tiny_student, tmp_path):
+    """The samples phase: the reference's own is 0 by definition, a slightly perturbed teacher scores a little,
+    an untrained student far more; each value is training's val_reverse_kl (the same function, same key)."""
+    from distillery_contract.specs import OnPolicySpec
+    from worker.engine.batches import OnlineTeacher
+    from worker.engine.on_policy import reverse_kl_on_samples
+
+    prompts = tiny.write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": " ".join(r["text"].split()[:6])} for r in tiny.text_records(6)]
+    )
+    nudged = make_adapter(tiny_teacher, tmp_path / "nudged", seed=3)
+    candidates = [
+        {"label": "itself", "model": tiny_teacher},
+        {"label": "nudged", "model": tiny_teacher, "adapter": nudged},
+        {"label": "student", "model": tiny_student},
+    ]
+    progress = []
+    summary, rep = bench(
+        tmp_path / "out",
+        tiny_teacher,
+        candidates,
+        on_progress=progress.append,
+        prompts=prompts,
+        samples={"max_new_tokens": 8, "temperature": 1.0},
+    )
+    got = {r["label"]: r["metrics"] for r in rep["candidates"]}
+    assert got["itself"]["sample_reverse_kl"] == 0.0
+    assert 0 < got["nudged"]["sample_reverse_kl"] < got["student"]["sample_reverse_kl"]
+    assert got["student"]["sample_tokens"] > 0
+    assert summary["metrics"]["student"]["sample_reverse_kl"] == got["student"]["sample_reverse_kl"]
+    assert [p["phase"] for p in progress].count("samples") == 2 and progress[-1]["step"] == progress[-1]["total_steps"]
+    assert "reverse KL on samples" in (tmp_path / "out" / "report.md").read_text()
+    # the oracle: training's own evaluation of the student on those prompts
+    teacher, tok, _ = models.load_model(tiny_teacher)
+    student, _, _ = models.load_model(tiny_student)
+    from worker.engine import data as data_mod
+    from worker.engine.on_policy import prompt_of
+
+    examples = data_mod.tokenize(data_mod.load_jsonl(prompts), tok, 64)
+    want, _ = reverse_kl_on_samples(
+        student,
+        tok,
+        [OnlineTeacher(teacher)],
+        np.ones(1),
+        [prompt_of(e) for e in examples],
+        OnPolicySpec(max_new_tokens=8, temperature=1.0),
+        64,
+        4,
+        tok.pad_token_id or 0,
+    )
+    assert got["student"]["sample_reverse_kl"] == pytest.approx(want["val_reverse_kl"], rel=1e-5)

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from sqlalchemy import select
 
 from service.core import lifecycle
 from service.core.db.models import IdempotencyRecord, Job, JobDependency
@@ -73,6 +74,26 @@ def test_online_distill_teacher_cache_and_benchmark(api):
     r = post_job(api, "benchmark", bench)
     assert r.status_code == 201, r.text
     assert api.queue_length() == 3
+
+
+def test_benchmark_prompts_take_prompts_completions_or_chat(api):
+    spec = setup_distill(api)
+    prompts = upload_dataset(api, b'{"prompt": "Tell me about the sea."}\n')
+    bench = {
+        "reference": spec["teachers"][0]["model"],
+        "candidates": [{"label": "student", "model": spec["student"]["model"]}],
+        "data": {"prompts": spec["data"]["train"]},  # text data: no prompts in it
+    }
+    assert_refused(api, post_job(api, "benchmark", bench), "spec.data.prompts", "prompts or completions or chat")
+    r = post_job(api, "benchmark", {**bench, "data": {"prompts": prompts["id"]}, "samples": {"max_new_tokens": 16}})
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["samples"]["max_new_tokens"] == 16
+    evaluated = {**spec, "evaluate": {"data": {"prompts": prompts["id"]}, "samples": {"temperature": 0.0}}}
+    r = post_job(api, "distill", evaluated)
+    assert r.status_code == 201, r.text
+    with api.db() as session:
+        child = session.scalars(select(Job).where(Job.parent_id == r.json()["id"])).one()
+        assert child.spec["data"]["prompts"] == prompts["id"] and child.spec["samples"]["temperature"] == 0.0
 
 
 def test_prompts_datasets_train_only_on_policy_distills(api):

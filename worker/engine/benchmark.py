@@ -16,6 +16,11 @@ Every model gets one row of `report.json`, the reference included (under its own
               (`pref_accuracy_norm`, `pref_agreement_norm`). Accuracy: chosen scores higher; agreement: the
               model orders the pair as the reference does. A tie (equal scores) is worth ½ (see
               `benchmark_metrics.pair_credit` / `pair_agreement`). Per subject when records have one.
+  samples     each candidate completes `data.prompts` (mlx-lm's batched sampling, `samples`: max_new_tokens,
+              temperature, top_p; one fixed key for every candidate) and the reference scores every sampled token:
+              `sample_reverse_kl`, KL(candidate ‖ reference) over the full vocabulary at each sampled token,
+              averaged (what on-policy distillation optimises, computed as training's `val_reverse_kl`). This
+              phase holds the reference and one candidate at a time, after the other phases.
   speed       mlx-lm's `stream_generate` (greedy, end-of-sequence suppressed so every run decodes the same
               number of tokens) on a fixed random prompt; prefill and decode tokens per second, and MLX's peak
               memory.
@@ -52,7 +57,7 @@ from distillery_contract.specs import BenchmarkSpec
 
 from . import models, report
 from . import student as student_mod
-from .benchmark_data import MCQ_PROMPT, load_data, mcq_examples, pref_examples, text_examples
+from .benchmark_data import MCQ_PROMPT, load_data, mcq_examples, pref_examples, prompt_tokens, text_examples
 from .benchmark_inputs import (
     BenchmarkInputs,
     CandidateInput,
@@ -101,8 +106,10 @@ def run_benchmark(
     vocab = config_vocab_size(rows[0].path)
     if work.text and vocab is not None:
         ensure_free_space(scratch, work.text_positions, vocab)
+    prompts = prompt_tokens(datasets, tokenizer, spec)
     distinct = distinct_models(rows)
-    progress = Progress(len(distinct) * (work.batches_per_model + int(spec.speed.enabled)), hooks, on_progress)
+    units = len(distinct) * (work.batches_per_model + int(spec.speed.enabled)) + (len(distinct) - 1) * bool(prompts)
+    progress = Progress(units, hooks, on_progress)
     hooks.event(
         "preflight",
         f"benchmark of {len(rows)} models on {', '.join(datasets)}",
@@ -114,7 +121,10 @@ def run_benchmark(
     # -- every phase, one model at a time, the reference first
     with ReferenceStore(scratch, work.text_positions) as store:
         scores = _score_one_at_a_time(distinct, work, store, spec, progress, hooks)
+    sampled = _samples_phase(distinct, prompts, spec, pad_id, progress) if prompts else {}
     _apply_scores(rows, scores, datasets)
+    for row in rows:
+        row.metrics.update(sampled.get(row.key, {}))
     add_sizes(rows)
 
     rep = build_report(spec, rows, datasets, work.text)
@@ -176,6 +186,39 @@ def _score_one_at_a_time(
             del model
             _release()
     return scores
+
+
+def _samples_phase(
+    distinct: list[Row], prompts: list[np.ndarray], spec: BenchmarkSpec, pad_id: int, progress: Progress
+) -> dict[tuple, dict]:
+    """`sample_reverse_kl` of each model (the reference's own is 0 by definition: not measured)."""
+    from distillery_contract.specs import OnPolicySpec
+
+    from .batches import OnlineTeacher
+    from .on_policy import reverse_kl_on_samples
+
+    s = spec.samples
+    cfg = OnPolicySpec(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+    reference, _, _ = load_model_of(distinct[0])
+    teacher = OnlineTeacher(reference)
+    out: dict[tuple, dict] = {distinct[0].key: {"sample_reverse_kl": 0.0}}
+    try:
+        for row in distinct[1:]:
+            progress.check("samples")
+            model, tok, _ = load_model_of(row)
+            try:
+                got, _ = reverse_kl_on_samples(
+                    model, tok, [teacher], np.ones(1), prompts, cfg, spec.max_seq_len, spec.batch_size, pad_id
+                )
+            finally:
+                del model
+                _release()
+            out[row.key] = {"sample_reverse_kl": got["val_reverse_kl"], "sample_tokens": got["val_sampled_tokens"]}
+            progress.advance("samples", row.label)
+    finally:
+        del teacher, reference
+        _release()
+    return out
 
 
 def _release() -> None:

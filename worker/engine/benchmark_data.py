@@ -27,7 +27,12 @@ TEXT_FORMATS = data_mod.TRAINABLE_FORMATS
 
 def load_data(spec: BenchmarkSpec, inputs: BenchmarkInputs, tokenizer) -> dict[str, data_mod.Dataset]:
     """Each dataset slot, validated, in its expected format, cut to `max_examples` records."""
-    expected = {"text": TEXT_FORMATS, "mcq": ("mcq",), "preference": ("preference",)}
+    expected = {
+        "text": TEXT_FORMATS,
+        "mcq": ("mcq",),
+        "preference": ("preference",),
+        "prompts": ("prompts", "completions", "chat"),
+    }
     out = {}
     for slot, formats in expected.items():
         path = getattr(inputs, slot)
@@ -38,7 +43,7 @@ def load_data(spec: BenchmarkSpec, inputs: BenchmarkInputs, tokenizer) -> dict[s
             if ds.format not in formats:
                 wanted = " or ".join(filter(None, (", ".join(formats[:-1]), formats[-1])))
                 raise UserError(f"{path.name} is '{ds.format}' data, expected {wanted}")
-            if slot == "text":
+            if slot in ("text", "prompts"):
                 preflight.check_chat_template(ds.format, tokenizer, "the reference", path)
         except UserError as e:
             raise UserError(f"data.{slot}: {e}") from None
@@ -74,3 +79,20 @@ def pref_examples(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list[data_m
         return []
     pairs = [(r["prompt"], r[k]) for r in datasets["preference"].records for k in ("chosen", "rejected")]
     return continuation_examples(tokenizer, pairs, spec.max_seq_len)
+
+
+def prompt_tokens(datasets: dict, tokenizer, spec: BenchmarkSpec) -> list:
+    """The prompts the candidates complete (the samples phase): each record's tokens before its first reply,
+    the first `samples.max_prompts` that have any."""
+    if "prompts" not in datasets:
+        return []
+    from .on_policy import prompt_of
+
+    try:
+        examples = data_mod.tokenize(datasets["prompts"], tokenizer, spec.max_seq_len)
+    except UserError as e:
+        raise UserError(f"data.prompts: {e}") from None
+    prompts = [p for p in (prompt_of(e) for e in examples) if len(p)][: spec.samples.max_prompts]
+    if not prompts:
+        raise UserError("data.prompts: no record has a prompt (text before the first reply) to complete")
+    return prompts

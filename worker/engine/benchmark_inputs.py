@@ -37,6 +37,7 @@ class BenchmarkInputs:
     text: Path | None = None
     mcq: Path | None = None
     preference: Path | None = None
+    prompts: Path | None = None
 
 
 @dataclass(eq=False)  # hashed by identity: rows key the per-phase results

@@ -25,6 +25,7 @@ HEADLINE = (
     "mcq_accuracy",
     "pref_accuracy",
     "pref_accuracy_norm",
+    "sample_reverse_kl",
     "prefill_tokens_per_second",
     "decode_tokens_per_second",
     "peak_memory_bytes",
@@ -50,6 +51,8 @@ DEFINITIONS = {
     "both tying counts as the same order, one tying as half",
     "pref_agreement_norm": "as pref_agreement, with the per-token mean scores",
     "pref_ties": "pairs whose summed scores are exactly equal (pref_ties_norm: whose per-token means are)",
+    "sample_reverse_kl": "KL(model ‖ reference) over the full vocabulary at each token the model samples for "
+    "data.prompts, averaged over those tokens (sample_tokens); the reference's own is not measured",
     "pref_harmless_accuracy": "harmlessness: pref_accuracy on the pairs whose subject is `harmless` "
     "(pref_harmless_accuracy_norm: pref_accuracy_norm on them)",
     "prefill_tokens_per_second": "prompt tokens / time to the first generated token (mlx-lm stream_generate)",

@@ -56,6 +56,8 @@ COLUMNS = [
     ("MCQ acc", lambda m: _pct(m["mcq_accuracy"]) if "mcq_accuracy" in m else None),
     ("pref acc (summed)", lambda m: _pct(m["pref_accuracy"]) if "pref_accuracy" in m else None),
     ("pref acc (per token)", lambda m: _pct(m["pref_accuracy_norm"]) if "pref_accuracy_norm" in m else None),
+    ("harmless acc", lambda m: _pct(m["pref_harmless_accuracy"]) if "pref_harmless_accuracy" in m else None),
+    ("reverse KL on samples", lambda m: f"{m['sample_reverse_kl']:.4f}" if "sample_reverse_kl" in m else None),
     ("prefill tok/s", lambda m: _num(m["prefill_tokens_per_second"]) if "prefill_tokens_per_second" in m else None),
     ("decode tok/s", lambda m: _num(m["decode_tokens_per_second"]) if "decode_tokens_per_second" in m else None),
     ("peak memory", lambda m: _bytes(m["peak_memory_bytes"]) if "peak_memory_bytes" in m else None),
@@ -176,6 +178,7 @@ BAR_CHARTS = {
             ("KL(reference ‖ model)", "kl", False, lambda v: f"{v:.3f}"),
             ("top-1 agreement", "top1_agreement", False, _pct),
             ("top-5 agreement", "top5_agreement", False, _pct),
+            ("KL(model ‖ reference) on its samples", "sample_reverse_kl", False, lambda v: f"{v:.3f}"),
         ],
     ),
     "tasks.png": (

@@ -406,11 +406,16 @@ class BenchmarkData(_Spec):
     text: str | None = Field(None, description="Dataset for KL, top-1/top-5 agreement and perplexity vs the reference.")
     mcq: str | None = Field(None, description="Multiple-choice dataset (`mcq` format): accuracy.")
     preference: str | None = Field(None, description="Preference dataset: how often `chosen` outscores `rejected`.")
+    prompts: str | None = Field(
+        None,
+        description="Prompts (`prompts`, `completions` or `chat` data: what comes before the first reply): each "
+        "candidate writes completions, the reference scores them: the reverse KL on the candidate's own samples.",
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> BenchmarkData:
-        if self.text is None and self.mcq is None and self.preference is None:
-            raise ValueError("name at least one of text, mcq, preference")
+        if self.text is None and self.mcq is None and self.preference is None and self.prompts is None:
+            raise ValueError("name at least one of text, mcq, preference, prompts")
         return self
 
 
@@ -421,6 +426,15 @@ class BenchmarkSpeed(_Spec):
     prompt_tokens: int = Field(128, ge=1, le=131072, description="Prompt length for the prefill measurement.")
     decode_tokens: int = Field(64, ge=1, le=16384, description="Tokens generated for the decode measurement.")
     repeats: int = Field(1, ge=1, le=20, description="Measured runs per model (after one warm-up); the median is kept.")
+
+
+class BenchmarkSamples(_Spec):
+    """How candidates write their completions of `data.prompts` (the same key for every candidate)."""
+
+    max_new_tokens: int = Field(64, ge=1, le=16384, description="Longest completion per prompt.")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_prompts: int = Field(32, ge=1, le=4096, description="Prompts used (the first ones).")
 
 
 class BenchmarkSpec(_Spec):
@@ -439,6 +453,7 @@ class BenchmarkSpec(_Spec):
     batch_size: int = Field(4, gt=0, le=1024, description="Sequences per forward pass.")
     max_examples: int | None = Field(None, gt=0, description="Use at most the first N records of each dataset.")
     speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
+    samples: BenchmarkSamples = Field(default_factory=BenchmarkSamples)
 
     @field_validator("candidates")
     @classmethod
@@ -464,6 +479,7 @@ class EvaluateSpec(_Spec):
     batch_size: int = Field(4, gt=0, le=1024)
     max_examples: int | None = Field(None, gt=0)
     speed: BenchmarkSpeed = Field(default_factory=BenchmarkSpeed)
+    samples: BenchmarkSamples = Field(default_factory=BenchmarkSamples)
 
     @field_validator("candidates")
     @classmethod
