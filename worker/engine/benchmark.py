@@ -62,7 +62,7 @@ from .benchmark_inputs import (
     distinct_models,
     report_rows,
 )
-from .benchmark_metrics import PairScores, mcq_metrics, pref_metrics, text_metrics
+from .benchmark_metrics import PairScores, mcq_metrics, pref_metrics, speed_runs, text_metrics
 from .benchmark_passes import ModelScores, Progress, Workload, score_model
 from .benchmark_results import HEADLINE, add_sizes, build_report
 from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
@@ -102,7 +102,8 @@ def run_benchmark(
     if work.text and vocab is not None:
         ensure_free_space(scratch, work.text_positions, vocab)
     distinct = distinct_models(rows)
-    progress = Progress(len(distinct) * (work.batches_per_model + int(spec.speed.enabled)), hooks, on_progress)
+    speed_units = speed_runs(spec.speed.repeats) if spec.speed.enabled else 0
+    progress = Progress(len(distinct) * (work.batches_per_model + speed_units), hooks, on_progress)
     hooks.event(
         "preflight",
         f"benchmark of {len(rows)} models on {', '.join(datasets)}",
