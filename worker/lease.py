@@ -2,7 +2,8 @@
 
 The worker that claimed a job owns it while it renews the lease (`lifecycle.heartbeat`, every lease/3). The
 thread also reads the job's cancel flag every second or so, so a cancellation is seen within about a second,
-and gives the run one question to ask between steps: `should_stop()`. Three reasons to stop:
+and gives the run two questions: `should_stop()` between steps, `stop_now()` at the engine's cancel points
+within a phase (an evaluation, the learning-rate search). Three reasons to stop:
 
 - `cancel_requested`: the user asked; the run checkpoints and the job ends `cancelled`;
 - `lost`: the lease is gone (renewal refused, or impossible for longer than the lease): another worker may
@@ -41,7 +42,13 @@ class JobLease:
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
     def should_stop(self) -> bool:
+        """Whether to stop at the next step boundary (where the run checkpoints first)."""
         return self.cancel_requested or self.lost or self.shutdown
+
+    def stop_now(self) -> bool:
+        """Whether to stop at the next cancel point, mid-phase (worker.engine.cancel): the user cancelled, or
+        the job is no longer ours. A shutdown waits for the step boundary, to checkpoint and hand the job back."""
+        return self.cancel_requested or self.lost
 
     def __enter__(self) -> JobLease:
         with _active_lock:

@@ -86,6 +86,27 @@ def insert_metrics(session: Session, rows: list[dict]) -> None:
     )
 
 
+class Pace:
+    """An ETA from the progress reports themselves: the time per unit since the first report of this count
+    (a new total, or a count going back, starts over), times the units left."""
+
+    def __init__(self) -> None:
+        self._start: tuple[float, int, int | None] | None = None  # (time, step, total)
+
+    def eta(self, step: int, total: int | None, now: float | None = None) -> float | None:
+        now = time.monotonic() if now is None else now
+        if not total:
+            return None
+        if self._start is None or self._start[2] != total or step < self._start[1]:
+            self._start = (now, step, total)
+        t0, s0, _ = self._start
+        if step >= total:
+            return 0.0
+        if step <= s0 or now <= t0:
+            return None
+        return (now - t0) / (step - s0) * (total - step)
+
+
 class JobRecorder:
     def __init__(
         self,
@@ -104,6 +125,7 @@ class JobRecorder:
         self._summary_dirty = False
         self._last_flush = time.monotonic()
         self._last_progress_event = -math.inf
+        self._pace = Pace()
 
     # -- the engine's hooks
     def event(self, kind: str, message: str, data: dict) -> None:
@@ -128,11 +150,14 @@ class JobRecorder:
             self.maybe_flush()
 
     def progress(self, record: dict) -> None:
-        self._progress = {
-            "progress_step": int(record["step"]),
-            "total_steps": record.get("total_steps"),
-            "eta_seconds": jsonable(record.get("eta_seconds")),
-        }
+        """The job's progress: `step` of `total_steps` (training steps, a cache's tokens, a benchmark's work
+        units) and `eta_seconds`; every kind reports through here. Without an ETA from the run, it is the
+        pace since this attempt's first report of this count times what is left (the API adds `fraction`)."""
+        step, total = int(record["step"]), record.get("total_steps")
+        eta = record.get("eta_seconds")
+        if eta is None:
+            eta = self._pace.eta(step, total)
+        self._progress = {"progress_step": step, "total_steps": total, "eta_seconds": jsonable(eta)}
         self.maybe_flush()
 
     def checkpoint(self, step: int, path: Path) -> None:

@@ -6,6 +6,7 @@ the job's artifacts. Engine errors pass through: `UserError` and `Cancelled` are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from service.core.db.session import session_scope
 from service.core.settings import Settings
 from service.core.storage import folder_bytes, job_output_dir
 from worker import attempts
+from worker.engine import cancel
 from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
 from worker.engine.cache import CacheStore
 from worker.engine.distill import Inputs, build_teacher_cache, run_distill
@@ -58,16 +60,24 @@ class Result:
     out_dir: Path | None = None
 
 
-def run(job: JobInfo, settings: Settings, recorder: JobRecorder, should_stop: Callable[[], bool]) -> Result:
+def run(
+    job: JobInfo,
+    settings: Settings,
+    recorder: JobRecorder,
+    should_stop: Callable[[], bool],
+    stop_now: Callable[[], bool] | None = None,
+) -> Result:
+    """`should_stop` is asked between steps, `stop_now` at the engine's cancel points within a phase."""
     hooks = Hooks(
         on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint, should_stop=should_stop
     )
-    if job.kind == "teacher_cache":
-        return teacher_cache(job, settings, hooks)
-    if job.kind == "distill":
-        return distill(job, settings, recorder, hooks)
-    if job.kind == "benchmark":
-        return benchmark(job, settings, recorder, hooks)
+    with cancel.stop_now_when(stop_now or (lambda: False)):
+        if job.kind == "teacher_cache":
+            return teacher_cache(job, settings, recorder, hooks)
+        if job.kind == "distill":
+            return distill(job, settings, recorder, hooks)
+        if job.kind == "benchmark":
+            return benchmark(job, settings, recorder, hooks)
     raise UserError(f"unknown job kind {job.kind!r}")
 
 
@@ -84,10 +94,18 @@ def teacher_caches(settings: Settings, project_id: str) -> CacheStore:
     return CacheStore(Path(settings.cache_dir).expanduser() / "teacher-caches" / project_id)
 
 
-def teacher_cache(job: JobInfo, settings: Settings, hooks: Hooks) -> Result:
+def teacher_cache(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hooks) -> Result:
     spec = _validate(TeacherCacheSpec, job.spec)
     r = Resolver(settings, job.project_id)
     teacher, data = r.model(spec.teacher, "teacher"), r.dataset(spec.data, "data")
+
+    def on_event(kind: str, message: str, data: dict) -> None:
+        # the build reports its tokens done as `cache_progress` events: they are this job's progress too
+        if kind == "cache_progress" and data.get("total"):
+            recorder.progress({"step": data["done"], "total_steps": data["total"]})
+        recorder.event(kind, message, data)
+
+    hooks = dataclasses.replace(hooks, on_event=on_event)
     cache = build_teacher_cache(spec, teacher, data, teacher_caches(settings, job.project_id), hooks)
     meta = jsonable(cache.meta)
     size = folder_bytes(cache.path)

@@ -136,7 +136,7 @@ def _run(
     from worker.engine.errors import Cancelled, UserError
 
     try:
-        result = runs.run(info, settings, recorder, lease.should_stop)
+        result = runs.run(info, settings, recorder, lease.should_stop, lease.stop_now)
     except Cancelled:
         recorder.flush()
         _sync_checkpoints(info, owner, settings)

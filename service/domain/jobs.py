@@ -25,7 +25,17 @@ from sqlalchemy.orm import Session
 from distillery_contract.jobs import JOB_KINDS, JOB_STATUSES
 from distillery_contract.records import TRAINABLE_FORMATS
 from service.core import lifecycle, queue, transaction
-from service.core.db.models import ID_PATTERN, Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
+from service.core.db.models import (
+    ID_PATTERN,
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobDependency,
+    JobEvent,
+    Model,
+    StepMetric,
+)
 from service.core.errors import Conflict, FieldError, Invalid, InvalidFields, NotFound
 from service.core.paging import Page, page
 from service.core.references import Reference, job_ids, spec_references
@@ -153,10 +163,31 @@ def _path_hint(value: str, resource: str) -> str:
 
 
 class JobView(NamedTuple):
-    """A job and its artifacts: what the API shows of it."""
+    """A job, its artifacts and (while queued) the unfinished jobs it waits on: what the API shows of it."""
 
     job: Job
     artifacts: list[Artifact]
+    waiting_on: list[dict[str, Any]]
+
+
+def waiting_on(session: Session, rows: list[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """For each queued job of `rows` (`(id, status)` pairs): the dependencies that have not succeeded yet (its
+    teacher caches, the distill job whose output it uses) as `{id, kind, status, fraction}`, oldest first; one
+    query for all of them."""
+    queued = [job_id for job_id, status in rows if status == lifecycle.QUEUED]
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if not queued:
+        return out
+    found = session.execute(
+        select(JobDependency.job_id, Job.id, Job.kind, Job.status, Job.progress_step, Job.total_steps)
+        .join(Job, Job.id == JobDependency.depends_on_id)
+        .where(JobDependency.job_id.in_(queued), Job.status != lifecycle.SUCCEEDED)
+        .order_by(Job.id)
+    ).all()
+    for job_id, dep_id, kind, status, step, total in found:
+        fraction = min(1.0, step / total) if total else None
+        out[job_id].append({"id": dep_id, "kind": kind, "status": status, "fraction": fraction})
+    return out
 
 
 def get_job(session: Session, project_id: str, job_id: str) -> Job:
@@ -174,12 +205,14 @@ def _artifacts_by_job(session: Session, job_ids: list[str]) -> dict[str, list[Ar
     return out
 
 
-def _view(session: Session, row: Job) -> JobView:
-    return JobView(row, _artifacts_by_job(session, [row.id])[row.id])
+def job_view(session: Session, row: Job) -> JobView:
+    return JobView(
+        row, _artifacts_by_job(session, [row.id])[row.id], waiting_on(session, [(row.id, row.status)])[row.id]
+    )
 
 
 def get_job_view(session: Session, project_id: str, job_id: str) -> JobView:
-    return _view(session, get_job(session, project_id, job_id))
+    return job_view(session, get_job(session, project_id, job_id))
 
 
 def list_jobs(
@@ -204,7 +237,8 @@ def list_jobs(
         stmt = stmt.where(Job.kind == kind)
     rows = page(session, stmt, Job.id, limit, after)
     artifacts = _artifacts_by_job(session, [r.id for r in rows.items])
-    return Page([JobView(r, artifacts[r.id]) for r in rows.items], rows.has_more)
+    waiting = waiting_on(session, [(r.id, r.status) for r in rows.items])
+    return Page([JobView(r, artifacts[r.id], waiting[r.id]) for r in rows.items], rows.has_more)
 
 
 def cancel_job(session: Session, project_id: str, job_id: str) -> JobView:
@@ -215,7 +249,7 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> JobView:
     lifecycle.request_cancel(session, row)
     session.flush()
     session.refresh(row)
-    return _view(session, row)
+    return job_view(session, row)
 
 
 @dataclass(frozen=True)
@@ -278,9 +312,11 @@ def job_states(session: Session, job_ids: set[str]) -> dict[str, dict]:
         )
     ).all()
     states = {}
+    waiting = waiting_on(session, [(row.id, row.status) for row in rows])
     for row in rows:
         total = row.total_steps
         states[row.id] = {
+            "waiting_on": waiting[row.id],
             "status": row.status,
             "progress": {
                 "step": row.progress_step,

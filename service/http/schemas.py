@@ -122,6 +122,15 @@ class ProgressOut(msgspec.Struct):
     eta_seconds: float | None
 
 
+class WaitingOut(msgspec.Struct):
+    """A job a queued job waits for; `fraction` is its own progress."""
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    fraction: float | None
+
+
 class ErrorOut(msgspec.Struct):
     code: str | None
     message: str | None
@@ -141,6 +150,7 @@ class JobOut(msgspec.Struct):
     parent_id: str | None
     cancel_requested: bool
     artifacts: list[ArtifactOut]
+    waiting_on: list[WaitingOut]  # while queued: the jobs it needs that have not succeeded yet
 
 
 class JobPage(msgspec.Struct):
@@ -227,7 +237,7 @@ def artifact_out(row: Artifact) -> ArtifactOut:
     )
 
 
-def job_out(row: Job, artifacts: list[Artifact]) -> JobOut:
+def job_out(row: Job, artifacts: list[Artifact], waiting_on: list[dict[str, Any]] | None = None) -> JobOut:
     total = row.total_steps
     fraction = min(1.0, row.progress_step / total) if total else None
     error = ErrorOut(code=row.error_code, message=row.error_message) if row.error_code else None
@@ -245,6 +255,9 @@ def job_out(row: Job, artifacts: list[Artifact]) -> JobOut:
         parent_id=row.parent_id,
         cancel_requested=bool(row.cancel_requested),
         artifacts=[artifact_out(a) for a in artifacts],
+        waiting_on=[
+            WaitingOut(id=w["id"], kind=w["kind"], status=w["status"], fraction=w["fraction"]) for w in waiting_on or []
+        ],
     )
 
 

@@ -635,9 +635,10 @@ def test_run_benchmark_end_to_end(tiny_teacher, tiny_student, tiny_text, mcq_fil
     for name in rep["charts"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # progress counts every model's batches and speed test, reported after each: 0, 1, ..., total
+    # progress counts every model's batches and speed runs, reported after each: 0, 1, ..., total
     text_batches = math.ceil(rep["data"]["text"]["sequences"] / 4)
-    per_model = {"text": text_batches, "mcq": 4, "preference": 2, "speed": 1}  # 4 x 4 choices, 4 x 2 responses
+    # 4 x 4 choices, 4 x 2 responses; the speed test's warm-up and its one repeat
+    per_model = {"text": text_batches, "mcq": 4, "preference": 2, "speed": 2}
     total = 3 * sum(per_model.values())
     assert [p["step"] for p in progress] == list(range(total + 1))
     assert {p["total_steps"] for p in progress} == {total} and progress[0]["phase"] == "preflight"

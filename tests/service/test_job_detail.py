@@ -62,7 +62,7 @@ def test_sse_stream_delivers_events_until_the_job_ends(api):
     # job state snapshots (no id: not replayed) when the state changes: first running, last succeeded
     assert all("id" not in e for e in messages if e["event"] == "state")
     assert states[0]["status"] == "running" and states[-1]["status"] == "succeeded", states
-    assert set(states[-1]) == {"status", "progress", "summary"}
+    assert set(states[-1]) == {"status", "progress", "summary", "waiting_on"} and states[-1]["waiting_on"] == []
     assert [int(e["id"]) for e in events] == [e["data"]["id"] for e in events]
     assert r.text.startswith(":")  # an opening comment flushes the headers through proxies
 

@@ -111,6 +111,9 @@ def test_teacher_cache_then_offline_distill(service, refs, tiny_student):
     for cache_id in caches:
         cache_job = job(service, cache_id)
         assert cache_job.status == "succeeded"
+        # a teacher cache's progress is its tokens, reported as a distill job's steps are (with an ETA)
+        assert cache_job.progress_step == cache_job.total_steps == cache_job.summary["tokens"]
+        assert cache_job.eta_seconds == 0.0
         assert cache_job.summary["tokens"] > 0 and cache_job.summary["bytes_per_token"] > 0
         assert cache_job.summary["reconstruction_kl"] is not None
     with session_scope(service.database_url) as s:
@@ -424,6 +427,34 @@ def test_distill_with_evaluate_runs_its_benchmark_child(service, refs, tiny_teac
     assert rows["distilled"]["adapter_parameters"] > 0 and rows["distilled"]["decode_tokens_per_second"] > 0
     assert done.summary["metrics"]["distilled"]["kl"] == rows["distilled"]["kl"]
     assert "| distilled |" in arts["report.md"].read_text()
+    # its progress counted every unit, the speed runs included, and reached the end only at the end
+    assert done.total_steps and done.progress_step == done.total_steps and done.eta_seconds == 0.0
+
+
+def test_cancel_during_the_learning_rate_search_ends_the_job(service, refs):
+    """The search runs trials with no training step between them: the cancel is seen at a batch (a cancel
+    point), not when the search is over."""
+    spec = distill_spec(
+        refs["student"],
+        refs["teacher"],
+        refs["train"],
+        refs["valid"],
+        steps=100000,
+        learning_rate="auto",
+        lr_search={"steps": 200, "rates": [1e-4, 3e-4, 1e-3]},
+    )
+    job_id = service.submit("distill", spec)
+    wait_for(lambda: "lr_search" in [e.kind for e in events(service, job_id)], 90, "the learning-rate search")
+    with session_scope(service.database_url) as s:
+        lifecycle.request_cancel(s, s.get(Job, job_id))
+    t0 = time.monotonic()
+    done = wait_done(service, job_id, timeout=120)
+    print(f"cancel during the learning-rate search: {time.monotonic() - t0:.2f} s to `cancelled`")
+    assert done.status == "cancelled" and done.error_message == "cancelled"
+    kinds = [e.kind for e in events(service, job_id)]
+    assert kinds[-2:] == ["cancel_requested", "cancelled"]
+    assert kinds.count("lr_trial") < 3  # the search was stopped within it, not run to its end
+    assert loss_steps(service, job_id) == []  # nothing past the start was recorded
 
 
 def test_benchmark_user_error_names_the_field(service, refs):

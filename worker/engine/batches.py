@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from . import cancel, hidden, losses
 from . import data as data_mod
-from . import hidden, losses
 from .cache import TeacherCache
 
 
@@ -59,7 +59,9 @@ class Split:
         return int(sum(self.lengths))
 
     def batch(self, example_ids: np.ndarray, pad_id: int, with_teachers: bool = True):
-        """(tokens [B, L], target mask [B, L - 1] aligned with the logits, teachers for the batch)."""
+        """(tokens [B, L], target mask [B, L - 1] aligned with the logits, teachers for the batch). A cancel
+        point: every training step, learning-rate trial and evaluation batch comes through here."""
+        cancel.point("a batch")
         toks, tmask = data_mod.collate([self.examples[i] for i in example_ids], pad_id)
         tokens = mx.array(toks)
         mask = mx.array(tmask[:, 1:])

@@ -67,7 +67,7 @@ from .benchmark_inputs import (
     distinct_models,
     report_rows,
 )
-from .benchmark_metrics import PairScores, mcq_metrics, pref_metrics, text_metrics
+from .benchmark_metrics import PairScores, mcq_metrics, pref_metrics, speed_runs, text_metrics
 from .benchmark_passes import ModelScores, Progress, Workload, score_model
 from .benchmark_results import HEADLINE, add_sizes, build_report
 from .benchmark_store import SCRATCH_DIR, ReferenceStore, ensure_free_space
@@ -108,7 +108,8 @@ def run_benchmark(
         ensure_free_space(scratch, work.text_positions, vocab)
     prompts = prompt_tokens(datasets, tokenizer, spec)
     distinct = distinct_models(rows)
-    units = len(distinct) * (work.batches_per_model + int(spec.speed.enabled)) + (len(distinct) - 1) * bool(prompts)
+    speed_units = speed_runs(spec.speed.repeats) if spec.speed.enabled else 0
+    units = len(distinct) * (work.batches_per_model + speed_units) + (len(distinct) - 1) * bool(prompts)
     progress = Progress(units, hooks, on_progress)
     hooks.event(
         "preflight",

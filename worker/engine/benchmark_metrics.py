@@ -9,6 +9,7 @@ import gc
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,12 +240,21 @@ def pref_metrics(model: PairScores, reference: PairScores, subjects: list[str | 
 # ----------------------------------------------------------------------------------------------- speed
 
 
-def measure_speed(model, tokenizer, prompt_tokens: int, decode_tokens: int, repeats: int = 1) -> dict:
+def speed_runs(repeats: int) -> int:
+    """How many runs `measure_speed` makes: a warm-up, then `repeats`."""
+    return 1 + repeats
+
+
+def measure_speed(
+    model, tokenizer, prompt_tokens: int, decode_tokens: int, repeats: int = 1, on_run: Callable[[], None] | None = None
+) -> dict:
     """Prefill / decode tokens per second (medians over `repeats`, after a warm-up) and MLX's peak memory.
 
     The prompt is `prompt_tokens` fixed pseudo-random token ids; end-of-sequence tokens are suppressed so
-    every run decodes exactly `decode_tokens` tokens.
+    every run decodes exactly `decode_tokens` tokens. `on_run()` is called after the warm-up and after each
+    measured run (`speed_runs(repeats)` calls in all): the benchmark's progress counts them (and may stop it).
     """
+    on_run = on_run or (lambda: None)
     from mlx_lm.generate import stream_generate
 
     vocab = len(tokenizer.get_vocab())
@@ -260,10 +270,14 @@ def measure_speed(model, tokenizer, prompt_tokens: int, decode_tokens: int, repe
         return responses[0] if responses else None
 
     once(min(decode_tokens, 2))  # warm-up: first-call allocations and kernel setup
+    on_run()
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
-    runs = [once(decode_tokens) for _ in range(repeats)]
+    runs = []
+    for _ in range(repeats):
+        runs.append(once(decode_tokens))
+        on_run()
     return {
         "prefill_tokens_per_second": statistics.median(r.prompt_tps for r in runs),
         "decode_tokens_per_second": statistics.median(r.generation_tps for r in runs),

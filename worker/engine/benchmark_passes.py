@@ -70,9 +70,9 @@ def batches(examples: list[data_mod.Example], batch_size: int, pad_id: int) -> I
 
 
 class Progress:
-    """Work units done out of the whole benchmark's: one batch of one phase for one model, or one model's speed
-    test. Reported once at the start (0 done) and after each unit, so a display reaches the total only when
-    the last unit has finished. `check` raises `Cancelled` when the caller asks to stop."""
+    """Work units done out of the whole benchmark's: one batch of one phase for one model, or one run of a
+    model's speed test (its warm-up and each repeat: `speed_runs`). Reported once at the start (0 done) and
+    after each unit, so a display reaches the total only when the last unit has finished. `check` raises `Cancelled` when the caller asks to stop."""
 
     def __init__(self, total: int, hooks: Hooks, on_progress: Callable[[dict], None] | None):
         self.total, self.hooks, self.on_progress, self.done = total, hooks, on_progress, 0
@@ -132,8 +132,14 @@ def score_model(
         progress.check("speed")
         hooks.event("phase", f"speed: {label}", phase="speed", label=label)
         models.quantized_compute(model)  # generation speed as users get it: MLX's quantized kernels
-        scores.speed = measure_speed(model, tokenizer, speed.prompt_tokens, speed.decode_tokens, speed.repeats)
-        progress.advance("speed", label)
+
+        def run_done() -> None:  # each run of the speed test is a unit of the benchmark's progress
+            progress.advance("speed", label)
+            progress.check("speed")
+
+        scores.speed = measure_speed(
+            model, tokenizer, speed.prompt_tokens, speed.decode_tokens, speed.repeats, on_run=run_done
+        )
     return scores
 
 

@@ -35,8 +35,8 @@ from mlx_lm.sample_utils import make_sampler
 from distillery_contract.records import PROMPT_FORMATS
 from distillery_contract.specs import OnPolicySpec
 
+from . import cancel, losses
 from . import data as data_mod
-from . import losses
 from .batches import OnlineTeacher, Split
 from .errors import UserError
 
@@ -121,6 +121,7 @@ class OnPolicySplit(Split):
     last: dict = field(default_factory=dict)
 
     def batch(self, example_ids: np.ndarray, pad_id: int, with_teachers: bool = True):
+        cancel.point("a batch")
         on_policy = self.cfg.fraction >= 1.0 or float(np.array(mx.random.uniform())) < self.cfg.fraction
         if on_policy:
             assert self.student is not None
@@ -184,6 +185,7 @@ def reverse_kl_on_samples(
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     try:
         for start in range(0, len(prompts), batch_size):
+            cancel.point("an evaluation")
             drawn = sample(model, tokenizer, prompts[start : start + batch_size], cfg, max_seq_len)
             toks, tmask = data_mod.collate(drawn.examples, pad_id, pad_to=32)
             tokens, mask = mx.array(toks), mx.array(tmask[:, 1:])

@@ -19,7 +19,7 @@ import httpx
 
 from . import _calls as calls
 from ._base import BaseClient, Call, PartialFile, artifact_target, warn_about
-from ._exceptions import APIConnectionError, APIError, JobFailedError, WaitTimeout, error_for
+from ._exceptions import APIConnectionError, APIError, DistilleryError, JobFailedError, WaitTimeout, error_for
 from ._jobfile import job_body
 from ._progress import JobProgress
 from ._sse import Message, SSEDecoder
@@ -280,7 +280,7 @@ class AsyncJobs(_Resource):
                         raise
                     while True:  # no event stream here: poll instead
                         job = await self.get(id)
-                        state(JobState(status=job.status, progress=job.progress, summary=job.summary))
+                        state(JobState.of(job))
                         if job.done:
                             break
                         if deadline is not None and time.monotonic() > deadline:
@@ -288,7 +288,7 @@ class AsyncJobs(_Resource):
                         # the poll interval is a real wait, not a backoff: it stays outside the `_sleep` hook
                         await anyio.sleep(poll)
             job = await self.get(id)
-            state(JobState(status=job.status, progress=job.progress, summary=job.summary))
+            state(JobState.of(job))
         if not job.done:
             raise WaitTimeout(job, timeout)  # the stream stopped at the deadline
         if job.status != "succeeded":
@@ -304,6 +304,11 @@ class AsyncArtifacts(_Resource):
     async def get(self, id: str) -> Artifact:
         return await self._client.call(calls.get_artifact(id))
 
+    async def read(self, id: str) -> bytes:
+        """One artifact's whole content, in memory (for small files such as `report.json`)."""
+        response = await self._client.send(calls.artifact_content(id, {}))
+        return response.content
+
     async def download(
         self,
         job_id: str,
@@ -314,12 +319,12 @@ class AsyncArtifacts(_Resource):
         """Write the job's artifacts under `dest` (keeping folders such as `student/`), each checked against
         its sha256. An interrupted download resumes from its `.part` file with an HTTP Range request."""
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        return [
-            await self.download_file(a, artifact_target(dest, a))
-            for a in await self.list(job_id)
-            if names is None or names(a.name)
-        ]
+        if dest.exists() and not dest.is_dir():
+            raise DistilleryError(f"{dest} is a file, not a folder: name a folder to download into")
+        wanted = [a for a in await self.list(job_id) if names is None or names(a.name)]  # 404 before any mkdir
+        if wanted:
+            dest.mkdir(parents=True, exist_ok=True)
+        return [await self.download_file(a, artifact_target(dest, a)) for a in wanted]
 
     async def download_file(self, artifact: Artifact, target: str | Path) -> Path:
         """One artifact to `target`, resumed from `<target>.part` if one is there; nothing fetched if `target`

@@ -96,6 +96,7 @@ class BaseClient:
             config.timeout, connect=self.timeout.connect, read=max(config.timeout, STREAM_READ_TIMEOUT)
         )
         self.max_retries = config.max_retries
+        self.config = config  # with `sources`: where the base URL and the key came from
         self.backoff = backoff
         self.max_backoff = max_backoff
 

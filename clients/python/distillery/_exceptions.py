@@ -32,15 +32,25 @@ class APIError(DistilleryError):
         self.errors: list[dict[str, Any]] = list(problem.get("errors") or [])
         super().__init__(f"{status}: {self.detail}")
 
-    def one_line(self) -> str:
-        """The detail, with the fields or lines named, on one line (what the CLI prints)."""
-        named = "; ".join(
+    def lines(self) -> list[str]:
+        """The detail as lines, every named field or line in it once: a detail that lists the errors (a
+        dataset's bad lines) is kept as it is; one that does not gets the named errors after it."""
+        detail = [" ".join(line.split()) for line in str(self.detail).splitlines() if line.strip()] or [""]
+        text = " ".join(detail)
+        named = [
             f"{e.get('field') or e.get('line')}: {e.get('message')}"
             for e in self.errors
-            if e.get("field") or e.get("line")
-        )
-        detail = " ".join(str(self.detail).split())
-        return detail if not named or named in detail else f"{detail} ({named})"
+            if (e.get("field") or e.get("line")) and str(e.get("message")) not in text
+        ]
+        if not named:
+            return detail
+        if len(detail) == 1 and len(named) == 1:
+            return [f"{detail[0]} ({named[0]})"]
+        return detail + named
+
+    def one_line(self) -> str:
+        """The detail, with the fields or lines named, on one line."""
+        return "; ".join(self.lines())
 
 
 class BadRequestError(APIError):

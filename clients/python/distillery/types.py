@@ -65,6 +65,15 @@ class JobWarning(_Obj):
     message: str
 
 
+class WaitingOn(_Obj):
+    """A job a queued job waits for (a teacher cache it needs, the distill job whose adapter it scores)."""
+
+    id: str
+    kind: str
+    status: JobStatus
+    fraction: float | None = None
+
+
 class Job(_Obj):
     id: str
     kind: str
@@ -79,6 +88,7 @@ class Job(_Obj):
     parent_id: str | None = None
     cancel_requested: bool = False
     artifacts: list[Artifact] = []
+    waiting_on: list[WaitingOn] = []  # while queued: the unfinished jobs it needs first
 
     @property
     def done(self) -> bool:
@@ -97,6 +107,11 @@ class JobState(_Obj):
     status: JobStatus
     progress: Progress = Progress()
     summary: dict[str, Any] = {}
+    waiting_on: list[WaitingOn] = []
+
+    @classmethod
+    def of(cls, job: Job) -> JobState:
+        return cls(status=job.status, progress=job.progress, summary=job.summary, waiting_on=job.waiting_on)
 
 
 class Event(_Obj):

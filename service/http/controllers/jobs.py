@@ -44,7 +44,7 @@ class JobController(Controller):
     def create(self, data: JSONBody[JobCreate], session: SessionDep, caller: CallerDep, state: State) -> JobOut:
         spec = data.spec.model_dump(mode="json")
         job = service.create_job(session, state.enqueuer, caller.project_id, data.kind, spec, data.parent_id)
-        return job_out(job, [])
+        return job_out(*service.job_view(session, job))
 
     @get("/", sync_to_thread=True, summary="List jobs, newest first")
     def list(
