@@ -52,11 +52,7 @@ def create_job(
 ) -> Job:
     """A new job from a validated spec (`spec` as JSON values); sent to the broker once committed if it can
     start at once, with the teacher_cache jobs it needs."""
-    errors = [
-        e
-        for ref in spec_references(kind, spec)
-        if (e := _check_reference(session, project_id, ref, _formats(kind, spec)))
-    ]
+    errors = reference_errors(session, project_id, kind, spec)
     if parent_id is not None:
         parent = session.get(Job, parent_id)
         if parent is None or parent.project_id != project_id:
@@ -69,6 +65,15 @@ def create_job(
     ready = [c.id for c in new_caches] + ([job.id] if lifecycle.readiness(session, job) == "ready" else [])
     transaction.after_commit(session, lambda: enqueuer.enqueue(session, ready))
     return job
+
+
+def reference_errors(session: Session, project_id: str, kind: str, spec: dict[str, Any]) -> list[FieldError]:
+    """One error for each id of the spec that does not name a usable object of the caller's project."""
+    return [
+        e
+        for ref in spec_references(kind, spec)
+        if (e := _check_reference(session, project_id, ref, _formats(kind, spec)))
+    ]
 
 
 class Enqueuer:

@@ -1,7 +1,7 @@
 """The HTTP API of the server (REST under /v1: datasets, models, jobs, artifacts; see README.md and the
 OpenAPI document at /schema): `create_app(settings)` builds the Litestar app; `distillery-server api` serves it.
 
-Operations routes (/healthz, /readyz, /metrics, /schema) are open (the operator view of /metrics needs the
+Operations routes (/healthz, /readyz, /metrics, /schema) and the dashboard (`/`, `/static`) are open (the operator view of /metrics needs the
 metrics token); everything under /v1 needs an API key and sees only the caller's project. Handlers are thin:
 they parse, call a domain service (datasets, models_registry, jobs), and return. The services know nothing of
 HTTP: their refusals (service.core.errors) become problem+json in service.http.problems, and the transaction of a
@@ -34,6 +34,7 @@ from service.http.controllers.datasets import DatasetController
 from service.http.controllers.jobs import JobController
 from service.http.controllers.models import ModelController
 from service.http.controllers.ops import OpsController
+from service.http.dashboard import dashboard_routes, render_plugins
 from service.http.deps import provide_caller, provide_session, provide_settings
 from service.http.idempotency import provide_idempotency_key
 from service.http.metrics import AppMetrics, metrics_middleware
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         security=[{"bearer": []}],
     )
     app = Litestar(
-        route_handlers=[OpsController, v1],
+        route_handlers=[OpsController, v1, *dashboard_routes()],
         dependencies={
             "session": Provide(provide_session),
             "caller": Provide(provide_caller, sync_to_thread=False),
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             title="Distillery",
             version=_version(),
             path="/schema",
+            render_plugins=render_plugins(),  # Swagger UI at /schema, ReDoc at /schema/redoc: assets served here
             description="Self-hosted knowledge distillation: datasets, models, jobs, artifacts.",
             components=Components(
                 security_schemes={

@@ -177,6 +177,7 @@ def only(*keys: str) -> RouteRule:
 
 UPLOADS = ("POST /v1/datasets", "POST /v1/models")  # multipart streamed to disk (service.http.uploads)
 JOB_CREATE = "POST /v1/jobs"
+JOB_ESTIMATE = "POST /v1/jobs/estimate"
 EVENT_STREAM = "GET /v1/jobs/{job_id}/events/stream"
 DOWNLOAD = "GET /v1/artifacts/{artifact_id}/content"
 METRICS = "GET /metrics"
@@ -202,8 +203,8 @@ PROBLEM_RESPONSES: tuple[ProblemResponse, ...] = (
         "The job, or a job using its output, is unfinished; or its files are a shared teacher cache.",
         only("DELETE /v1/jobs/{job_id}/files"),
     ),
-    ProblemResponse(413, "The body is larger than the limit.", only(JOB_CREATE, *UPLOADS)),
-    ProblemResponse(415, "Content-Type is not one this operation reads.", only(JOB_CREATE, *UPLOADS)),
+    ProblemResponse(413, "The body is larger than the limit.", only(JOB_CREATE, JOB_ESTIMATE, *UPLOADS)),
+    ProblemResponse(415, "Content-Type is not one this operation reads.", only(JOB_CREATE, JOB_ESTIMATE, *UPLOADS)),
     ProblemResponse(416, "The Range is outside the artifact.", only(DOWNLOAD), {"Content-Range": "`bytes */<size>`"}),
     ProblemResponse(
         422,

@@ -192,6 +192,24 @@ class CheckpointList(msgspec.Struct):
     data: list[CheckpointOut]
 
 
+class CacheUseOut(msgspec.Struct):
+    teacher: str
+    dataset: str
+    top_k: int
+    max_seq_len: int
+    job_id: str | None  # the teacher_cache job that would be reused; None: one would be built first
+    status: str | None
+
+
+class EstimateOut(msgspec.Struct):
+    kind: JobKind
+    tokens: int | None
+    memory_bytes: int | None
+    seconds: float | None
+    teacher_caches: list[CacheUseOut]
+    notes: list[str]
+
+
 class ReadyOut(msgspec.Struct):
     status: str
     checks: dict[str, str]

@@ -23,6 +23,7 @@ PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 UPLOADS = {("post", "/v1/datasets"), ("post", "/v1/models")}
 JOB_CREATE = ("post", "/v1/jobs")
+JOB_ESTIMATE = ("post", "/v1/jobs/estimate")  # the same body as JOB_CREATE, read the same way
 EVENT_STREAM = ("get", "/v1/jobs/{job_id}/events/stream")
 DOWNLOAD = ("get", "/v1/artifacts/{artifact_id}/content")
 METRICS = ("get", "/metrics")
@@ -108,8 +109,8 @@ def test_each_operation_lists_the_problems_it_can_answer(document):
         assert (404 in statuses) == ("{" in path), key
         assert (400 in statuses) == ("requestBody" in op), key  # a body that is not JSON / multipart
         assert (409 in statuses) == (key in CONFLICTS), key
-        assert (413 in statuses) == (key in UPLOADS | {JOB_CREATE}), key
-        assert (415 in statuses) == (key in UPLOADS | {JOB_CREATE}), key
+        assert (413 in statuses) == (key in UPLOADS | {JOB_CREATE, JOB_ESTIMATE}), key
+        assert (415 in statuses) == (key in UPLOADS | {JOB_CREATE, JOB_ESTIMATE}), key
         assert (416 in statuses) == (key == DOWNLOAD), key
         assert (507 in statuses) == (key in UPLOADS), key
     assert problem_statuses(ops[("get", "/readyz")]) == {503}
@@ -117,6 +118,7 @@ def test_each_operation_lists_the_problems_it_can_answer(document):
     assert problem_statuses(ops[METRICS]) == {401, 429}  # a wrong metrics token, and its limit
     assert problem_statuses(ops[("post", "/v1/datasets")]) == {400, 401, 413, 415, 422, 429, 503, 507}
     assert problem_statuses(ops[JOB_CREATE]) == {400, 401, 413, 415, 422, 429, 503}
+    assert problem_statuses(ops[JOB_ESTIMATE]) == {400, 401, 413, 415, 422, 429, 503}
     assert problem_statuses(ops[EVENT_STREAM]) == {401, 404, 422, 429, 503}
 
 

@@ -11,6 +11,7 @@ from litestar.params import FromQuery, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.domain import estimates
 from service.domain import jobs as service
 from service.http.deps import ID_PATTERN, CallerDep, PathId, SessionDep
 from service.http.idempotency import idempotent, writes
@@ -18,7 +19,9 @@ from service.http.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from service.http.problems import invalid, json_body_guard
 from service.http.schemas import (
     ArtifactList,
+    CacheUseOut,
     CheckpointList,
+    EstimateOut,
     EventPage,
     JobCreate,
     JobOut,
@@ -45,6 +48,29 @@ class JobController(Controller):
         spec = data.spec.model_dump(mode="json")
         job = service.create_job(session, state.enqueuer, caller.project_id, data.kind, spec, data.parent_id)
         return job_out(*service.job_view(session, job))
+
+    @post(
+        "/estimate",
+        summary="Estimate a job before creating it",
+        description="The same body as `POST /v1/jobs`, checked the same way; nothing is created. Gives the "
+        "teacher caches an offline distillation would reuse or build first, the tokens it trains on (an upper "
+        "bound), a first-order memory figure from the registered models' sizes, and a time from this project's "
+        "earlier runs of the same student (null when there is none).",
+        status_code=200,
+        request_max_body_size=1 << 20,
+        guards=[json_body_guard],
+        sync_to_thread=True,
+    )
+    def estimate(self, data: JSONBody[JobCreate], session: SessionDep, caller: CallerDep) -> EstimateOut:
+        est = estimates.estimate_job(session, caller.project_id, data.kind, data.spec.model_dump(mode="json"))
+        return EstimateOut(
+            kind=data.kind,
+            tokens=est.tokens,
+            memory_bytes=est.memory_bytes,
+            seconds=est.seconds,
+            teacher_caches=[CacheUseOut(**dataclasses.asdict(c)) for c in est.teacher_caches],
+            notes=est.notes,
+        )
 
     @get("/", sync_to_thread=True, summary="List jobs, newest first")
     def list(
