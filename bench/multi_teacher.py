@@ -283,8 +283,28 @@ def main() -> None:
     # mean KL to both teachers (each domain's better teacher leads it)
     print()
     _common.print_warnings_and_regressions(summaries, "val_kl", "shipped (by its run's own val KL)")
-    mean_kl = {arm: sum(r["overall"]["kl"]) / 2 for arm, r in results.items()}
-    print("\nmean of the overall KL to both teachers: " + ", ".join(f"{a} {v:.4f}" for a, v in mean_kl.items()))
+    # the bar: on each domain the student should follow the teacher that knows it (the lower perplexity there);
+    # adaptive weighting must be at least as good as the best single teacher and as equal weights overall
+    better = {d: min(range(2), key=lambda i: ppls[i][d]) for d in DOMAINS}
+    print(
+        "\neach domain's better teacher (lower perplexity): "
+        + ", ".join(f"{d}: {('generalist', 'specialist')[i]}" for d, i in better.items())
+    )
+    print("| student | KL to each domain's better teacher | perplexity | mean KL to both |")
+    print("|---|---|---|---|")
+    verdict = {}
+    for arm, r in {"start": start, **results}.items():
+        total = sum(r[d]["tokens"] for d in DOMAINS)
+        right = sum(r[d]["kl"][better[d]] * r[d]["tokens"] for d in DOMAINS) / total
+        verdict[arm] = (right, r["overall"]["ppl"])
+        print(f"| {arm} | {right:.4f} | {r['overall']['ppl']:.2f} | {sum(r['overall']['kl']) / 2:.4f} |")
+    fixed = [a for a in results if ARMS[a][1] == "fixed"]
+    for arm in (a for a in results if ARMS[a][1] != "fixed"):
+        beaten = [f for f in fixed if verdict[f][0] < verdict[arm][0]]
+        print(f"{arm}: " + (f"worse than {', '.join(beaten)}" if beaten else "at least as good as every fixed arm"))
+    (Path.home() / ".cache" / "distillery-bench" / "multi_teacher.json").write_text(
+        json.dumps({"teacher_ppl": ppls, "results": {"start": start, **results}}, indent=1)
+    )
 
 
 if __name__ == "__main__":
