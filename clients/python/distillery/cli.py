@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-children", action="store_true", help="do not follow the evaluation job")
     c = cmd(sub, "jobs", "list jobs, newest first")
     c.add_argument("--status")
-    c.add_argument("--kind", choices=["distill", "teacher_cache", "benchmark"])
+    c.add_argument("--kind", choices=["distill", "teacher_cache", "benchmark", "generate"])
     c.add_argument("--limit", type=int, default=50, help="show at most this many (default 50; 0: all)")
     c.add_argument("--wide", action="store_true", help="never shorten a column to the terminal's width")
     c.add_argument("-q", "--quiet", action="store_true", help="print the ids alone, one a line")
