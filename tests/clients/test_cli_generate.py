@@ -80,6 +80,8 @@ def test_generate_prints_the_answers_side_by_side(cli, ids, server):  # noqa: F8
     job = json.loads(out)
     assert job["spec"]["prompt"] == [{"role": "user", "content": "Hi"}] and job["spec"]["max_tokens"] == 8
     assert [a["label"] for a in job["summary"]["answers"]] == [f"adapter of {distill}"]
+    code, out, _ = cli("status", job["id"])
+    assert code == 0 and f"adapter of {distill}" in out and "answer of adapter of" in out
 
 
 def test_generate_refusals_name_the_field_or_flag(cli, ids):  # noqa: F811

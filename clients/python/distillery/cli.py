@@ -285,6 +285,10 @@ def _summary_rows(job: Job) -> list[list[str]]:
             rows.append([f"[{escape(label)}]", "  ".join(shown)])
         if s.get("metrics"):
             rows.append(["results", f"distillery results {job.id}"])
+    elif job.kind == "generate":
+        for a in s.get("answers") or []:
+            text = " ".join(str(a.get("text") or "").split())
+            rows.append([f"[{escape(a['label'])}]", (text[:70] + "…" if len(text) > 70 else text) or "(empty)"])
     return rows
 
 
