@@ -16,7 +16,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
+from distillery_contract.specs import BenchmarkCandidate, BenchmarkSpec, DistillSpec, GenerateSpec, TeacherCacheSpec
 from service.core.db.models import TeacherCacheRecord
 from service.core.db.session import session_scope
 from service.core.settings import Settings
@@ -27,6 +27,7 @@ from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchma
 from worker.engine.cache import CacheStore
 from worker.engine.distill import Inputs, build_teacher_cache, run_distill
 from worker.engine.errors import UserError
+from worker.engine.generate import GenerateInput, run_generate
 from worker.engine.local import format_validation_error
 from worker.engine.train import Hooks
 from worker.recorder import JobRecorder, jsonable, sync_to_checkpoint
@@ -78,6 +79,8 @@ def run(
             return distill(job, settings, recorder, hooks)
         if job.kind == "benchmark":
             return benchmark(job, settings, recorder, hooks)
+        if job.kind == "generate":
+            return generate(job, settings, recorder, hooks)
     raise UserError(f"unknown job kind {job.kind!r}")
 
 
@@ -168,21 +171,8 @@ def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Ho
     r = Resolver(settings, job.project_id)
     candidates = []
     for i, c in enumerate(spec.candidates):
-        at = f"candidates.{i}"
-        if c.student_of:
-            candidates.append(CandidateInput(c.label, r.student_of(c.student_of, f"{at}.student_of")))
-            continue
-        adapter = metrics = None
-        if c.adapter:
-            _, out = r.distill_job_dir(c.adapter, f"{at}.adapter")
-            adapter, metrics = r.adapter(c.adapter, f"{at}.adapter"), out / "metrics.jsonl"
-        if c.model:
-            model = r.model(c.model, f"{at}.model")
-        elif c.adapter:
-            model = r.student_of(c.adapter, f"{at}.adapter")
-        else:  # the spec validates only that one is given: here an empty one
-            raise UserError(f"{at}: name a model, an adapter (distill job), or student_of")
-        candidates.append(CandidateInput(c.label, model, adapter, metrics if metrics and metrics.is_file() else None))
+        model, adapter, metrics = _candidate_paths(r, c, f"candidates.{i}")
+        candidates.append(CandidateInput(c.label, model, adapter, metrics))
     data = {
         name: r.dataset(getattr(spec.data, name), f"data.{name}") if getattr(spec.data, name) else None
         for name in ("text", "mcq", "preference", "prompts")
@@ -191,3 +181,37 @@ def benchmark(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Ho
     out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)
     summary = run_benchmark(spec, inputs, out_dir, hooks, on_progress=recorder.progress)
     return Result(summary=jsonable(summary), out_dir=out_dir)
+
+
+def _candidate_paths(r: Resolver, c: BenchmarkCandidate, at: str) -> tuple[Path, Path | None, Path | None]:
+    """A candidate's (base model, adapter folder, the adapter's training metrics.jsonl when there is one):
+    a model, a model + a distill job's adapter, a distill job's own student + its adapter, or `student_of`."""
+    if c.student_of:
+        return r.student_of(c.student_of, f"{at}.student_of"), None, None
+    adapter = metrics = None
+    if c.adapter:
+        _, out = r.distill_job_dir(c.adapter, f"{at}.adapter")
+        adapter, metrics = r.adapter(c.adapter, f"{at}.adapter"), out / "metrics.jsonl"
+    if c.model:
+        model = r.model(c.model, f"{at}.model")
+    elif c.adapter:
+        model = r.student_of(c.adapter, f"{at}.adapter")
+    else:  # the spec validates only that one is given: here an empty one
+        raise UserError(f"{at}: name a model, an adapter (distill job), or student_of")
+    return model, adapter, metrics if metrics and metrics.is_file() else None
+
+
+def generate(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hooks) -> Result:
+    """The playground: each model's answer to one prompt, in the summary (no files)."""
+    spec = _validate(GenerateSpec, job.spec)
+    r = Resolver(settings, job.project_id)
+    inputs = []
+    for i, c in enumerate(spec.models):
+        at = f"models.{i}"
+        model, adapter, _ = _candidate_paths(r, c, at)
+        name = c.model or (f"student of {c.student_of}" if c.student_of else f"student of {c.adapter}")
+        inputs.append(GenerateInput(c.label, model, adapter, at, name))
+    summary = run_generate(spec, inputs, hooks, on_progress=recorder.progress)
+    for row, c in zip(summary["answers"], spec.models):
+        row.update(adapter=c.adapter, student_of=c.student_of)
+    return Result(summary=jsonable(summary))

@@ -35,19 +35,27 @@ def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
     elif kind == "benchmark":
         refs.append(Reference("spec.reference", "model", spec["reference"]))
         refs += _benchmark_refs("spec", spec)
+    elif kind == "generate":
+        refs += _candidate_refs("spec.models", spec["models"])
     return refs
 
 
 _CANDIDATE_FIELDS: tuple[tuple[str, Target], ...] = (("model", "model"), ("adapter", "job"), ("student_of", "job"))
 
 
+def _candidate_refs(at: str, candidates: list[dict[str, Any]]) -> list[Reference]:
+    """The models and jobs of benchmark candidates, or of a generate job's models (the same shape)."""
+    return [
+        Reference(f"{at}.{i}.{name}", target, cand[name])
+        for i, cand in enumerate(candidates)
+        for name, target in _CANDIDATE_FIELDS
+        if cand.get(name)
+    ]
+
+
 def _benchmark_refs(at: str, spec: dict[str, Any]) -> list[Reference]:
     """The candidates' models and jobs and the data of a benchmark spec, or of a distill spec's `evaluate`."""
-    refs: list[Reference] = []
-    for i, cand in enumerate(spec.get("candidates") or []):
-        for name, target in _CANDIDATE_FIELDS:
-            if cand.get(name):
-                refs.append(Reference(f"{at}.candidates.{i}.{name}", target, cand[name]))
+    refs = _candidate_refs(f"{at}.candidates", spec.get("candidates") or [])
     for name in ("text", "mcq", "preference", "prompts"):
         if spec["data"].get(name):
             refs.append(Reference(f"{at}.data.{name}", "dataset", spec["data"][name]))

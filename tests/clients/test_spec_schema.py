@@ -17,7 +17,12 @@ from distillery import specs as sdk_specs
 from distillery_contract import specs as contract
 from service.http.schemas import SPEC_MODELS as API_MODELS
 
-COMPONENT = {"distill": "DistillSpec", "teacher_cache": "TeacherCacheSpec", "benchmark": "BenchmarkSpec"}
+COMPONENT = {
+    "distill": "DistillSpec",
+    "teacher_cache": "TeacherCacheSpec",
+    "benchmark": "BenchmarkSpec",
+    "generate": "GenerateSpec",
+}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ job = client.jobs.wait(job.id, progress=True)
 client.artifacts.download(job.id, "adapter/")
 """
 
-from distillery_contract.specs import BenchmarkSpec, DistillSpec, TeacherCacheSpec
+from distillery_contract.specs import BenchmarkSpec, DistillSpec, GenerateSpec, TeacherCacheSpec
 
 from ._async_client import AsyncDistillery
 from ._client import Distillery
@@ -37,6 +37,7 @@ __all__ = [
     "DistillSpec",
     "TeacherCacheSpec",
     "BenchmarkSpec",
+    "GenerateSpec",
     "job_body",
     "Job",
     "JobState",

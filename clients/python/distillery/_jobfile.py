@@ -10,11 +10,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, TeacherCacheSpec
+from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, GenerateSpec, TeacherCacheSpec
 
 from ._exceptions import DistilleryError
 
-KIND_OF = {DistillSpec: "distill", TeacherCacheSpec: "teacher_cache", BenchmarkSpec: "benchmark"}
+KIND_OF = {
+    DistillSpec: "distill",
+    TeacherCacheSpec: "teacher_cache",
+    BenchmarkSpec: "benchmark",
+    GenerateSpec: "generate",
+}
 
 
 class SpecError(DistilleryError, ValueError):

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ._client import Distillery
 from ._config import DEFAULT_BASE_URL, KEYS, config_path, read_settings, resolve_config, save_settings
@@ -106,11 +107,29 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-children", action="store_true", help="do not follow the evaluation job")
     c = cmd(sub, "jobs", "list jobs, newest first")
     c.add_argument("--status")
-    c.add_argument("--kind", choices=["distill", "teacher_cache", "benchmark"])
+    c.add_argument("--kind", choices=["distill", "teacher_cache", "benchmark", "generate"])
     c.add_argument("--limit", type=int, default=50, help="show at most this many (default 50; 0: all)")
     c.add_argument("--wide", action="store_true", help="never shorten a column to the terminal's width")
     c.add_argument("-q", "--quiet", action="store_true", help="print the ids alone, one a line")
     cmd(sub, "status", "show a job").add_argument("id")
+    c = cmd(sub, "generate", "one prompt, each model's answer side by side (a generate job, followed to its end)")
+    c.add_argument("--prompt", required=True, help="the text the models continue ('-': read it from stdin)")
+    c.add_argument("--chat", action="store_true", help="send it as one user message (each model's chat template)")
+    c.add_argument(
+        "--job", metavar="DISTILL_JOB", help="its first teacher, its student before and the distilled student"
+    )
+    c.add_argument("--model", action="append", default=[], metavar="[LABEL=]ID", help="a model id (repeatable)")
+    c.add_argument(
+        "--adapter", action="append", default=[], metavar="[LABEL=]JOB", help="a distill job's student + adapter"
+    )
+    c.add_argument(
+        "--student-of", action="append", default=[], metavar="[LABEL=]JOB", help="a distill job's student before"
+    )
+    c.add_argument("--max-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     cmd(sub, "results", "a benchmark's table (of a benchmark job, or of a distill job's evaluation)").add_argument("id")
     c = cmd(sub, "logs", "a job's events")
     c.add_argument("id")
@@ -266,6 +285,10 @@ def _summary_rows(job: Job) -> list[list[str]]:
             rows.append([f"[{escape(label)}]", "  ".join(shown)])
         if s.get("metrics"):
             rows.append(["results", f"distillery results {job.id}"])
+    elif job.kind == "generate":
+        for a in s.get("answers") or []:
+            text = " ".join(str(a.get("text") or "").split())
+            rows.append([f"[{escape(a['label'])}]", (text[:70] + "…" if len(text) > 70 else text) or "(empty)"])
     return rows
 
 
@@ -409,6 +432,8 @@ def _run(args: argparse.Namespace, client: Distillery) -> int:
         _show(args, job, _job_detail(job))
     elif cmd == "results":
         return _results(args, client)
+    elif cmd == "generate":
+        return _generate(args, client)
     elif cmd == "logs":
         return _logs(args, client)
     elif cmd == "metrics":
@@ -488,6 +513,67 @@ def _wait_one(
         return e.job, CliError(str(e), EXIT_JOB_FAILED)
     except WaitTimeout as e:
         return e.job, CliError(f"job {e.job.id} is still {e.job.status} after {args.timeout:g}s", EXIT_TIMEOUT)
+
+
+def _generate_models(args: argparse.Namespace, client: Distillery) -> list[dict[str, str]]:
+    """The spec's models from --job, --model, --adapter and --student-of, in that order."""
+    models: list[dict[str, str]] = []
+    if args.job:
+        job = client.jobs.get(args.job)
+        if job.kind != "distill":
+            raise CliError(f"--job {args.job}: a {job.kind} job; name a distill job")
+        teachers = job.spec.get("teachers") or []
+        if teachers:
+            models.append({"label": "teacher", "model": teachers[0]["model"]})
+        models += [{"label": "student (before)", "student_of": job.id}, {"label": "distilled", "adapter": job.id}]
+    for flag, key, default in (
+        ("model", "model", "{}"),
+        ("adapter", "adapter", "adapter of {}"),
+        ("student_of", "student_of", "student of {}"),
+    ):
+        for value in getattr(args, flag):
+            label, _, ref = value.rpartition("=")
+            models.append({"label": label or default.format(ref), key: ref})
+    if not models:
+        raise CliError("name the models that answer: --job DISTILL_JOB, --model ID, --adapter JOB or --student-of JOB")
+    return models
+
+
+def _generate(args: argparse.Namespace, client: Distillery) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    spec = {
+        "prompt": [{"role": "user", "content": prompt}] if args.chat else prompt,
+        "models": _generate_models(args, client),
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    job = client.jobs.create({"kind": "generate", "spec": spec})
+    if not args.json:
+        err.print(f"submitted generate job {job.id}", markup=False)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    job, failure = _wait_one(args, client, job.id, deadline)
+    if failure is not None:
+        raise failure
+    answers = job.summary.get("answers") or []
+    if args.json:
+        print(json.dumps(_dump(job), indent=2, default=str))
+        return EXIT_OK
+    stats = [f"{a['tokens']} tokens, {a['seconds']:.2f} s, {a['tokens_per_second']:.1f} tokens/s" for a in answers]
+    if answers and out.width // len(answers) < 32:  # too narrow for columns: one answer after another
+        for a, line in zip(answers, stats):
+            out.rule(escape(a["label"]), align="left")
+            out.print(Text(a.get("text") or ""))
+            out.print(Text(line, style="dim"))
+        return EXIT_OK
+    table = Table(show_lines=True, expand=True)
+    for a in answers:
+        table.add_column(escape(a["label"]), overflow="fold", ratio=1)
+    table.add_row(*[Text(a.get("text") or "") for a in answers])
+    table.add_row(*[Text(line, style="dim") for line in stats])
+    out.print(table)
+    return EXIT_OK
 
 
 def _results(args: argparse.Namespace, client: Distillery) -> int:

@@ -1,6 +1,6 @@
 """The Distillery contract: what the API, the workers and the SDK agree on, defined once.
 
-- `specs`: the job specs (`DistillSpec`, `TeacherCacheSpec`, `BenchmarkSpec` and their parts), their bounds
+- `specs`: the job specs (`DistillSpec`, `TeacherCacheSpec`, `BenchmarkSpec`, `GenerateSpec` and their parts), their bounds
   and presets, as the API validates them and the engine runs them;
 - `records`: the dataset formats, their fields, and the streaming JSONL validation of a dataset file;
 - `jobs`: job kinds, statuses, error codes and the defaults the service relies on.
@@ -20,9 +20,11 @@ from .jobs import (
     ERROR_CODES,
     EVALUATE_LABELS,
     FAILED,
+    GENERATE,
     INTERNAL_ERROR,
     JOB_KINDS,
     JOB_STATUSES,
+    MAX_GENERATE_TOKENS,
     MAX_STEPS,
     QUEUED,
     RESOURCE,
@@ -58,6 +60,8 @@ from .specs import (
     DistillSpec,
     DivergenceGuardSpec,
     EvaluateSpec,
+    GenerateMessage,
+    GenerateSpec,
     LossOverride,
     LossSpec,
     LRSearchSpec,
@@ -77,6 +81,8 @@ __all__ = [
     "DistillSpec",
     "TeacherCacheSpec",
     "BenchmarkSpec",
+    "GenerateSpec",
+    "GenerateMessage",
     "SPEC_MODELS",
     "PRESETS",
     "apply_preset",
@@ -113,6 +119,7 @@ __all__ = [
     "DISTILL",
     "TEACHER_CACHE",
     "BENCHMARK",
+    "GENERATE",
     "JobStatus",
     "JOB_STATUSES",
     "QUEUED",
@@ -131,5 +138,6 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_MAX_SEQ_LEN",
     "MAX_STEPS",
+    "MAX_GENERATE_TOKENS",
     "EVALUATE_LABELS",
 ]

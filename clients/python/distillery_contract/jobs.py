@@ -14,10 +14,11 @@ from typing import Final, Literal, get_args
 
 # ------------------------------------------------------------------------------------------------ kinds
 
-JobKind = Literal["distill", "teacher_cache", "benchmark"]
+JobKind = Literal["distill", "teacher_cache", "benchmark", "generate"]
 DISTILL: Final = "distill"
 TEACHER_CACHE: Final = "teacher_cache"
 BENCHMARK: Final = "benchmark"
+GENERATE: Final = "generate"  # the playground: one prompt, each model's answer
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 
 # --------------------------------------------------------------------------------------------- statuses
@@ -47,6 +48,7 @@ ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 DEFAULT_TOP_K: Final = 64  # teacher log-probs kept per position (a distill loss, a teacher cache)
 DEFAULT_MAX_SEQ_LEN: Final = 512  # tokens per training / cache / benchmark sequence
 MAX_STEPS: Final = 10_000_000  # training steps, also their sum over stages (stored as a 32-bit int)
+MAX_GENERATE_TOKENS: Final = 4096  # the longest answer a generate job writes per model
 
 # The rows a distill job's `evaluate` benchmark names itself; its extra candidates may not take them.
 DISTILLED_LABEL: Final = "distilled"  # the distilled student (the distill job's adapter)

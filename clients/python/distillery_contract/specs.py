@@ -14,14 +14,35 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
-from .jobs import BENCHMARK, DEFAULT_MAX_SEQ_LEN, DEFAULT_TOP_K, DISTILL, EVALUATE_LABELS, MAX_STEPS, TEACHER_CACHE
+from .jobs import (
+    BENCHMARK,
+    DEFAULT_MAX_SEQ_LEN,
+    DEFAULT_TOP_K,
+    DISTILL,
+    EVALUATE_LABELS,
+    GENERATE,
+    MAX_GENERATE_TOKENS,
+    MAX_STEPS,
+    TEACHER_CACHE,
+)
 
 __all__ = [
     "DistillSpec",
     "TeacherCacheSpec",
     "BenchmarkSpec",
+    "GenerateSpec",
+    "GenerateMessage",
     "SPEC_MODELS",
     "PRESETS",
     "PresetName",
@@ -466,6 +487,74 @@ class BenchmarkSpec(_Spec):
         return v
 
 
+MAX_PROMPT_CHARS = 100_000  # of a generate job's prompt
+
+
+class GenerateMessage(_Spec):
+    """One turn of a chat prompt, as the model's chat template takes it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+_MESSAGES: TypeAdapter[list[GenerateMessage]] = TypeAdapter(list[GenerateMessage])
+
+
+class GenerateSpec(_Spec):
+    """The playground: one prompt, and each model's answer to it (loaded one at a time), side by side.
+
+    `models` take the benchmark's candidate shape: a model, a model + a distill job's adapter, `adapter: <job>`
+    alone (that job's student with its adapter: the distilled student) or `student_of: <job>` (the student
+    before training). A job that has not succeeded yet makes this one wait for it."""
+
+    prompt: str | list[GenerateMessage] = Field(
+        description="A text the models continue as it is, or chat messages rendered with each model's chat "
+        "template (with the generation prompt; the messages' contents one after another where it has none)."
+    )
+    models: list[BenchmarkCandidate] = Field(min_length=1, max_length=8, description="The models that answer.")
+    max_tokens: int = Field(128, ge=1, le=MAX_GENERATE_TOKENS, description="Longest answer, in tokens.")
+    temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of this mass.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="The sampling key: a rerun writes the same answers.")
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _not_empty(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> str | list[GenerateMessage]:
+        # checked here rather than by the union, whose errors would name its members (`prompt.str`)
+        if isinstance(v, str):
+            if not v.strip():
+                raise ValueError("the prompt is empty")
+            if len(v) > MAX_PROMPT_CHARS:
+                raise ValueError(f"the prompt is {len(v)} characters; at most {MAX_PROMPT_CHARS}")
+            return v
+        if not isinstance(v, list):
+            raise ValueError("must be a string or a list of messages ({role, content})")
+        if not v:
+            raise ValueError("the prompt is an empty list of messages")
+        if len(v) > 64:
+            raise ValueError(f"the prompt has {len(v)} messages; at most 64")
+        try:
+            messages = _MESSAGES.validate_python(v)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"message {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+        if not any(m.content.strip() for m in messages):
+            raise ValueError("every message of the prompt is empty")
+        if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold more than {MAX_PROMPT_CHARS} characters")
+        return messages
+
+    @field_validator("models")
+    @classmethod
+    def _unique_labels(cls, v: list[BenchmarkCandidate]) -> list[BenchmarkCandidate]:
+        seen: set[str] = set()
+        for c in v:
+            if c.label in seen:
+                raise ValueError(f"duplicate label {c.label!r}; labels name the answers")
+            seen.add(c.label)
+        return v
+
+
 class EvaluateSpec(_Spec):
     """A benchmark run as a child job once the distillation succeeds: the distilled student ("distilled") and,
     unless `baseline` is false, the student before training ("student (before)"), against the first teacher."""
@@ -614,4 +703,9 @@ class DistillSpec(_Spec):
 
 
 # The spec model of each job kind.
-SPEC_MODELS: dict[str, type[_Spec]] = {DISTILL: DistillSpec, TEACHER_CACHE: TeacherCacheSpec, BENCHMARK: BenchmarkSpec}
+SPEC_MODELS: dict[str, type[_Spec]] = {
+    DISTILL: DistillSpec,
+    TEACHER_CACHE: TeacherCacheSpec,
+    BENCHMARK: BenchmarkSpec,
+    GENERATE: GenerateSpec,
+}

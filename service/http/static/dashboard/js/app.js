@@ -1,10 +1,12 @@
 // The dashboard's entry point: the API key (entered once, kept in localStorage), the hash router and the
-// navigation. Pages: #/jobs (live list), #/jobs/<id> (a job), #/new (submit), #/results (benchmarks, compare).
+// navigation. Pages: #/jobs (live list), #/jobs/<id> (a job), #/new (submit), #/results (benchmarks, compare),
+// #/playground (one prompt, answers side by side).
 import { api, ApiError, clearKey, getKey, setKey } from "./api.js";
 import { clear, h } from "./dom.js";
 import { renderJobs } from "./jobs.js";
 import { renderJob } from "./job.js";
 import { renderNew } from "./new.js";
+import { renderPlayground } from "./playground.js";
 import { renderResults } from "./results.js";
 
 const main = document.getElementById("main");
@@ -71,6 +73,7 @@ function route() {
     jobs: () => (parts[1] ? renderJob(main, parts[1], params) : renderJobs(main, params)),
     new: () => renderNew(main, params),
     results: () => renderResults(main, params),
+    playground: () => renderPlayground(main, params),
   };
   const view = views[page];
   if (!view) {

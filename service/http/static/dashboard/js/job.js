@@ -4,6 +4,7 @@
 import { api, downloadArtifact, streamEvents } from "./api.js";
 import { LineChart } from "./charts.js";
 import { badge, clear, fmtBytes, fmtDuration, fmtNumber, fmtTime, h, progressBar, toast } from "./dom.js";
+import { answerCards } from "./playground.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LOG_LIMIT = 2000;
@@ -54,11 +55,14 @@ export function renderJob(main, jobId) {
     const bench = children.filter((c) => c.kind === "benchmark").map((c) => c.id);
     const resultsLink = job.kind === "benchmark" ? `#/results?bench=${job.id}`
       : job.kind === "distill" ? `#/results?runs=${job.id}${bench.length ? "&bench=" + bench.join(",") : ""}` : null;
+    const playLink = job.kind === "generate" ? `#/playground?job=${encodeURIComponent(job.id)}`
+      : job.kind === "distill" && job.status !== "failed" && job.status !== "cancelled" ? `#/playground?distill=${encodeURIComponent(job.id)}` : null;
     clear(head,
       h("div", { class: "row", style: "justify-content:space-between;align-items:center" },
         h("h1", {}, `${job.kind} job `, h("span", { class: "mono" }, job.id), " ", badge(job.status)),
         h("div", { class: "row" },
           resultsLink ? h("a", { class: "button", id: "open-results", href: resultsLink }, "Results") : null,
+          playLink ? h("a", { class: "button", id: "open-playground", href: playLink }, "Playground") : null,
           h("button", { class: "danger", id: "cancel-job", disabled: !canCancel, onclick: cancel }, "Cancel"))),
       h("div", { class: "row", style: "align-items:center" },
         h("div", { class: "grow" }, progressBar(job.status === "succeeded" ? 1 : p.fraction, true)),
@@ -76,6 +80,10 @@ export function renderJob(main, jobId) {
 
   function drawSummary() {
     const s = job.summary || {};
+    if (job.kind === "generate") {
+      return clear(summaryPanel, h("h2", {}, "Answers"),
+        s.answers?.length ? answerCards(s.answers) : h("p", { class: "muted" }, "Nothing reported yet."));
+    }
     const rows = [];
     if (s.initial || s.final) {
       for (const key of ["val_kl", "val_reverse_kl", "val_ppl", "val_top1_agreement"]) {

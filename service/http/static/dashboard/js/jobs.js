@@ -3,7 +3,7 @@ import { api } from "./api.js";
 import { badge, clear, fmtDuration, fmtNumber, fmtTime, h, progressBar } from "./dom.js";
 
 const STATUSES = ["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"];
-const KINDS = ["distill", "teacher_cache", "benchmark"];
+const KINDS = ["distill", "teacher_cache", "benchmark", "generate"];
 const REFRESH_MS = 3000;
 
 export function headline(job) {
@@ -13,6 +13,7 @@ export function headline(job) {
     return kl === undefined ? "" : `val KL ${fmtNumber(kl, 4)}`;
   }
   if (job.kind === "benchmark" && s.metrics) return `${Object.keys(s.metrics).length} models scored`;
+  if (job.kind === "generate" && s.answers) return `${s.answers.length} answers`;
   if (job.kind === "teacher_cache" && s.size_bytes) return `${fmtNumber(s.tokens ?? s.records ?? "")} cached`;
   return "";
 }

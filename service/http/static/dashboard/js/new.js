@@ -19,7 +19,7 @@ export function renderNew(main) {
     h("section", { class: "panel" }, h("h1", {}, "New job"),
       h("div", { class: "filters" }, h("div", {}, h("label", { for: "job-kind" }, "Kind"),
         el.kind = h("select", { id: "job-kind", onchange: () => { edited = false; drawForm(); } },
-          ["distill", "teacher_cache", "benchmark"].map((k) => h("option", { value: k }, k))))),
+          ["distill", "teacher_cache", "benchmark", "generate"].map((k) => h("option", { value: k }, k))))),
       form),
     h("div", { class: "row" },
       h("section", { class: "panel grow" }, h("h2", {}, "Request body"),
@@ -67,6 +67,7 @@ export function renderNew(main) {
     } else {
       clear(form, h("p", { class: "muted" }, kind === "teacher_cache"
         ? "A teacher cache: the teacher's top-k log-probabilities of a dataset, reused by every offline distillation on the same inputs."
+        : kind === "generate" ? ["Each model's answer to one prompt. Edit the template below, or use the ", h("a", { href: "#/playground" }, "Playground"), "."]
         : "A benchmark: candidates scored against a reference model on held-out data. Edit the template below."));
     }
     rebuild();
@@ -99,6 +100,7 @@ export function renderNew(main) {
     let value;
     if (kind === "distill") value = models.length && datasets.length ? distillBody() : { kind, spec: {} };
     else if (kind === "teacher_cache") value = { kind, spec: { teacher: m0, data: d0, top_k: 64, max_seq_len: 512 } };
+    else if (kind === "generate") value = { kind, spec: { prompt: "Once upon a time", models: [{ label: "teacher", model: m0 }, { label: "student", model: m1 }], max_tokens: 64 } };
     else value = { kind, spec: { reference: m0, candidates: [{ label: "student", model: m1 }], data: { text: d0 } } };
     body.value = JSON.stringify(value, null, 2);
     scheduleEstimate();
