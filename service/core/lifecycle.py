@@ -59,12 +59,12 @@ def teacher_cache_key(teacher_model_id: str, dataset_id: str, top_k: int, max_se
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def get_or_create_cache_job(
+def find_cache_job(
     session: Session, project_id: str, teacher: str, dataset: str, top_k: int, max_seq_len: int
-) -> tuple[Job, bool]:
-    """The project's teacher_cache job for these inputs: an existing live or finished one, or a new one."""
+) -> Job | None:
+    """The project's live or finished teacher_cache job for these inputs (the newest), if any."""
     key = teacher_cache_key(teacher, dataset, top_k, max_seq_len)
-    existing = session.scalars(
+    return session.scalars(
         select(Job)
         .where(
             Job.project_id == project_id,
@@ -74,6 +74,14 @@ def get_or_create_cache_job(
         )
         .order_by(Job.id.desc())
     ).first()
+
+
+def get_or_create_cache_job(
+    session: Session, project_id: str, teacher: str, dataset: str, top_k: int, max_seq_len: int
+) -> tuple[Job, bool]:
+    """The project's teacher_cache job for these inputs: an existing live or finished one, or a new one."""
+    key = teacher_cache_key(teacher, dataset, top_k, max_seq_len)
+    existing = find_cache_job(session, project_id, teacher, dataset, top_k, max_seq_len)
     if existing:
         return existing, False
     spec = {"teacher": teacher, "data": dataset, "top_k": top_k, "max_seq_len": max_seq_len}

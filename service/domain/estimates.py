@@ -82,17 +82,7 @@ def estimate_job(session: Session, project_id: str, kind: str, spec: dict[str, A
 
 
 def _cache_use(session: Session, project_id: str, teacher: str, dataset: str, top_k: int, max_seq_len: int) -> CacheUse:
-    key = lifecycle.teacher_cache_key(teacher, dataset, top_k, max_seq_len)
-    existing = session.scalars(
-        select(Job)
-        .where(
-            Job.project_id == project_id,
-            Job.kind == "teacher_cache",
-            Job.cache_key == key,
-            Job.status.in_((lifecycle.QUEUED, lifecycle.RUNNING, lifecycle.SUCCEEDED)),
-        )
-        .order_by(Job.id.desc())
-    ).first()
+    existing = lifecycle.find_cache_job(session, project_id, teacher, dataset, top_k, max_seq_len)
     return CacheUse(
         teacher, dataset, top_k, max_seq_len, existing.id if existing else None, existing.status if existing else None
     )

@@ -52,12 +52,7 @@ def _read_file(path: Path, profile: str | None) -> dict[str, Any]:
         if profile or os.environ.get("DISTILLERY_CONFIG"):
             raise ConfigError(f"config file {path} does not exist")
         return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of settings")
+    data = read_settings(path)
     values = {k: data[k] for k in KEYS if k in data}
     if profile:
         profiles = data.get("profiles") or {}
