@@ -307,14 +307,14 @@ def test_two_teachers(tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_path
     assert summary["final"]["val_kl"] == pytest.approx(0.25 * kl[0] + 0.75 * kl[1], rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["confidence", "learned"])
+@pytest.mark.parametrize(("kind", "mode"), [("confidence", "offline"), ("learned", "offline"), ("learned", "online")])
 def test_adaptive_teacher_weighting_resumes_exactly(
-    kind, tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_path, store
+    kind, mode, tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_path, store
 ):
     """Per-instance weights, logged per evaluation; a run stopped and resumed (the learned gate's state in the
-    checkpoint) takes the same steps as one that ran straight."""
+    checkpoint) takes the same steps as one that ran straight; from the caches or from the teachers' logits."""
     second = tiny.build_model(tiny_root / "teacher2", tiny_root / "tokenizer", hidden=48, layers=2, seed=9)
-    spec = make_spec(tiny_student, [tiny_teacher, second], tiny_text, teacher_weighting=kind)
+    spec = make_spec(tiny_student, [tiny_teacher, second], tiny_text, teacher_weighting=kind, teacher_mode=mode)
     straight = run(spec, tmp_path / "straight", store)
     w = straight["final"]["teacher_weights"]
     assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5)

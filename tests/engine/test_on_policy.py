@@ -34,7 +34,7 @@ def tiny_completions(tiny_root) -> dict[str, Path]:
     }
 
 
-def on_policy_spec(student, teacher, data, **over) -> DistillSpec:
+def on_policy_spec(student, teacher, data, more_teachers=(), **over) -> DistillSpec:
     doc = {
         "teacher_mode": "on_policy",
         "loss": {"kind": "reverse_kl", "temperature": 1.0, "alpha": 1.0},
@@ -43,7 +43,7 @@ def on_policy_spec(student, teacher, data, **over) -> DistillSpec:
     }
     for key, value in over.items():
         doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
-    return make_spec(student, [teacher], data, **doc)
+    return make_spec(student, [teacher, *more_teachers], data, **doc)
 
 
 def test_sampled_estimator_value_and_gradient_by_hand():
@@ -140,6 +140,27 @@ def test_gkd_mix_and_sampled_estimator_run(tiny_student, tiny_teacher, tiny_comp
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     generated = [r["generated_tokens"] for r in records if r["kind"] == "train"]
     assert any(g == 0 for g in generated) and any(g > 0 for g in generated)  # off- and on-policy batches
+    assert math.isfinite(summary["final"]["val_reverse_kl"])
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_on_policy_with_two_teachers_weighs_them_per_sample(
+    estimator, tiny_student, tiny_teacher, tiny_completions, tiny_root, tmp_path
+):
+    """Adaptive weighting on the student's own samples: each teacher's likelihood of what the student wrote."""
+    second = tiny.build_model(tiny_root / "teacher2", tiny_root / "tokenizer", hidden=48, layers=2, seed=9)
+    spec = on_policy_spec(
+        tiny_student,
+        tiny_teacher,
+        tiny_completions,
+        more_teachers=[second],
+        teacher_weighting="confidence",
+        on_policy={"estimator": estimator},
+        training={"steps": 3},
+    )
+    summary = run(spec, tmp_path / "out", tmp_path / "store")
+    w = summary["final"]["teacher_weights"]
+    assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5)
     assert math.isfinite(summary["final"]["val_reverse_kl"])
 
 
