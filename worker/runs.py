@@ -16,7 +16,14 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from distillery_contract.specs import BenchmarkCandidate, BenchmarkSpec, DistillSpec, GenerateSpec, TeacherCacheSpec
+from distillery_contract.specs import (
+    BenchmarkCandidate,
+    BenchmarkSpec,
+    CompareSpec,
+    DistillSpec,
+    GenerateSpec,
+    TeacherCacheSpec,
+)
 from service.core.db.models import TeacherCacheRecord
 from service.core.db.session import session_scope
 from service.core.settings import Settings
@@ -81,6 +88,8 @@ def run(
             return benchmark(job, settings, recorder, hooks)
         if job.kind == "generate":
             return generate(job, settings, recorder, hooks)
+        if job.kind == "compare":
+            return compare(job, settings, recorder)
     raise UserError(f"unknown job kind {job.kind!r}")
 
 
@@ -215,3 +224,14 @@ def generate(job: JobInfo, settings: Settings, recorder: JobRecorder, hooks: Hoo
     for row, c in zip(summary["answers"], spec.models):
         row.update(adapter=c.adapter, student_of=c.student_of)
     return Result(summary=jsonable(summary))
+
+
+def compare(job: JobInfo, settings: Settings, recorder: JobRecorder) -> Result:
+    """The arms ran as child distill jobs (made when this job was created); their results in one table."""
+    from worker import compare as compare_mod
+
+    _validate(CompareSpec, job.spec)
+    out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)
+    report = compare_mod.write_report(job.id, out_dir)
+    recorder.progress({"step": 1, "total_steps": 1})
+    return Result(summary=jsonable(report), out_dir=out_dir)

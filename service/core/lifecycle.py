@@ -35,6 +35,7 @@ from distillery_contract.jobs import (  # noqa: F401 (the statuses are re-export
     SUCCEEDED,
     TERMINAL,
 )
+from distillery_contract.specs import CompareSpec, compare_arms
 from service.core.db.models import Job, JobDependency, JobEvent, utcnow
 from service.core.references import Reference, spec_references
 
@@ -100,8 +101,9 @@ def create_job(
     parent_id: str | None = None,
     total_steps: int | None = None,
 ) -> tuple[Job, list[Job]]:
-    """Insert a job (and, for an offline distill, its teacher_cache jobs; with `evaluate`, its benchmark child).
-    Returns (job, the new jobs that may start at once)."""
+    """Insert a job (and, for an offline distill, its teacher_cache jobs; with `evaluate`, its benchmark child;
+    for a compare, one distill child per arm, which it waits for). Returns (job, the new jobs that may start at
+    once)."""
     job = Job(project_id=project_id, kind=kind, spec=spec, parent_id=parent_id, total_steps=total_steps)
     if kind == "teacher_cache":  # submitted by hand: offline distill jobs on the same inputs reuse it
         job.cache_key = teacher_cache_key(
@@ -125,6 +127,8 @@ def create_job(
         add_event(
             session, job.id, "evaluation", f"benchmark job {child.id} will evaluate the result", {"job_id": child.id}
         )
+    if kind == "compare":
+        return job, _compare_arms(session, project_id, job)
     new_caches = []
     if kind == "distill" and spec.get("teacher_mode", "offline") == "offline":
         training, loss = spec.get("training", {}), spec.get("loss", {})
@@ -146,6 +150,25 @@ def create_job(
                     new_caches.append(cache_job)
         session.flush()
     return job, new_caches
+
+
+def _compare_arms(session: Session, project_id: str, job: Job) -> list[Job]:
+    """A compare job's arms: a distill child each (with its benchmark child when the base evaluates), all of
+    which the compare job waits for. Returns the new jobs that may start at once (caches, ready arms)."""
+    startable: list[Job] = []
+    made = []
+    for name, arm_spec in compare_arms(CompareSpec.model_validate(job.spec)):
+        arm, caches = create_job(session, project_id, "distill", arm_spec, job.id, arm_spec["training"]["steps"])
+        add_event(session, arm.id, "arm", f"arm {name!r} of compare job {job.id}", {"arm": name, "compare": job.id})
+        waited = [arm, *session.scalars(select(Job).where(Job.parent_id == arm.id)).all()]  # and its benchmark
+        for other in waited:
+            session.add(JobDependency(job_id=job.id, depends_on_id=other.id))
+        startable += caches + ([arm] if readiness(session, arm) == "ready" else [])
+        made.append({"name": name, "job_id": arm.id})
+    session.flush()
+    names = ", ".join(f"{m['name']} ({m['job_id']})" for m in made)
+    add_event(session, job.id, "arms", f"{len(made)} arms: {names}", {"arms": made})
+    return startable
 
 
 def _wait_for_used_jobs(session: Session, job: Job, refs: Iterable[Reference]) -> None:

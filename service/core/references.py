@@ -35,6 +35,11 @@ def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
     elif kind == "benchmark":
         refs.append(Reference("spec.reference", "model", spec["reference"]))
         refs += _benchmark_refs("spec", spec)
+    elif kind == "compare":  # its base distill spec's, under spec.base
+        refs += [
+            r._replace(field="spec.base." + r.field.removeprefix("spec."))
+            for r in spec_references("distill", spec["base"])
+        ]
     elif kind == "generate":
         refs += _candidate_refs("spec.models", spec["models"])
     return refs

@@ -114,7 +114,10 @@ PROMPTS_HINT = " (prompts alone train only with teacher_mode: on_policy, at on_p
 
 def _formats(kind: str, spec: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     """The dataset formats each field of the spec accepts: on-policy distillation also samples from prompts
-    alone (the student writes every completion, so only with `on_policy.fraction` 1 for the training data)."""
+    alone (the student writes every completion, so only with `on_policy.fraction` 1 for the training data). A
+    comparison's fields are its base distill spec's, under `spec.base.`."""
+    if kind == "compare":
+        return {f"spec.base.{k.removeprefix('spec.')}": v for k, v in _formats("distill", spec["base"]).items()}
     if kind != "distill" or spec.get("teacher_mode") != "on_policy":
         return _DATASET_FORMATS
     fraction = (spec.get("on_policy") or {}).get("fraction", 1.0)

@@ -11,7 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from distillery_contract import specs as contract_specs
 from distillery_contract.jobs import JOB_KINDS, JOB_STATUSES, JobKind, JobStatus  # noqa: F401 (re-exported)
-from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, GenerateSpec, TeacherCacheSpec
+from distillery_contract.specs import (
+    SPEC_MODELS,
+    BenchmarkSpec,
+    CompareSpec,
+    DistillSpec,
+    GenerateSpec,
+    TeacherCacheSpec,
+)
 from service.core.db.models import Artifact, Checkpoint, Dataset, Job, JobEvent, Model, StepMetric
 
 
@@ -34,7 +41,7 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: JobKind
-    spec: DistillSpec | TeacherCacheSpec | BenchmarkSpec | GenerateSpec
+    spec: DistillSpec | TeacherCacheSpec | BenchmarkSpec | GenerateSpec | CompareSpec
     parent_id: str | None = Field(None, max_length=40, description="An earlier job of the project this one follows.")
 
     @field_validator("spec", mode="plain")

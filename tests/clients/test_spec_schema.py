@@ -22,6 +22,7 @@ COMPONENT = {
     "teacher_cache": "TeacherCacheSpec",
     "benchmark": "BenchmarkSpec",
     "generate": "GenerateSpec",
+    "compare": "CompareSpec",
 }
 
 

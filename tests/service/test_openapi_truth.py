@@ -162,7 +162,7 @@ LIFECYCLE_STATUSES = [lifecycle.QUEUED, lifecycle.RUNNING, lifecycle.CANCEL_REQU
 def test_job_status_and_kind_are_enums_of_the_real_values(document):
     schemas = document["components"]["schemas"]
     kinds = schemas["JobCreate"]["properties"]["kind"]["enum"]  # what POST /v1/jobs accepts
-    assert sorted(kinds) == ["benchmark", "distill", "generate", "teacher_cache"]
+    assert sorted(kinds) == ["benchmark", "compare", "distill", "generate", "teacher_cache"]
     job = schemas["JobOut"]["properties"]
     assert sorted(job["status"]["enum"]) == sorted(LIFECYCLE_STATUSES)
     assert sorted(job["kind"]["enum"]) == sorted(kinds)

@@ -467,3 +467,29 @@ def test_benchmark_user_error_names_the_field(service, refs):
     done = wait_done(service, job_id)
     assert done.status == "failed" and done.error_code == "user_error", done.error_message
     assert "data.mcq" in done.error_message
+
+
+def test_compare_runs_its_arms_then_reports_them_side_by_side(service, refs, tiny_root):
+    """A compare job's arms are ordinary distill jobs (teacher caches shared); the compare job runs when they
+    have all finished and writes one table and chart of them."""
+    service.ensure_worker()
+    second = tiny.build_model(tiny_root / "teacher-b", tiny_root / "tokenizer", hidden=48, layers=2, seed=9)
+    base = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=4)
+    base["teachers"].append({"model": service.add_model(second, "teacher-b")})
+    compare_id = service.submit("compare", {"base": base, "arms": ["single", "confidence"]})
+    done = wait_done(service, compare_id, timeout=240)
+    assert done.status == "succeeded", (done.error_message, service.logs())
+    arms = done.summary["arms"]
+    assert [a["arm"] for a in arms] == ["teacher 0", "teacher 1", "confidence"]
+    assert all(a["status"] == "succeeded" and a["val_kl"][1] is not None for a in arms)
+    assert len(arms[2]["teacher_weights"]) == 2 and arms[0]["teacher_weights"] is None  # one teacher: no mix
+    with session_scope(service.database_url) as s:
+        children = s.scalars(select(Job).where(Job.parent_id == compare_id)).all()
+        assert {c.id for c in children} == {a["job_id"] for a in arms}
+        assert all(c.finished_at <= done.started_at for c in children)  # it ran after its arms
+        files = {Path(p).name: Path(p) for p in s.scalars(select(Artifact.path).where(Artifact.job_id == compare_id))}
+    assert {"compare.json", "compare.md", "compare.png"} <= set(files)
+    table = files["compare.md"].read_text()
+    assert "| teacher 1 | 1 | fixed |" in table and "| confidence | 2 | confidence |" in table
+    assert arms[1]["kl_to_teachers"][0] is None and arms[1]["kl_to_teachers"][1] == arms[1]["val_kl"][1]
+    shutil.copy(files["compare.png"], tiny_root / "compare.png")  # for a person to look at

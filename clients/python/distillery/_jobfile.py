@@ -10,7 +10,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distillery_contract.specs import SPEC_MODELS, BenchmarkSpec, DistillSpec, GenerateSpec, TeacherCacheSpec
+from distillery_contract.specs import (
+    SPEC_MODELS,
+    BenchmarkSpec,
+    CompareSpec,
+    DistillSpec,
+    GenerateSpec,
+    TeacherCacheSpec,
+)
 
 from ._exceptions import DistilleryError
 
@@ -19,6 +26,7 @@ KIND_OF = {
     TeacherCacheSpec: "teacher_cache",
     BenchmarkSpec: "benchmark",
     GenerateSpec: "generate",
+    CompareSpec: "compare",
 }
 
 

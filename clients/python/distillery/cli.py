@@ -26,6 +26,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from distillery_contract.jobs import JOB_KINDS
+
 from ._client import Distillery
 from ._config import DEFAULT_BASE_URL, KEYS, config_path, read_settings, resolve_config, save_settings
 from ._exceptions import (
@@ -107,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-children", action="store_true", help="do not follow the evaluation job")
     c = cmd(sub, "jobs", "list jobs, newest first")
     c.add_argument("--status")
-    c.add_argument("--kind", choices=["distill", "teacher_cache", "benchmark", "generate"])
+    c.add_argument("--kind", choices=list(JOB_KINDS))
     c.add_argument("--limit", type=int, default=50, help="show at most this many (default 50; 0: all)")
     c.add_argument("--wide", action="store_true", help="never shorten a column to the terminal's width")
     c.add_argument("-q", "--quiet", action="store_true", help="print the ids alone, one a line")

@@ -14,6 +14,7 @@ from .jobs import (
     BENCHMARK,
     CANCEL_REQUESTED,
     CANCELLED,
+    COMPARE,
     DEFAULT_MAX_SEQ_LEN,
     DEFAULT_TOP_K,
     DISTILL,
@@ -56,6 +57,7 @@ from .specs import (
     BenchmarkData,
     BenchmarkSpec,
     BenchmarkSpeed,
+    CompareSpec,
     DataSpec,
     DistillSpec,
     DivergenceGuardSpec,
@@ -74,6 +76,7 @@ from .specs import (
     TeacherSpec,
     TrainingSpec,
     apply_preset,
+    compare_arms,
 )
 
 __all__ = [
@@ -81,7 +84,9 @@ __all__ = [
     "DistillSpec",
     "TeacherCacheSpec",
     "BenchmarkSpec",
+    "CompareSpec",
     "GenerateSpec",
+    "compare_arms",
     "GenerateMessage",
     "SPEC_MODELS",
     "PRESETS",
@@ -119,6 +124,7 @@ __all__ = [
     "DISTILL",
     "TEACHER_CACHE",
     "BENCHMARK",
+    "COMPARE",
     "GENERATE",
     "JobStatus",
     "JOB_STATUSES",

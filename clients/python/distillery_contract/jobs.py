@@ -14,11 +14,12 @@ from typing import Final, Literal, get_args
 
 # ------------------------------------------------------------------------------------------------ kinds
 
-JobKind = Literal["distill", "teacher_cache", "benchmark", "generate"]
+JobKind = Literal["distill", "teacher_cache", "benchmark", "generate", "compare"]
 DISTILL: Final = "distill"
 TEACHER_CACHE: Final = "teacher_cache"
 BENCHMARK: Final = "benchmark"
 GENERATE: Final = "generate"  # the playground: one prompt, each model's answer
+COMPARE: Final = "compare"  # one distillation run several ways (single teachers, equal, adaptive), side by side
 JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 
 # --------------------------------------------------------------------------------------------- statuses

@@ -27,6 +27,7 @@ from pydantic import (
 
 from .jobs import (
     BENCHMARK,
+    COMPARE,
     DEFAULT_MAX_SEQ_LEN,
     DEFAULT_TOP_K,
     DISTILL,
@@ -703,9 +704,53 @@ class DistillSpec(_Spec):
 
 
 # The spec model of each job kind.
+CompareArm = Literal["single", "equal", "confidence", "learned"]
+COMPARE_ARMS: tuple[CompareArm, ...] = ("single", "equal", "confidence", "learned")
+
+
+class CompareSpec(_Spec):
+    """One distillation (`base`) run several ways on the same data, steps and seed, as child distill jobs, and
+    one table of their results (README: Several teachers). Arms: `single` (one run per teacher, that teacher
+    alone), `equal` (every teacher, equal fixed weights), `confidence` and `learned` (teacher_weighting). With
+    `base.evaluate` each arm also gets its benchmark, and the table has its numbers."""
+
+    base: DistillSpec
+    arms: list[CompareArm] = Field(default_factory=lambda: list(COMPARE_ARMS), min_length=1, max_length=4)
+
+    @model_validator(mode="after")
+    def _several_teachers(self) -> CompareSpec:
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError("arms: each arm once")
+        if len(self.base.teachers) < 2:
+            raise ValueError("base.teachers: a comparison of teacher weightings needs two or more teachers")
+        return self
+
+
+def compare_arms(spec: CompareSpec) -> list[tuple[str, dict]]:
+    """(arm name, its distill spec as JSON) for each arm of a comparison, in order."""
+    base = spec.base.model_dump(mode="json", exclude_none=True)
+    arms: list[tuple[str, dict]] = []
+    for arm in spec.arms:
+        if arm == "single":
+            for i, teacher in enumerate(base["teachers"]):
+                only = {**base, "teachers": [{**teacher, "weight": 1.0}], "teacher_weighting": "fixed"}
+                hint = base["loss"].get("hidden")
+                if hint is not None:  # hints read one teacher's layers: kept for that teacher's own arm only
+                    loss = {k: v for k, v in base["loss"].items() if k != "hidden"}
+                    only["loss"] = {**loss, "hidden": {**hint, "teacher": 0}} if hint["teacher"] == i else loss
+                arms.append((f"teacher {i}", only))
+        elif arm == "equal":
+            equal = [{**t, "weight": 1.0} for t in base["teachers"]]
+            arms.append(("equal", {**base, "teachers": equal, "teacher_weighting": "fixed"}))
+        else:
+            arms.append((arm, {**base, "teacher_weighting": arm}))
+    return arms
+
+
 SPEC_MODELS: dict[str, type[_Spec]] = {
     DISTILL: DistillSpec,
     TEACHER_CACHE: TeacherCacheSpec,
     BENCHMARK: BenchmarkSpec,
     GENERATE: GenerateSpec,
+    COMPARE: CompareSpec,
 }
