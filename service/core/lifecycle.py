@@ -383,9 +383,13 @@ def release(session: Session, job_id: str, owner: str, reason: str) -> bool:
 
 
 def request_cancel(session: Session, job: Job) -> None:
-    """Queued: cancelled at once. Running: the worker sees the flag at its next step and stops."""
+    """Queued: cancelled at once. Running: the worker sees the flag at its next step and stops. A compare job's
+    arms are its work: they are cancelled with it."""
     if job.status in TERMINAL:
         return
+    if job.kind == "compare":
+        for arm in session.scalars(select(Job).where(Job.parent_id == job.id)).all():
+            request_cancel(session, arm)
     job.cancel_requested = True
     if job.status == QUEUED:
         finish(session, job.id, None, CANCELLED, error_message="cancelled before it started")

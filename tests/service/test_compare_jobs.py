@@ -39,6 +39,11 @@ def test_compare_makes_an_arm_per_variant_and_waits_for_them(api):
         assert {d.id for d in lifecycle.dependencies(session, compare_id)} == set(by_id)
     only = post_job(api, "compare", {"base": base, "arms": ["confidence", "equal"]})
     assert only.status_code == 201, only.text
+    # cancelling the comparison cancels its arms (queued here: at once)
+    r = api.client.post(f"/v1/jobs/{compare_id}/cancel", headers=api.headers)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    with api.db() as session:
+        assert {a.status for a in session.scalars(select(Job).where(Job.parent_id == compare_id))} == {"cancelled"}
 
 
 def test_compare_refusals_name_the_field(api):
