@@ -131,15 +131,11 @@ def per_domain(student_dir: Path, adapter: Path | None, teachers: list, data: di
     text; `arm` = (teacher_weighting, its spec options, shipped checkpoint) gives the weights that arm's
     weighting puts on each teacher there (the learned gate as the checkpoint has it)."""
     from worker.engine import data as data_mod
-    from worker.engine import evaluate, models, student, weighting
+    from worker.engine import evaluate, held_out, weighting
     from worker.engine.batches import OnlineTeacher, Split
     from worker.engine.mlx_typed import load_safetensors
 
-    model, tokenizer, _ = models.load_model(student_dir)  # float32 on the CPU, as the engine computes
-    if adapter is not None:
-        student.load_adapter(model, adapter, f"the adapter in {adapter}")
-    model.eval()
-    models.dequantized_compute(model)
+    model, tokenizer = held_out.load_for_eval(student_dir, adapter)  # float32 on the CPU, as the engine computes
     weigh = weighting.Weighting([1.0] * max(len(teachers), 1))
     if arm is not None:
         kind, options, checkpoint = arm

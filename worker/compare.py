@@ -3,12 +3,15 @@
 The arms ran as ordinary distill jobs on the same data, steps and seed (service.core.lifecycle makes them when
 the compare job is created; the compare job runs once they have all finished). This reads what they recorded
 and writes `compare.json`, `compare.md` and `compare.png` (the held-out KL to each teacher, and the
-perplexity, per arm) in the compare job's folder.
+perplexity, per arm) in the compare job's folder. With `domains` it also scores each arm's shipped student on
+each domain's held-out text against every teacher run online (engine.held_out), with the teachers' own
+perplexity there: the teacher that knows a domain better is the one a student should follow on it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sqlalchemy import select
@@ -120,11 +123,75 @@ def chart(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(compare_id: str, out_dir: Path) -> dict:
+def domain_scores(
+    rows: list[dict],
+    teachers: list[Path],
+    domains: dict[str, Path],
+    student_of,
+    adapter_of,
+    max_seq_len: int,
+    on_unit=None,
+) -> dict:
+    """{"teachers": {domain: [each teacher's perplexity]}, "arms": {arm: {domain: scores, "overall": ...}}}:
+    the teachers loaded once, each succeeded arm's student (with its adapter) in turn."""
+    from worker.engine import held_out
+
+    loaded = [held_out.load_for_eval(t) for t in teachers]
+    models = [m for m, _ in loaded]
+    out: dict = {"teachers": {}, "arms": {}}
+    for name, path in domains.items():
+        out["teachers"][name] = [held_out.scores(m, tok, [], path, max_seq_len)["ppl"] for m, tok in loaded]
+    for row in rows:
+        if row["status"] != "succeeded":
+            continue
+        model, tok = held_out.load_for_eval(student_of(row["job_id"]), adapter_of(row["job_id"]))
+        per = {name: held_out.scores(model, tok, models, path, max_seq_len) for name, path in domains.items()}
+        total = sum(p["tokens"] for p in per.values()) or 1
+        better = {d: min(range(len(teachers)), key=lambda i: out["teachers"][d][i]) for d in domains}
+        per["overall"] = {
+            "kl": [sum(p["kl"][i] * p["tokens"] for p in per.values()) / total for i in range(len(teachers))],
+            "kl_to_better": sum(per[d]["kl"][better[d]] * per[d]["tokens"] for d in domains) / total,
+            "ppl": math.exp(sum(math.log(p["ppl"]) * p["tokens"] for p in per.values()) / total),
+            "tokens": total,
+        }
+        out["arms"][row["arm"]] = per
+        del model
+        if on_unit:
+            on_unit()
+    return out
+
+
+def domain_markdown(scored: dict) -> str:
+    domains = list(scored["teachers"])
+    lines = [
+        "",
+        "## Per domain",
+        "",
+        "Teachers' own perplexity: "
+        + "; ".join(f"{d}: " + " / ".join(f"{p:.2f}" for p in ppl) for d, ppl in scored["teachers"].items()),
+        "",
+    ]
+    head = " | ".join(f"{d}: KL to each teacher | {d}: ppl" for d in domains)
+    lines += [
+        f"| arm | {head} | KL to each domain's better teacher | ppl |",
+        "|---|" + "---|---|" * len(domains) + "---|---|",
+    ]
+    for arm, per in scored["arms"].items():
+        cells = " | ".join(" / ".join(f"{x:.4f}" for x in per[d]["kl"]) + f" | {per[d]['ppl']:.2f}" for d in domains)
+        lines.append(f"| {arm} | {cells} | {per['overall']['kl_to_better']:.4f} | {per['overall']['ppl']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(compare_id: str, out_dir: Path, scored_domains=None) -> dict:
     rows = arm_rows(compare_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"arms": rows}
+    text = markdown(rows)
+    if scored_domains is not None:
+        scored = scored_domains(rows)
+        report["domains"] = scored
+        text += domain_markdown(scored)
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "compare.md").write_text(markdown(rows))
+    (out_dir / "compare.md").write_text(text)
     report["chart"] = "compare.png" if chart(rows, out_dir / "compare.png") else None
     return report

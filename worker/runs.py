@@ -230,8 +230,30 @@ def compare(job: JobInfo, settings: Settings, recorder: JobRecorder) -> Result:
     """The arms ran as child distill jobs (made when this job was created); their results in one table."""
     from worker import compare as compare_mod
 
-    _validate(CompareSpec, job.spec)
+    spec = _validate(CompareSpec, job.spec)
     out_dir = attempts.prepare(job_output_dir(settings.artifact_root, job), job.attempts)
-    report = compare_mod.write_report(job.id, out_dir)
+    scored = None
+    if spec.domains:
+        r = Resolver(settings, job.project_id)
+        teachers = [r.model(t.model, f"base.teachers.{i}.model") for i, t in enumerate(spec.base.teachers)]
+        domains = {name: r.dataset(ds, f"domains.{name}") for name, ds in spec.domains.items()}
+        done = [0]
+
+        def unit() -> None:
+            done[0] += 1
+            recorder.progress({"step": done[0], "total_steps": len(compare_mod.arm_rows(job.id)) + 1})
+
+        def scored(rows):
+            return compare_mod.domain_scores(
+                rows,
+                teachers,
+                domains,
+                lambda arm: r.student_of(arm, "arms"),
+                lambda arm: r.adapter(arm, "arms"),
+                spec.base.training.max_seq_len,
+                unit,
+            )
+
+    report = compare_mod.write_report(job.id, out_dir, scored)
     recorder.progress({"step": 1, "total_steps": 1})
     return Result(summary=jsonable(report), out_dir=out_dir)

@@ -40,6 +40,7 @@ def spec_references(kind: str, spec: dict[str, Any]) -> list[Reference]:
             r._replace(field="spec.base." + r.field.removeprefix("spec."))
             for r in spec_references("distill", spec["base"])
         ]
+        refs += [Reference(f"spec.domains.{name}", "dataset", ds) for name, ds in (spec.get("domains") or {}).items()]
     elif kind == "generate":
         refs += _candidate_refs("spec.models", spec["models"])
     return refs

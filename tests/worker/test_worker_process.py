@@ -476,7 +476,8 @@ def test_compare_runs_its_arms_then_reports_them_side_by_side(service, refs, tin
     second = tiny.build_model(tiny_root / "teacher-b", tiny_root / "tokenizer", hidden=48, layers=2, seed=9)
     base = distill_spec(refs["student"], refs["teacher"], refs["train"], refs["valid"], steps=4)
     base["teachers"].append({"model": service.add_model(second, "teacher-b")})
-    compare_id = service.submit("compare", {"base": base, "arms": ["single", "confidence"]})
+    domains = {"prose": refs["valid"]}
+    compare_id = service.submit("compare", {"base": base, "arms": ["single", "confidence"], "domains": domains})
     done = wait_done(service, compare_id, timeout=240)
     assert done.status == "succeeded", (done.error_message, service.logs())
     arms = done.summary["arms"]
@@ -489,7 +490,15 @@ def test_compare_runs_its_arms_then_reports_them_side_by_side(service, refs, tin
         assert all(c.finished_at <= done.started_at for c in children)  # it ran after its arms
         files = {Path(p).name: Path(p) for p in s.scalars(select(Artifact.path).where(Artifact.job_id == compare_id))}
     assert {"compare.json", "compare.md", "compare.png"} <= set(files)
+    scored = done.summary["domains"]
+    assert len(scored["teachers"]["prose"]) == 2  # each teacher's own perplexity on the domain
+    for arm in ("teacher 0", "teacher 1", "confidence"):
+        per = scored["arms"][arm]
+        assert len(per["prose"]["kl"]) == 2 and per["overall"]["tokens"] == per["prose"]["tokens"] > 0
+    # a teacher's own arm is closest to that teacher
+    assert scored["arms"]["teacher 1"]["prose"]["kl"][1] < scored["arms"]["teacher 0"]["prose"]["kl"][1]
     table = files["compare.md"].read_text()
+    assert "## Per domain" in table
     assert "| teacher 1 | 1 | fixed |" in table and "| confidence | 2 | confidence |" in table
     assert arms[1]["kl_to_teachers"][0] is None and arms[1]["kl_to_teachers"][1] == arms[1]["val_kl"][1]
     shutil.copy(files["compare.png"], tiny_root / "compare.png")  # for a person to look at

@@ -716,6 +716,11 @@ class CompareSpec(_Spec):
 
     base: DistillSpec
     arms: list[CompareArm] = Field(default_factory=lambda: list(COMPARE_ARMS), min_length=1, max_length=4)
+    domains: dict[str, str] | None = Field(
+        None,
+        description="Held-out text per domain (name: dataset id or path): each arm's student is scored on each, "
+        "the KL to every teacher (full vocabulary) and its perplexity, with the teachers' own perplexity there.",
+    )
 
     @model_validator(mode="after")
     def _several_teachers(self) -> CompareSpec:
@@ -723,6 +728,10 @@ class CompareSpec(_Spec):
             raise ValueError("arms: each arm once")
         if len(self.base.teachers) < 2:
             raise ValueError("base.teachers: a comparison of teacher weightings needs two or more teachers")
+        if self.domains is not None and not 1 <= len(self.domains) <= 8:
+            raise ValueError("domains: name 1 to 8 held-out datasets")
+        if self.domains and any(not k.strip() or len(k) > 40 for k in self.domains):
+            raise ValueError("domains: each name non-empty, at most 40 characters")
         return self
 
 
