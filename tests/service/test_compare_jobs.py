@@ -55,5 +55,9 @@ def test_compare_refusals_name_the_field(api):
     pairs = upload_dataset(api, b'{"prompt": "Hi.", "chosen": " Hello!", "rejected": " Go away."}\n' * 3)
     wrong = {**base, "data": {**base["data"], "train": pairs["id"]}}
     assert_refused(api, post_job(api, "compare", {"base": wrong}), "spec.base.data.train", "needs")
+    bad_domain = {"base": base, "domains": {"plays": pairs["id"]}}
+    assert_refused(api, post_job(api, "compare", bad_domain), "spec.domains.plays", "needs")
     twice = {"base": base, "arms": ["equal", "equal"]}
     assert_refused(api, post_job(api, "compare", twice), "spec", "each arm once")
+    r = post_job(api, "compare", {"base": base, "domains": {"plays": base["data"]["train"]}})
+    assert r.status_code == 201, r.text
