@@ -400,6 +400,21 @@ def test_preflight_errors(tiny_student, tiny_teacher, tiny_text, tiny_root, tmp_
     with pytest.raises(UserError, match="chat data but .* no chat template"):
         run(spec, tmp_path / "b", store)
 
+    # the same vocabulary, another family's turn markers: chat data rendered with the student's would mislead it
+    marked_tok = tiny_root / "marked-tokenizer"
+    tiny.build_tokenizer(
+        marked_tok, chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    )
+    marked = tiny.build_model(tiny_root / "marked", marked_tok, hidden=32, layers=1)
+    chat_spec = make_spec(tiny_student, [marked], {"train": chat, "valid": chat})
+    with pytest.raises(UserError, match="teacher marked and student student have different chat templates"):
+        run(chat_spec, tmp_path / "e", store)
+    assert np.isfinite(
+        run(make_spec(tiny_student, [marked], tiny_text, training={"steps": 1}), tmp_path / "f", store)["final"][
+            "val_kl"
+        ]
+    )
+
     huge = make_spec(tiny_student, [tiny_teacher], tiny_text, training={"batch_size": 4096, "max_seq_len": 131072})
     with pytest.raises(UserError, match="not enough memory.*batch_size"):
         run(huge, tmp_path / "c", store)

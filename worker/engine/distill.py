@@ -177,6 +177,8 @@ def run_distill(
     valid_ds = data_mod.load_jsonl(inputs.valid) if isinstance(inputs.valid, Path) else None
     for ds in filter(None, (train_ds, valid_ds)):
         preflight.check_chat_template(ds.format, tokenizer, f"student {inputs.student.name}", ds.path)
+        if preflight.uses_chat_template(ds):
+            preflight.check_templates(inputs.student, inputs.teachers)
         if ds.format == "prompts" and spec.teacher_mode == "on_policy":
             if ds is train_ds and spec.on_policy.fraction < 1.0:
                 raise UserError(

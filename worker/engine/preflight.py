@@ -217,6 +217,28 @@ def check_chat_template(fmt: str, tokenizer, name: str, dataset: Path) -> None:
         )
 
 
+def uses_chat_template(ds) -> bool:
+    """Whether training renders the dataset with the chat template: chat data, or prompts given as messages."""
+    if data_mod.needs_chat_template(ds.format):
+        return True
+    return ds.format == "prompts" and any(isinstance(r.get("prompt"), list) for r in ds.records)
+
+
+def check_templates(student_dir: Path, teacher_dirs: list[Path]) -> None:
+    """Data rendered with the student's chat template is what every teacher scores: each teacher must use the
+    same template (a teacher reading another family's turn markers scores text unlike any it was trained on)."""
+    student = getattr(models.load_tokenizer(student_dir), "chat_template", None)
+    for t in teacher_dirs:
+        theirs = getattr(models.load_tokenizer(t), "chat_template", None)
+        if theirs != student:
+            raise UserError(
+                f"teacher {t.name} and student {student_dir.name} have different chat templates, and this data is "
+                "rendered with the student's: the teacher would score turns marked as it was never trained on. "
+                "Use a teacher and student of one family, or give both the same `chat_template` in "
+                "tokenizer_config.json"
+            )
+
+
 def check_models(student_dir: Path, teacher_dirs: list[Path]):
     """Load the tokenizers and check each teacher against the student. Returns the student's tokenizer."""
     student_tok = models.load_tokenizer(student_dir)
