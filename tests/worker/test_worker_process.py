@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -299,6 +300,28 @@ def test_killed_worker_job_is_resumed_by_another(service, refs):
     assert evals == [0, 80, 160] and n_art >= 4
 
 
+def freeze_outside_a_write(service, pid: int, tries: int = 30) -> None:
+    """SIGSTOP the worker at a moment it holds no SQLite write lock: SQLite's lock is the whole file, held by the
+    process until it commits, and no server can break it, so a worker frozen inside a write stops every writer
+    (the other worker's sweeper included) until it wakes. PostgreSQL locks rows, and a frozen session there is
+    the database's to time out; on it the first freeze is kept."""
+    for _ in range(tries):
+        os.kill(pid, signal.SIGSTOP)
+        if not service.database_url.startswith("sqlite"):
+            return
+        probe = sqlite3.connect(service.database_url.removeprefix("sqlite:///"), timeout=2)
+        try:
+            probe.execute("BEGIN IMMEDIATE")  # the write lock: free now, so the frozen worker holds none
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.2)
+        finally:
+            probe.close()
+    raise AssertionError(f"worker {pid} held the database's write lock at each of {tries} tries")
+
+
 def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, refs):
     """SIGSTOP the owner until another worker has taken the job over and run on, then SIGCONT it: the stale
     worker must not add metric rows, events or checkpoints, nor touch the new owner's files."""
@@ -310,7 +333,7 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(service, re
     wait_for(lambda: checkpoint_steps(service, job_id), 90, "a first checkpoint")
     stale_owner = job(service, job_id).lease_owner
     pid = int(stale_owner.split(":")[1])
-    os.kill(pid, signal.SIGSTOP)
+    freeze_outside_a_write(service, pid)
     try:
         try:
             taken = wait_for(
