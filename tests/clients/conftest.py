@@ -155,3 +155,16 @@ def env(server, monkeypatch, tmp_path) -> Server:
     monkeypatch.delenv("DISTILLERY_CONFIG", raising=False)
     monkeypatch.delenv("DISTILLERY_PROFILE", raising=False)
     return server
+
+
+@pytest.fixture
+def cli(env, capsys):
+    """The `distillery` CLI run in-process against the server: (exit code, stdout, stderr)."""
+    from distillery.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -14,18 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillery.cli import main
 from tests.helpers.services import free_port
-
-
-@pytest.fixture
-def cli(env, capsys):
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture(scope="module")

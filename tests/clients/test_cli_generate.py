@@ -11,7 +11,7 @@ import time
 from sqlalchemy import select
 
 from service.core.db.models import Job
-from tests.clients.test_cli import cli, ids  # noqa: F401 (fixtures)
+from tests.clients.test_cli import ids  # noqa: F401 (a fixture)
 
 
 def answer_next_generate_job(server) -> threading.Thread:

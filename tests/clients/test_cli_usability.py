@@ -20,23 +20,12 @@ import yaml
 from rich.console import Console
 
 from distillery._progress import status_line
-from distillery.cli import main
 from distillery.types import JobState
 from service.core.db.models import Job, StepMetric
 from tests.clients.test_cli import job_file
 from tests.helpers.services import free_port
 
 WIDTH = 80  # what capsys gives rich (not a terminal, no COLUMNS): the narrow terminal of the issue
-
-
-@pytest.fixture
-def cli(env, capsys):
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture(scope="module")
