@@ -43,6 +43,7 @@ def _enable(module: str) -> str:
 
 BLAS = _enable("blas")
 CPU_JIT = _enable("cpu_jit")
+CPU_MEMORY = _enable("cpu_memory")  # imports MLX: after blas
 
 import numpy as np  # noqa: E402
 
@@ -208,6 +209,7 @@ def header(name: str, args) -> None:
     _START = (time.perf_counter(), _busy_seconds(), _own_seconds())
     print(f"== {name}")
     print(f"blas: {BLAS}")
+    print(f"cpu_memory: {CPU_MEMORY}")
     print(
         f"cpus: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), load average at start: "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"

@@ -29,7 +29,7 @@ from service.core.db.session import session_scope
 from service.core.settings import Settings
 from service.core.storage import folder_bytes, job_output_dir
 from worker import attempts
-from worker.engine import cancel
+from worker.engine import cancel, cpu_memory
 from worker.engine.benchmark import BenchmarkInputs, CandidateInput, run_benchmark
 from worker.engine.cache import CacheStore
 from worker.engine.distill import Inputs, build_teacher_cache, run_distill
@@ -76,6 +76,7 @@ def run(
     stop_now: Callable[[], bool] | None = None,
 ) -> Result:
     """`should_stop` is asked between steps, `stop_now` at the engine's cancel points within a phase."""
+    cpu_memory.enable()  # here, in the task's process: MLX is imported in the task, never before the fork
     hooks = Hooks(
         on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint, should_stop=should_stop
     )

@@ -132,10 +132,11 @@ def import_gguf_cmd(src: Path, out: Path, dtype: str) -> None:
 @click.option("--no-progress", is_flag=True, help="Plain log lines instead of a progress bar.")
 def distill_cmd(config: Path, out_dir: Path, cache_dir: Path | None, no_progress: bool) -> None:
     """Run one distill spec (YAML: `kind: distill` + `spec`, or the spec alone) locally, without API or queue."""
-    from worker.engine import blas, cpu_jit
+    from worker.engine import blas, cpu_jit, cpu_memory
 
     click.echo(f"[blas] {blas.enable()}", err=True)
     click.echo(f"[cpu_jit] {cpu_jit.enable()}", err=True)
+    click.echo(f"[cpu_memory] {cpu_memory.enable()}", err=True)
     from worker.engine.errors import UserError
     from worker.engine.local import run_local
 

@@ -59,6 +59,20 @@ def test_swiglu_values_and_gradients(compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
+def test_swiglu_gradients_at_the_extremes(compiled):
+    """The backward writes the sigmoid three ways (so the compiled step can fuse each); all of them reach
+    the right limits where e^x over- or underflows, with no NaN."""
+    gate = mx.array(np.array([-1e4, -100.0, -30.0, -5.0, 0.0, 5.0, 30.0, 100.0, 1e4], np.float32))
+    up = mx.array(np.linspace(-2.0, 2.0, 9).astype(np.float32))
+    got, g_got = value_and_grads(fused.swiglu, (gate, up), (0, 1), compiled)
+    want, g_want = value_and_grads(mlx_activations.swiglu, (gate, up), (0, 1), compiled)
+    assert_close(got, want)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert np.isfinite(np.array(a)).all()
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 def test_masked_softmax_values_and_gradients(compiled):
     rng = np.random.default_rng(1)
     scores = rand(rng, 2, 3, 5, 9, scale=3.0)
@@ -76,7 +90,11 @@ def test_causal_mask_for_the_last_queries():
 
 
 @pytest.mark.parametrize("mask", ["causal", None])
-@pytest.mark.parametrize(("heads", "kv_heads", "queries", "keys"), [(4, 4, 6, 6), (6, 2, 6, 6), (6, 3, 2, 5)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "queries", "keys"),
+    # the last three are long enough for the causal blocks (fused.CAUSAL_BLOCK): 2 blocks, 3 with no sliver, 4
+    [(4, 4, 6, 6), (6, 2, 6, 6), (6, 3, 2, 5), (2, 1, 300, 300), (2, 2, 400, 400), (4, 2, 511, 520)],
+)
 def test_attention_matches_mlx_lm(mask, heads, kv_heads, queries, keys):
     """Grouped key/value heads broadcast without copies, the causal mask of the last `queries` positions."""
     rng = np.random.default_rng(heads * 10 + queries)
