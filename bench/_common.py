@@ -43,9 +43,14 @@ def _enable(module: str) -> str:
 
 BLAS = _enable("blas")
 CPU_JIT = _enable("cpu_jit")
-CPU_MEMORY = _enable("cpu_memory")  # imports MLX: after blas
 
 import numpy as np  # noqa: E402
+
+
+def reuse_buffers() -> str:
+    """What training and cache jobs run with (worker.engine.cpu_memory.reusing_buffers): MLX's CPU buffer
+    cache raised, for the rest of this process. The training and caching benches call it."""
+    return _enable("cpu_memory")
 
 
 def add_common_args(parser) -> None:
@@ -209,7 +214,6 @@ def header(name: str, args) -> None:
     _START = (time.perf_counter(), _busy_seconds(), _own_seconds())
     print(f"== {name}")
     print(f"blas: {BLAS}")
-    print(f"cpu_memory: {CPU_MEMORY}")
     print(
         f"cpus: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), load average at start: "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"

@@ -69,6 +69,7 @@ def main() -> None:
     args.reps = args.reps or (3 if q else 12)
     args.read_reps = args.read_reps or (5 if q else 15)
     _common.header("cache_speed: teacher cache build vs plain teacher forward", args)
+    print(f"cpu_memory: {_common.reuse_buffers()}  (as training and cache jobs run)")
 
     _common.run_in_tmp("bench-cache-speed-", run, args)
 

@@ -72,6 +72,7 @@ def main() -> None:
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in (args.shapes or "2x256,4x128,1x512").split(",")]
     args.reps = args.reps or (2 if args.quick else 4)
     _common.header("peer_speed: the engine's step and forward vs PyTorch, same machine, same run", args)
+    print(f"cpu_memory: {_common.reuse_buffers()}  (as training and cache jobs run)")
     _common.run_in_tmp("bench-peer-speed-", run, args)
 
 

@@ -77,6 +77,7 @@ def main() -> None:
     args.seq = args.seq or (32 if args.quick else 128)
     args.reps = args.reps or (2 if args.quick else 8)
     _common.header("step_speed: offline distillation step vs mlx-lm LoRA SFT step", args)
+    print(f"cpu_memory: {_common.reuse_buffers()}  (as training and cache jobs run)")
     _common.run_in_tmp("bench-step-speed-", run, args)
 
 

@@ -76,15 +76,14 @@ def run(
     stop_now: Callable[[], bool] | None = None,
 ) -> Result:
     """`should_stop` is asked between steps, `stop_now` at the engine's cancel points within a phase."""
-    cpu_memory.enable()  # here, in the task's process: MLX is imported in the task, never before the fork
     hooks = Hooks(
         on_metrics=recorder.metrics, on_event=recorder.event, on_checkpoint=recorder.checkpoint, should_stop=should_stop
     )
     with cancel.stop_now_when(stop_now or (lambda: False)):
-        if job.kind == "teacher_cache":
-            return teacher_cache(job, settings, recorder, hooks)
-        if job.kind == "distill":
-            return distill(job, settings, recorder, hooks)
+        if job.kind in ("teacher_cache", "distill"):
+            with cpu_memory.reusing_buffers():  # a step's large buffers reused by the next (cpu_memory.py)
+                run_kind = teacher_cache if job.kind == "teacher_cache" else distill
+                return run_kind(job, settings, recorder, hooks)
         if job.kind == "benchmark":
             return benchmark(job, settings, recorder, hooks)
         if job.kind == "generate":

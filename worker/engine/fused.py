@@ -37,6 +37,7 @@ from mlx_lm.models import activations as mlx_activations
 from mlx_lm.models import base as mlx_base
 
 __all__ = [
+    "bucket_logits",
     "exp_shifted",
     "logsumexp_last",
     "install",
@@ -128,6 +129,50 @@ def exp_shifted(x: mx.array, shift: mx.array) -> mx.array:
 @exp_shifted.vjp
 def _exp_shifted_vjp(primals, cotangent, output):
     return cotangent * output, mx.zeros_like(primals[1])
+
+
+# ------------------------------------------------------------------ the student on the teacher's buckets
+
+# exp(x − shift) for the rest's sum is exact down to a rest of e^-87 of the largest logit's mass, where
+# float32 underflows; below that the sum is held at this floor (finite values and gradients), not −inf.
+_REST_FLOOR = 1e-37
+
+
+@partial(mx.compile, shapeless=True)
+def _exp_minus(x: mx.array, shift: mx.array) -> mx.array:
+    return mx.exp(x - shift)
+
+
+@partial(mx.compile, shapeless=True)
+def _scaled_exp_minus(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return scale * mx.exp(x - shift)
+
+
+@mx.custom_function
+def bucket_logits(z: mx.array, ids: mx.array) -> mx.array:
+    """[..., k + 1]: z at the k `ids` of each row, then log Σ exp(z) over the row's other entries (the
+    tail), for float32 logits z [..., V] and int32 ids [..., k]; normalising them gives log q on the buckets.
+
+    Why a custom function: it passes over V three times forward (max, exp, sum) and once backward, where
+    MLX's own ops (a masked copy of z, a log-sum-exp, a gather and the scatters of their gradients) took a
+    dozen passes over the [tokens, V] arrays. Backward: ∂tail/∂z_j = exp(z_j − tail) off the ids, and each
+    id's own cotangent at the ids (summed where an id repeats in a row, e.g. a padding row's dummies).
+    """
+    top = mx.take_along_axis(z, ids, axis=-1)
+    shift = mx.stop_gradient(mx.max(z, axis=-1, keepdims=True))
+    e = mx.put_along_axis(_exp_minus(z, shift), ids, mx.array(0.0, z.dtype), axis=-1)
+    tail = shift + mx.log(mx.maximum(mx.sum(e, axis=-1, keepdims=True), _REST_FLOOR))
+    return mx.concatenate([top, tail], axis=-1)
+
+
+@bucket_logits.vjp
+def _bucket_logits_vjp(primals, cotangent, output):
+    z, ids = primals
+    c_top, c_tail = cotangent[..., :-1], cotangent[..., -1:]
+    grad = _scaled_exp_minus(z, output[..., -1:], c_tail)  # the tail's share, everywhere; the ids overwritten:
+    repeats = (ids[..., :, None] == ids[..., None, :]).astype(c_top.dtype)  # [..., k, k]
+    at_ids = (repeats @ c_top[..., None])[..., 0]  # each id's cotangents summed over its repeats
+    return mx.put_along_axis(grad, ids, at_ids, axis=-1), mx.zeros_like(ids)
 
 
 def logsumexp_last(x: mx.array) -> mx.array:

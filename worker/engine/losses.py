@@ -29,12 +29,6 @@ DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 LOG_PROB_FLOOR = -1e4
 """Lower bound on the teacher's log-probabilities (see the module docstring)."""
 
-# Stands in for -inf when masking the student's top-k tokens out of its tail. When every token is masked
-# (k = V) a logsumexp over all -inf has a NaN gradient and an -inf tail bucket; a finite value keeps both
-# defined without relying on the scatter discarding the gradient of the positions it overwrites.
-_MASKED_LOGIT = -1e30
-
-
 # --------------------------------------------------------------------------------------------------------
 # Divergences between two log-probability vectors
 
@@ -164,21 +158,16 @@ def teacher_buckets(topk_logprobs: mx.array, tail_logmass: mx.array, temperature
 def student_buckets(student_logits: mx.array, topk_ids: mx.array, temperature: float) -> mx.array:
     """The student on the teacher's k + 1 buckets: log q at the top-k ids, then the log-mass of the rest.
 
-    The tail is computed from the remaining logits themselves (top-k masked out, shifted by their own max, so
-    their sum is >= 1 and cannot underflow), not as log(1 − Σ q_topk), so it stays exact as q_tail → 0.
-    Normalising over the k + 1 bucket terms gives the full logsumexp for free. One exp pass over V, whose
-    backward reuses its output (faster than a separate log_softmax or logsumexp, as bench/step_speed.py measured
-    in commit 72f4e2b).
+    The tail is summed from the remaining logits themselves (fused.bucket_logits: the top-k zeroed out of
+    one exp pass over V), not taken as log(1 − Σ q_topk), so it stays exact as q_tail → 0 (down to e^-87
+    of the largest logit's mass, float32's range). Normalising over the k + 1 bucket terms gives the full
+    logsumexp for free.
     """
     _check_temperature(temperature)
     z = student_logits.astype(mx.float32)
     if temperature != 1.0:
         z = z / temperature
-    ids = topk_ids.astype(mx.int32)
-    top = mx.take_along_axis(z, ids, axis=-1)
-    rest = mx.put_along_axis(z, ids, mx.array(_MASKED_LOGIT, dtype=mx.float32), axis=-1)
-    log_rest = fused.logsumexp_last(rest)  # the one pass over V, through a compiled exp (fused.py)
-    buckets = mx.concatenate([top, log_rest], axis=-1)
+    buckets: mx.array = fused.bucket_logits(z, topk_ids.astype(mx.int32))  # type: ignore[assignment]
     return buckets - mx.logsumexp(buckets, axis=-1, keepdims=True)
 
 
