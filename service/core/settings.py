@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None  # shows the operator view of /metrics (service.http.metrics)
 
     lease_seconds: int = 60  # a running job's lease; renewed every lease_seconds / 3
+    db_idle_transaction_seconds: int = 300  # PostgreSQL ends a session idle inside a transaction this long
+    # (a frozen process would otherwise keep its rows locked: a job row, so no sweeper could take it over)
     sweep_seconds: int = 15  # how often workers look for lost or never-enqueued jobs
     enqueue_grace_seconds: int = 600  # a sent job still queued after this is sent again (a message
     # lost with the broker); never-sent jobs are sent at once

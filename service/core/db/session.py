@@ -13,7 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, idle_transaction_seconds: int | None = None) -> Engine:
+    """`idle_transaction_seconds` (PostgreSQL): the server ends a session left idle inside a transaction
+    that long, releasing its locks; None or 0: never (the server's default)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -33,12 +35,17 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {}
+    if idle_transaction_seconds:
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_seconds * 1000)}"
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 @lru_cache
 def engine_for(url: str) -> Engine:
-    return make_engine(url)
+    from service.core.settings import get_settings
+
+    return make_engine(url, get_settings().db_idle_transaction_seconds)
 
 
 @lru_cache
