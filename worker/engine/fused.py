@@ -139,12 +139,7 @@ _REST_FLOOR = 1e-37
 
 
 @partial(mx.compile, shapeless=True)
-def _exp_minus(x: mx.array, shift: mx.array) -> mx.array:
-    return mx.exp(x - shift)
-
-
-@partial(mx.compile, shapeless=True)
-def _scaled_exp_minus(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+def _scaled_exp_shifted(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return scale * mx.exp(x - shift)
 
 
@@ -160,7 +155,7 @@ def bucket_logits(z: mx.array, ids: mx.array) -> mx.array:
     """
     top = mx.take_along_axis(z, ids, axis=-1)
     shift = mx.stop_gradient(mx.max(z, axis=-1, keepdims=True))
-    e = mx.put_along_axis(_exp_minus(z, shift), ids, mx.array(0.0, z.dtype), axis=-1)
+    e = mx.put_along_axis(_exp_shifted_forward(z, shift), ids, mx.array(0.0, z.dtype), axis=-1)
     tail = shift + mx.log(mx.maximum(mx.sum(e, axis=-1, keepdims=True), _REST_FLOOR))
     return mx.concatenate([top, tail], axis=-1)
 
@@ -169,7 +164,7 @@ def bucket_logits(z: mx.array, ids: mx.array) -> mx.array:
 def _bucket_logits_vjp(primals, cotangent, output):
     z, ids = primals
     c_top, c_tail = cotangent[..., :-1], cotangent[..., -1:]
-    grad = _scaled_exp_minus(z, output[..., -1:], c_tail)  # the tail's share, everywhere; the ids overwritten:
+    grad = _scaled_exp_shifted(z, output[..., -1:], c_tail)  # the tail's share, everywhere; the ids overwritten:
     repeats = (ids[..., :, None] == ids[..., None, :]).astype(c_top.dtype)  # [..., k, k]
     at_ids = (repeats @ c_top[..., None])[..., 0]  # each id's cotangents summed over its repeats
     return mx.put_along_axis(grad, ids, at_ids, axis=-1), mx.zeros_like(ids)
